@@ -1,0 +1,254 @@
+"""Hugging Face llama / qwen2 checkpoints -> GGUF (the layout llama.cpp's converter writes).
+
+Input: a model directory (config.json + *.safetensors or pytorch_model.bin, optional
+tokenizer.json), or an in-memory (config dict, state_dict) pair. Output: a GGUF v3 file with
+`general.architecture` llama or qwen2, tensors named as ggml names them (`blk.{i}.attn_q.weight`),
+matrices stored as F32, F16, Q8_0, Q4_0 or Q4_1 blocks, vectors as F32.
+
+The one subtle step: for llama, ggml's rope rotates adjacent pairs (2i, 2i+1) while HF's
+`rotate_half` rotates (i, i + head_dim/2). llama.cpp's converter therefore permutes the rows of
+attn_q and attn_k inside each head (`_permute_qk`) so both compute the same thing; we do the same,
+so our files run in llama.cpp and theirs run here. qwen2 keeps HF's order (ggml uses NEOX rope).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from kernels.quant import quantize
+
+from .errors import ConversionError
+
+HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+# HF parameter name (per layer, after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+
+
+def _permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder rows within each head from HF's (i, i+half) pairing to ggml's (2i, 2i+1).
+
+    w: [n_heads * head_dim, ...] -> same shape; row (h, j, i) of view [n_heads, 2, half] moves to
+    (h, i, j)."""
+    head_dim = w.shape[0] // n_heads
+    return (w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:])
+             .swapaxes(1, 2)
+             .reshape(w.shape))
+
+
+def hf_to_gguf_tensors(config: dict, state_dict: dict) -> tuple[str, dict]:
+    """Rename (and for llama permute) HF tensors. Returns (arch, {gguf_name: float32 array})."""
+    arch = HF_ARCHS.get((config.get("architectures") or ["LlamaForCausalLM"])[0])
+    if arch is None:
+        raise ConversionError(f"unsupported HF architecture {config.get('architectures')} "
+                              f"(supported: {', '.join(HF_ARCHS)})")
+    n_heads = config["num_attention_heads"]
+    n_kv_heads = config.get("num_key_value_heads") or n_heads
+    out = {}
+    for name, value in state_dict.items():
+        value = np.asarray(value, dtype=np.float32)
+        if name in GLOBAL_NAMES:
+            out[GLOBAL_NAMES[name]] = value
+            continue
+        parts = name.split(".")
+        if len(parts) < 4 or parts[:2] != ["model", "layers"]:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ConversionError(f"unexpected tensor {name!r} in the checkpoint")
+        layer, rest = int(parts[2]), ".".join(parts[3:])
+        if rest not in LAYER_NAMES:
+            if rest.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ConversionError(f"unexpected tensor {name!r} in the checkpoint")
+        gname = LAYER_NAMES[rest]
+        if arch == "llama" and gname.startswith("attn_q."):
+            value = _permute_qk(value, n_heads)
+        elif arch == "llama" and gname.startswith("attn_k."):
+            value = _permute_qk(value, n_kv_heads)
+        out[f"blk.{layer}.{gname}"] = value
+    if config.get("tie_word_embeddings") and "output.weight" in out:
+        if np.array_equal(out["output.weight"], out["token_embd.weight"]):
+            del out["output.weight"]  # tied: llama.cpp reuses token_embd
+    return arch, out
+
+
+def write_llama_gguf(path: str, arch: str, hparams: dict, tensors: dict, weight_type: str = "f32",
+                     vocab: dict | None = None, progress: Callable[[str], None] | None = None) -> None:
+    """Write a llama-family GGUF.
+
+    hparams: n_layers, dim, ffn_dim, n_heads, n_kv_heads, rope_base, norm_eps, n_ctx, vocab_size,
+    optional rope_dim, name. tensors: {gguf_name: float32 array (NumPy order)}; 2-D matrices are
+    stored as `weight_type` (f32, f16, q8_0, q4_0, q4_1) except token_embd with a quant type that
+    its width does not fit; vectors as F32. vocab: optional tokenizer metadata
+    ({"model": "gpt2", "pre": ..., "tokens": [...], "token_types": [...], "merges": [...],
+    "bos_id": ..., "eos_id": ..., "chat_template": ...}).
+    """
+    import gguf
+
+    wtype = weight_type.upper()
+    if wtype not in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1"):
+        raise ConversionError(f"weight type {weight_type!r} not supported (f32, f16, q8_0, q4_0, q4_1)")
+    writer = gguf.GGUFWriter(path, arch)
+    a = arch
+    writer.add_name(hparams.get("name", f"{arch} model"))
+    writer.add_uint32(f"{a}.block_count", hparams["n_layers"])
+    writer.add_uint32(f"{a}.context_length", hparams["n_ctx"])
+    writer.add_uint32(f"{a}.embedding_length", hparams["dim"])
+    writer.add_uint32(f"{a}.feed_forward_length", hparams["ffn_dim"])
+    writer.add_uint32(f"{a}.attention.head_count", hparams["n_heads"])
+    writer.add_uint32(f"{a}.attention.head_count_kv", hparams["n_kv_heads"])
+    writer.add_float32(f"{a}.rope.freq_base", float(hparams["rope_base"]))
+    writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(hparams["norm_eps"]))
+    writer.add_uint32(f"{a}.vocab_size", hparams["vocab_size"])
+    head_dim = hparams["dim"] // hparams["n_heads"]
+    writer.add_uint32(f"{a}.rope.dimension_count", hparams.get("rope_dim", head_dim))
+    writer.add_uint32("general.file_type", {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[wtype])
+    if vocab is not None:
+        _add_vocab(writer, vocab)
+
+    for i, (name, value) in enumerate(tensors.items()):
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        ttype = wtype if value.ndim == 2 else "F32"
+        if ttype.startswith("Q") and value.shape[-1] % 32:
+            ttype = "F16"  # quant blocks need rows that are a multiple of 32 values
+        if ttype == "F32":
+            writer.add_tensor(name, value)
+        elif ttype == "F16":
+            writer.add_tensor(name, value.astype(np.float16))
+        else:
+            type_id = int(gguf.GGMLQuantizationType[ttype])
+            blocks = quantize(type_id, value)  # uint8 [rows, row_bytes]
+            writer.add_tensor(name, blocks.reshape(value.shape[0], -1),
+                              raw_dtype=gguf.GGMLQuantizationType(type_id))
+        if progress is not None:
+            progress(f"[{i + 1}/{len(tensors)}] {name} {tuple(value.shape)} -> {ttype}")
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_vocab(writer, vocab: dict) -> None:
+    writer.add_tokenizer_model(vocab.get("model", "gpt2"))
+    writer.add_tokenizer_pre(vocab.get("pre", "default"))
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab.get("token_types", [1] * len(vocab["tokens"])))
+    if vocab.get("merges"):
+        writer.add_token_merges(vocab["merges"])
+    if vocab.get("scores"):
+        writer.add_token_scores(vocab["scores"])
+    for key, add in (("bos_id", writer.add_bos_token_id), ("eos_id", writer.add_eos_token_id),
+                     ("unk_id", writer.add_unk_token_id), ("pad_id", writer.add_pad_token_id)):
+        if vocab.get(key) is not None:
+            add(vocab[key])
+    writer.add_add_bos_token(bool(vocab.get("add_bos", False)))
+    if vocab.get("chat_template"):
+        writer.add_chat_template(vocab["chat_template"])
+
+
+def hparams_from_hf(config: dict) -> dict:
+    n_heads = config["num_attention_heads"]
+    rope_theta = config.get("rope_theta")
+    if rope_theta is None:
+        rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return {
+        "n_layers": config["num_hidden_layers"],
+        "dim": config["hidden_size"],
+        "ffn_dim": config["intermediate_size"],
+        "n_heads": n_heads,
+        "n_kv_heads": config.get("num_key_value_heads") or n_heads,
+        "rope_base": rope_theta,
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "n_ctx": config.get("max_position_embeddings", 2048),
+        "vocab_size": config["vocab_size"],
+        "name": config.get("_name_or_path") or "converted",
+    }
+
+
+def vocab_from_tokenizer_json(path: str, tokenizer_config: dict | None = None) -> dict:
+    """GGUF tokenizer metadata from a byte-level BPE tokenizer.json (gpt2 / llama 3 / qwen2 style)."""
+    with open(path, encoding="utf-8") as fh:
+        tj = json.load(fh)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ConversionError(f"{path}: only BPE tokenizer.json files are converted (found {model.get('type')})")
+    vocab = dict(model["vocab"])
+    for added in tj.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for tok, idx in vocab.items():
+        tokens[idx] = tok
+    types = [1] * n
+    for added in tj.get("added_tokens", []):
+        types[added["id"]] = 3 if added.get("special") else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    out = {"model": "gpt2", "pre": "gpt2", "tokens": tokens, "token_types": types, "merges": merges}
+    tc = tokenizer_config or {}
+    for key, field in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
+        tok = tc.get(key)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        if tok in vocab:
+            out[field] = vocab[tok]
+    if tc.get("chat_template"):
+        out["chat_template"] = tc["chat_template"]
+    return out
+
+
+def load_hf_state_dict(model_dir: str) -> dict:
+    """float32 NumPy arrays from *.safetensors (preferred) or pytorch_model.bin."""
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    state = {}
+    if files:
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:  # pragma: no cover - safetensors comes with transformers
+            raise ConversionError("reading .safetensors needs the `safetensors` package") from e
+        for f in files:
+            for k, v in load_file(os.path.join(model_dir, f)).items():
+                state[k] = v.astype(np.float32) if v.dtype != np.float32 else v
+        return state
+    bin_path = os.path.join(model_dir, "pytorch_model.bin")
+    if os.path.exists(bin_path):
+        import torch
+        sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in sd.items()}
+    raise ConversionError(f"{model_dir}: no *.safetensors or pytorch_model.bin found")
+
+
+def convert_hf(model_dir: str, out_path: str, weight_type: str = "f32",
+               progress: Callable[[str], None] | None = None) -> None:
+    """Convert a local HF llama / qwen2 model directory to GGUF."""
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ConversionError(f"{model_dir}: config.json not found (is this a Hugging Face model directory?)")
+    with open(cfg_path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    arch, tensors = hf_to_gguf_tensors(config, load_hf_state_dict(model_dir))
+    vocab = None
+    tj = os.path.join(model_dir, "tokenizer.json")
+    if os.path.exists(tj):
+        tc_path = os.path.join(model_dir, "tokenizer_config.json")
+        tc = json.load(open(tc_path, encoding="utf-8")) if os.path.exists(tc_path) else {}
+        vocab = vocab_from_tokenizer_json(tj, tc)
+    write_llama_gguf(out_path, arch, hparams_from_hf(config), tensors, weight_type, vocab, progress)

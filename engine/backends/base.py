@@ -1,0 +1,47 @@
+"""The contract between the engine (requests, sampling, scheduling) and a model backend (math).
+
+A backend owns the weights and the per-sequence state (KV cache or recurrent state) for a fixed
+number of *slots*; the engine decides which request lives in which slot and which of its tokens
+are already in the cache (engine/cache.py). A backend never samples, never tokenizes.
+
+Positions: a slot holds the state for tokens [0, n) of its sequence. `forward` appends tokens
+starting at `start_pos`; for a KV cache any `start_pos <= n` is allowed (entries at and after
+`start_pos` are overwritten: that is how rewind works). A recurrent backend
+(`supports_rewind == False`) accepts only `start_pos == n` (extend) or `start_pos == 0` (reset).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Backend(ABC):
+    vocab_size: int          # logits width
+    n_ctx: int               # positions per slot
+    n_slots: int             # sequences held at once
+    supports_rewind: bool = True
+
+    @abstractmethod
+    def forward(self, slot: int, token_ids: np.ndarray, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        """Run `token_ids` (int32 [n]) through the model as positions start_pos .. start_pos+n-1 of
+        the sequence in `slot`, writing its state. Returns float32 logits: [n, vocab] when
+        `all_logits`, else [1, vocab] for the last position."""
+
+    @abstractmethod
+    def forward_batch(self, slots: np.ndarray, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One decode step for b sequences at once: slot `slots[i]` gets token `token_ids[i]` at
+        position `positions[i]`. All int32 [b]. Returns float32 logits [b, vocab]. Weights are read
+        once for the whole batch."""
+
+    @abstractmethod
+    def copy_slot(self, src: int, dst: int, n_tokens: int) -> None:
+        """Copy the first `n_tokens` positions of state from slot `src` to slot `dst`
+        (prefix sharing, n > 1 samples, beam search). Recurrent backends copy the whole state and
+        require `n_tokens` to equal the source length."""
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads used by the next forward calls (default: leave as is)."""
+
+    def close(self) -> None:
+        """Release memory maps and native resources."""

@@ -1,0 +1,108 @@
+"""The default backend: llama-family models run by Numba (and the C kernels behind kernels.matmul)."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ..errors import ContextLengthError, InvalidParameterError, TokenIdError
+from ..models.llama import LlamaWeights, llama_forward
+from .base import Backend
+
+# Prompt tokens per compiled call: bounds the scratch memory of a long prefill
+# (8 arrays of [chunk, ~ffn_dim] floats) without costing speed (weights are read once per chunk).
+PREFILL_CHUNK = 256
+
+
+class NumbaLlamaBackend(Backend):
+    """KV-cached llama forward. `fast=True` quantizes activations to 8 bits (llama.cpp's integer
+    dot products); `fast=False` computes in float32 from the quantized blocks (exact path)."""
+
+    supports_rewind = True
+
+    def __init__(self, gguf_file, config, n_ctx: int, n_slots: int = 1, n_threads: int | None = None,
+                 fast: bool = True):
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.n_ctx = int(n_ctx)
+        self.n_slots = int(n_slots)
+        self.fast = bool(fast)
+        self.weights = LlamaWeights(gguf_file, config)
+        self._gguf_file = gguf_file  # keeps the memory map alive
+        # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]; np.zeros maps pages lazily, so memory
+        # grows with the positions actually used.
+        shape = (config.n_layers, self.n_slots, config.n_kv_heads, self.n_ctx, config.head_dim)
+        self.k_cache = np.zeros(shape, dtype=np.float32)
+        self.v_cache = np.zeros(shape, dtype=np.float32)
+        self.n_threads = None
+        self.set_threads(n_threads)
+
+    def set_threads(self, n_threads: int | None) -> None:
+        max_threads = numba.config.NUMBA_NUM_THREADS
+        if n_threads is None:
+            n_threads = max_threads
+        if not isinstance(n_threads, int) or n_threads < 1:
+            raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
+        self.n_threads = min(n_threads, max_threads)
+
+    # -- Backend -------------------------------------------------------------------------------
+    def forward(self, slot, token_ids, start_pos, all_logits=False):
+        token_ids = self._check_tokens(token_ids)
+        n = token_ids.shape[0]
+        if n == 0:
+            raise InvalidParameterError("forward needs at least one token")
+        if not 0 <= slot < self.n_slots:
+            raise InvalidParameterError(f"slot {slot} out of range [0, {self.n_slots})")
+        if start_pos < 0 or start_pos + n > self.n_ctx:
+            raise ContextLengthError(
+                f"positions {start_pos}..{start_pos + n - 1} do not fit the context of {self.n_ctx} tokens")
+        outputs = []
+        for begin in range(0, n, PREFILL_CHUNK):
+            chunk = token_ids[begin: begin + PREFILL_CHUNK]
+            m = chunk.shape[0]
+            rows = np.arange(m, dtype=np.int64) if all_logits else np.array([m - 1], dtype=np.int64)
+            if not all_logits and begin + PREFILL_CHUNK < n:
+                rows = np.zeros(0, dtype=np.int64)  # only the last chunk's last row is wanted
+            slots = np.full(m, slot, dtype=np.int64)
+            positions = np.arange(start_pos + begin, start_pos + begin + m, dtype=np.int64)
+            outputs.append(self._run(chunk, slots, positions, rows))
+        return np.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+
+    def forward_batch(self, slots, token_ids, positions):
+        token_ids = self._check_tokens(token_ids)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        if not (slots.shape == positions.shape == token_ids.shape):
+            raise InvalidParameterError("slots, token_ids and positions must have the same length")
+        if slots.size and (slots.min() < 0 or slots.max() >= self.n_slots):
+            raise InvalidParameterError(f"slot out of range [0, {self.n_slots})")
+        if positions.size and (positions.min() < 0 or positions.max() >= self.n_ctx):
+            raise ContextLengthError(f"a position is outside the context of {self.n_ctx} tokens")
+        if len(set(slots.tolist())) != slots.size:
+            raise InvalidParameterError("forward_batch takes one token per slot")
+        rows = np.arange(token_ids.shape[0], dtype=np.int64)
+        return self._run(token_ids, slots, positions, rows)
+
+    def copy_slot(self, src, dst, n_tokens):
+        if src == dst:
+            return
+        self.k_cache[:, dst, :, :n_tokens] = self.k_cache[:, src, :, :n_tokens]
+        self.v_cache[:, dst, :, :n_tokens] = self.v_cache[:, src, :, :n_tokens]
+
+    def close(self):
+        self.weights = None
+        self._gguf_file = None
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check_tokens(self, token_ids):
+        token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
+            bad = token_ids[(token_ids < 0) | (token_ids >= self.vocab_size)][0]
+            raise TokenIdError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return token_ids
+
+    def _run(self, tokens, slots, positions, rows):
+        logits = np.empty((rows.shape[0], self.vocab_size), dtype=np.float32)
+        numba.set_num_threads(self.n_threads)
+        llama_forward(*self.weights.forward_args(), tokens, slots, positions, rows,
+                      self.k_cache, self.v_cache, logits, self.fast)
+        return logits

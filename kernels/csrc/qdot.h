@@ -1,0 +1,65 @@
+/* qdot: dot products of ggml weight blocks with activations, over a tile of weight rows.
+ *
+ * A weight matrix W (n_rows x n_cols) is raw ggml blocks: row r at bytes [r * row_bytes,
+ * (r + 1) * row_bytes) of w. For rows r in [row_begin, row_end) and tokens t in [0, n_tok):
+ *
+ *     out[t * n_rows + r] = dot(W[r], x[t])
+ *
+ * lme_matmul_q8:  W is Q8_0, Q4_0 or Q4_1; x[t] is given as 8-bit blocks of 32 values:
+ *                 xq int8 [n_tok * n_cols], xd float [n_tok * n_cols/32] (x ~ xd * xq),
+ *                 xs float [n_tok * n_cols/32] (xd * sum of the block's xq; used for Q4_1).
+ *                 Each block product is an exact integer sum; out accumulates
+ *                 dw * xd * isum (+ mw * xs for Q4_1) in float.
+ * lme_matmul_f32: W is F32, F16, BF16, Q8_0, Q4_0 or Q4_1, decoded to float; x float [n_tok * n_cols].
+ *
+ * Every function checks its arguments (NULL pointers, unknown type, n_cols not whole blocks, the
+ * row range, and that every buffer length covers what will be read or written) and returns a
+ * negative LME_ERR_* code without touching memory when one is wrong; 0 on success. Buffer
+ * lengths are element counts. The functions keep no state except the selected SIMD path, so
+ * several threads may call them at once on disjoint row ranges of the same out.
+ */
+#ifndef LME_QDOT_H
+#define LME_QDOT_H
+
+#include <stdint.h>
+
+/* ggml type ids */
+#define LME_TYPE_F32 0
+#define LME_TYPE_F16 1
+#define LME_TYPE_Q4_0 2
+#define LME_TYPE_Q4_1 3
+#define LME_TYPE_Q8_0 8
+#define LME_TYPE_BF16 30
+
+/* SIMD paths */
+#define LME_ISA_SCALAR 0   /* portable C */
+#define LME_ISA_AVX2 1     /* AVX2 + FMA + F16C */
+#define LME_ISA_AVX512 2   /* AVX-512 F/BW/VL + VNNI (vpdpbusd) */
+
+/* return codes */
+#define LME_OK 0
+#define LME_ERR_NULL (-1)      /* a NULL pointer */
+#define LME_ERR_TYPE (-2)      /* unsupported ggml type for this function */
+#define LME_ERR_SHAPE (-3)     /* n_rows/n_cols/n_tok negative, or n_cols not whole blocks */
+#define LME_ERR_RANGE (-4)     /* row range outside [0, n_rows] */
+#define LME_ERR_LENGTH (-5)    /* a buffer shorter than its shape needs */
+#define LME_ERR_ISA (-6)       /* a SIMD path this CPU (or build) does not have */
+#define LME_ERR_NO_NATIVE (-100) /* returned by the Python-side stand-ins when the extension is absent */
+
+int lme_native_available(void);  /* 1 */
+int lme_best_isa(void);          /* best path this CPU and build support */
+int lme_get_isa(void);           /* path in use */
+int lme_set_isa(int isa);        /* select a path (-1: the best); LME_ERR_ISA if unsupported */
+
+int lme_matmul_q8(int64_t w_type, const uint8_t *w, int64_t w_len,
+                  int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
+                  const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
+                  const float *xs, int64_t xs_len, int64_t n_tok,
+                  float *out, int64_t out_len);
+
+int lme_matmul_f32(int64_t w_type, const uint8_t *w, int64_t w_len,
+                   int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
+                   const float *x, int64_t x_len, int64_t n_tok,
+                   float *out, int64_t out_len);
+
+#endif

@@ -1,0 +1,343 @@
+"""Quantized matrix products: out[t, r] = dot(W[r], x[t]) straight from ggml blocks.
+
+W is an (n_rows, n_cols) matrix of raw ggml blocks (1-D uint8 + type id, row r at bytes
+[r * row_bytes, (r + 1) * row_bytes)); x is float32 [n_tok, n_cols]; out is float32
+[n_tok, n_rows]. Every weight block is read once for all n_tok rows of x: a row of W is decoded
+into a small buffer (L1-resident) and dotted with every row of x, so prefill and batched decode
+stream the weights once per call. Rows are split over threads (numba prange over row tiles).
+
+Two kinds of arithmetic:
+
+* float path (`act_q8=False`, `matmul_f32`): blocks are decoded to float32 on the fly and dotted
+  with float32 activations. Equals NumPy's `dequantize(W) @ x.T` up to float32 summation order.
+  Works for every type `kernels.quant` can decode (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K formats).
+* int8 path (`act_q8=True`, `quantize_activations` + `matmul_q8`): each 32-value block of x is
+  quantized to int8 with one float32 scale, as ggml's Q8_0/Q8_1 do, and each block product is an
+  exact integer dot product of the weight's 4/8-bit values with those int8 values:
+
+      Q8_0 / Q4_0 weights (w = dw * q, q signed):   dot = dw * dx * sum(q * xq)
+      Q4_1 weights        (w = dw * q + mw):         dot = dw * dx * sum(q * xq) + mw * xs
+                                                      with xs = dx * sum(xq)  (ggml's Q8_1 "s")
+
+  F32/F16/BF16 weights have no integer form; `matmul(..., act_q8=True)` uses the float path for
+  them. Differences to ggml: scales dx and xs stay float32 (ggml rounds them to f16), and
+  xq = round-half-to-even(x / dx) (ggml's reference rounds halves away from zero; its AVX code
+  rounds to even).
+
+Each path has a Numba implementation (`matmul_f32_numba`, `matmul_q8_numba`, the reference) and a
+C implementation in `kernels/csrc/qdot.c` (SIMD, selected by CPUID), reached through
+`kernels.native`. `matmul`, `matmul_f32`, `matmul_q8` use the C kernels when the extension is
+loaded in this process and the Numba ones otherwise; that choice is made at run time on every
+call (`native.have_native()`), so code compiled and cached on disk stays correct in a process
+where the extension is missing.
+"""
+import numpy as np
+from numba import njit, prange
+
+from kernels import native
+
+from kernels.quant import BF16, BLOCK_BYTES, BLOCK_SIZE, F16, F32, Q4_0, Q4_1, Q8_0, QK
+from kernels.quant import dequantize_row_into, half_bits_to_float
+
+ROW_TILE = 16          # rows of W per unit of thread work (one C call per tile)
+Q8_TYPES = (Q8_0, Q4_0, Q4_1)   # weight types with an int8 path
+
+# Block tables indexed by type id, for Numba (0 = unsupported type).
+_N_TYPE_IDS = max(BLOCK_SIZE) + 1
+_BLOCK_SIZE_BY_ID = np.zeros(_N_TYPE_IDS, dtype=np.int64)
+_BLOCK_BYTES_BY_ID = np.zeros(_N_TYPE_IDS, dtype=np.int64)
+for _t in BLOCK_SIZE:
+    _BLOCK_SIZE_BY_ID[_t] = BLOCK_SIZE[_t]
+    _BLOCK_BYTES_BY_ID[_t] = BLOCK_BYTES[_t]
+del _t
+
+
+# -- argument checks (shared by every entry point; raise before touching memory) ----------------
+
+@njit(cache=True, nogil=True)
+def row_bytes_of(w_type, n_cols):
+    """Bytes of one row of n_cols values of type w_type; -1 for an unknown type or a partial block."""
+    if w_type < 0 or w_type >= _N_TYPE_IDS or _BLOCK_SIZE_BY_ID[w_type] == 0:
+        return -1
+    block = _BLOCK_SIZE_BY_ID[w_type]
+    if n_cols < 0 or n_cols % block != 0:
+        return -1
+    return n_cols // block * _BLOCK_BYTES_BY_ID[w_type]
+
+
+@njit(cache=True, nogil=True)
+def _check_weights(w_u8, w_type, n_rows, n_cols):
+    """ValueError unless w_u8 holds an (n_rows, n_cols) matrix of w_type blocks; returns row_bytes."""
+    if w_type < 0 or w_type >= _N_TYPE_IDS or _BLOCK_SIZE_BY_ID[w_type] == 0:
+        raise ValueError("matmul: unsupported ggml type id w_type")
+    if n_rows < 0 or n_cols <= 0:
+        raise ValueError("matmul: n_rows must be >= 0 and n_cols > 0")
+    bytes_per_row = row_bytes_of(w_type, n_cols)
+    if bytes_per_row < 0:
+        raise ValueError("matmul: n_cols is not a whole number of blocks of w_type")
+    if w_u8.size < n_rows * bytes_per_row:
+        raise ValueError("matmul: w_u8 is shorter than n_rows * row_bytes(w_type, n_cols)")
+    return bytes_per_row
+
+
+@njit(cache=True, nogil=True)
+def _check_out(n_tok, n_rows, out):
+    if out.ndim != 2 or out.shape[0] != n_tok or out.shape[1] != n_rows:
+        raise ValueError("matmul: out must have shape (n_tok, n_rows)")
+
+
+# -- float path ---------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, inline="always")
+def _dot_f32(a, b, n):
+    """sum(a[:n] * b[:n]) in float32 (reassociated so LLVM vectorizes it)."""
+    acc = np.float32(0.0)
+    for i in range(n):
+        acc += a[i] * b[i]
+    return acc
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_f32_numba(w_u8, w_type, n_rows, n_cols, x, out):
+    """Numba float path: out[t, r] = dot(dequantize(W[r]), x[t]) for every row r and token t.
+
+    w_u8 uint8 [>= n_rows * row_bytes], x float32 [n_tok, n_cols], out float32 [n_tok, n_rows].
+    """
+    bytes_per_row = _check_weights(w_u8, w_type, n_rows, n_cols)
+    if x.ndim != 2 or x.shape[1] != n_cols:
+        raise ValueError("matmul: x must have shape (n_tok, n_cols)")
+    n_tok = x.shape[0]
+    _check_out(n_tok, n_rows, out)
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE
+    for tile in prange(n_tiles):
+        w_row = np.empty(n_cols, dtype=np.float32)            # one decoded row of W
+        for r in range(tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)):
+            dequantize_row_into(w_type, w_u8[r * bytes_per_row:(r + 1) * bytes_per_row], n_cols, w_row)
+            for t in range(n_tok):
+                out[t, r] = _dot_f32(w_row, x[t], n_cols)
+
+
+# -- int8 path ----------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def quantize_activations_into(x, xq, xd, xs):
+    """Quantize x float32 [n_tok, n_cols] per 32-value block into xq int8 [n_tok, n_cols],
+    xd float32 [n_tok, n_cols // 32] (scale: x ~ xd * xq) and xs float32 [n_tok, n_cols // 32]
+    (xd * sum of the block's xq, for Q4_1 weights).
+
+    Per block: amax = max|x|, d = amax / 127, xq = rint(x * (1 / d)) (0 when amax == 0).
+    """
+    n_tok, n_cols = x.shape
+    if n_cols % QK != 0:
+        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
+    n_blocks = n_cols // QK
+    if (xq.shape[0] != n_tok or xq.shape[1] != n_cols or xd.shape[0] != n_tok
+            or xd.shape[1] != n_blocks or xs.shape[0] != n_tok or xs.shape[1] != n_blocks):
+        raise ValueError("quantize_activations: xq/xd/xs shapes do not match x")
+    for t in range(n_tok):
+        for b in range(n_blocks):
+            o = b * QK
+            amax = np.float32(0.0)
+            for i in range(QK):
+                amax = max(amax, abs(x[t, o + i]))
+            d = amax / np.float32(127.0)
+            inv_d = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            isum = 0
+            for i in range(QK):
+                q = np.int32(np.rint(x[t, o + i] * inv_d))
+                xq[t, o + i] = q
+                isum += q
+            xd[t, b] = d
+            xs[t, b] = d * np.float32(isum)
+
+
+@njit(cache=True, nogil=True)
+def quantize_activations(x):
+    """(xq int8 [n_tok, n_cols], xd float32 [n_tok, n_cols//32], xs float32 [n_tok, n_cols//32])
+    for x float32 [n_tok, n_cols]; see `quantize_activations_into`. Quantize once, reuse for
+    every matrix that reads the same x (q, k, v projections)."""
+    n_tok, n_cols = x.shape
+    if n_cols % QK != 0:
+        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
+    xq = np.empty((n_tok, n_cols), dtype=np.int8)
+    xd = np.empty((n_tok, n_cols // QK), dtype=np.float32)
+    xs = np.empty((n_tok, n_cols // QK), dtype=np.float32)
+    quantize_activations_into(x, xq, xd, xs)
+    return xq, xd, xs
+
+
+@njit(cache=True, nogil=True)
+def _decode_row_q8(w_u8, w_type, row_offset, n_blocks, wq, wd, wm):
+    """Integer form of one Q8_0/Q4_0/Q4_1 row: wq int8 [n_blocks*32] (Q8_0: q; Q4_0: nibble - 8;
+    Q4_1: nibble 0..15), wd float32 [n_blocks] scales, wm float32 [n_blocks] mins (Q4_1; else 0)."""
+    block_bytes = _BLOCK_BYTES_BY_ID[w_type]
+    for b in range(n_blocks):
+        o = row_offset + b * block_bytes
+        wd[b] = half_bits_to_float(np.int64(w_u8[o]) | (np.int64(w_u8[o + 1]) << 8))
+        wm[b] = 0.0
+        if w_type == Q8_0:
+            for i in range(QK):
+                wq[b * QK + i] = np.int8(w_u8[o + 2 + i])        # reinterpret the byte as int8
+        else:
+            q_offset = o + 2
+            bias = 8
+            if w_type == Q4_1:
+                wm[b] = half_bits_to_float(np.int64(w_u8[o + 2]) | (np.int64(w_u8[o + 3]) << 8))
+                q_offset = o + 4
+                bias = 0
+            for j in range(QK // 2):
+                byte = np.int32(w_u8[q_offset + j])
+                wq[b * QK + j] = (byte & 0xF) - bias
+                wq[b * QK + j + QK // 2] = (byte >> 4) - bias
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_i8_block(wq, xq_row, o):
+    """Exact int32 sum(wq[o:o+32] * xq_row[o:o+32])."""
+    isum = np.int32(0)
+    for i in range(QK):
+        isum += np.int32(wq[o + i]) * np.int32(xq_row[o + i])
+    return isum
+
+
+@njit(cache=True, nogil=True)
+def _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
+    """Shared checks of the int8 entry points; returns row_bytes."""
+    if w_type != Q8_0 and w_type != Q4_0 and w_type != Q4_1:
+        raise ValueError("matmul_q8: w_type must be Q8_0, Q4_0 or Q4_1")
+    bytes_per_row = _check_weights(w_u8, w_type, n_rows, n_cols)
+    n_tok = xq.shape[0]
+    if xq.shape[1] != n_cols:
+        raise ValueError("matmul_q8: xq must have shape (n_tok, n_cols)")
+    if (xd.shape[0] != n_tok or xd.shape[1] != n_cols // QK or xs.shape[0] != n_tok
+            or xs.shape[1] != n_cols // QK):
+        raise ValueError("matmul_q8: xd and xs must have shape (n_tok, n_cols // 32)")
+    _check_out(n_tok, n_rows, out)
+    return bytes_per_row
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q8_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
+    """Numba int8 path (the reference for the C kernels): out[t, r] = sum over blocks b of
+    wd[b] * xd[t, b] * isum(b) (+ wm[b] * xs[t, b] for Q4_1), isum an exact int32 dot product.
+    Blocks are accumulated in order b = 0, 1, ... in float32.
+    """
+    bytes_per_row = _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+    n_tok = xq.shape[0]
+    n_blocks = n_cols // QK
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE
+    for tile in prange(n_tiles):
+        wq = np.empty(n_cols, dtype=np.int8)          # one row of W as integers
+        wd = np.empty(n_blocks, dtype=np.float32)     # its block scales
+        wm = np.empty(n_blocks, dtype=np.float32)     # its block mins (Q4_1)
+        for r in range(tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)):
+            _decode_row_q8(w_u8, w_type, r * bytes_per_row, n_blocks, wq, wd, wm)
+            for t in range(n_tok):
+                acc = np.float32(0.0)
+                for b in range(n_blocks):
+                    isum = _dot_i8_block(wq, xq[t], b * QK)
+                    acc += (wd[b] * xd[t, b]) * np.float32(isum) + wm[b] * xs[t, b]
+                out[t, r] = acc
+
+
+# -- C kernels, one call per row tile ----------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _is_contiguous(a):
+    """Whether a is C-contiguous at run time (a slice typed 'A' by Numba can still be)."""
+    expected = a.itemsize
+    for dim in range(a.ndim - 1, -1, -1):
+        if a.shape[dim] != 1 and a.strides[dim] != expected:
+            return False
+        expected *= a.shape[dim]
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _raise_if_failed(status):
+    for s in status:
+        if s != 0:
+            raise RuntimeError("matmul: the C kernel failed (extension not loaded, or it rejected "
+                               "arguments that passed the Python-side checks)")
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_f32_native(w_u8, w_type, n_rows, n_cols, x, out):
+    """C float path (`lme_matmul_f32`), row tiles over threads. Arrays must be C-contiguous."""
+    _check_weights(w_u8, w_type, n_rows, n_cols)
+    if x.ndim != 2 or x.shape[1] != n_cols:
+        raise ValueError("matmul: x must have shape (n_tok, n_cols)")
+    n_tok = x.shape[0]
+    _check_out(n_tok, n_rows, out)
+    if not (_is_contiguous(w_u8) and _is_contiguous(x) and _is_contiguous(out)):
+        raise ValueError("matmul_f32_native: w_u8, x and out must be C-contiguous")
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE
+    status = np.zeros(n_tiles, dtype=np.int32)
+    for tile in prange(n_tiles):
+        status[tile] = native.c_matmul_f32(w_type, w_u8, n_rows, n_cols, tile * ROW_TILE,
+                                           min(n_rows, (tile + 1) * ROW_TILE), x, n_tok, out)
+    _raise_if_failed(status)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q8_native(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
+    """C int8 path (`lme_matmul_q8`), row tiles over threads. Arrays must be C-contiguous."""
+    _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+    if not (_is_contiguous(w_u8) and _is_contiguous(xq) and _is_contiguous(xd)
+            and _is_contiguous(xs) and _is_contiguous(out)):
+        raise ValueError("matmul_q8_native: w_u8, xq, xd, xs and out must be C-contiguous")
+    n_tok = xq.shape[0]
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE
+    status = np.zeros(n_tiles, dtype=np.int32)
+    for tile in prange(n_tiles):
+        status[tile] = native.c_matmul_q8(w_type, w_u8, n_rows, n_cols, tile * ROW_TILE,
+                                          min(n_rows, (tile + 1) * ROW_TILE), xq, xd, xs, n_tok, out)
+    _raise_if_failed(status)
+
+
+# -- public entry points: C when loaded in this process (and arrays contiguous), else Numba -----
+
+@njit(cache=True, nogil=True)
+def use_native():
+    """True when the C kernels are bound in this process (decided at run time, not compile time)."""
+    return native.c_native_available() == 1
+
+
+@njit(cache=True, nogil=True)
+def matmul_f32(w_u8, w_type, n_rows, n_cols, x, out):
+    """Float path: out[t, r] = dot(dequantize(W[r]), x[t]); x float32 [n_tok, n_cols],
+    out float32 [n_tok, n_rows]. Any ggml type `kernels.quant` decodes (C: F32, F16, BF16, Q8_0,
+    Q4_0, Q4_1; others and non-contiguous arrays go to the Numba kernel)."""
+    c_type = (w_type == F32 or w_type == F16 or w_type == BF16 or w_type == Q8_0
+              or w_type == Q4_0 or w_type == Q4_1)
+    if (c_type and use_native() and _is_contiguous(w_u8) and _is_contiguous(x)
+            and _is_contiguous(out)):
+        matmul_f32_native(w_u8, w_type, n_rows, n_cols, x, out)
+    else:
+        matmul_f32_numba(w_u8, w_type, n_rows, n_cols, x, out)
+
+
+@njit(cache=True, nogil=True)
+def matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
+    """int8 path on activations from `quantize_activations` (w_type Q8_0, Q4_0 or Q4_1):
+    out float32 [n_tok, n_rows]."""
+    if (use_native() and _is_contiguous(w_u8) and _is_contiguous(xq) and _is_contiguous(xd)
+            and _is_contiguous(xs) and _is_contiguous(out)):
+        matmul_q8_native(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+    else:
+        matmul_q8_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+
+
+@njit(cache=True, nogil=True)
+def matmul(w_u8, w_type, n_rows, n_cols, x, out, act_q8):
+    """out float32 [n_tok, n_rows] = W @ x.T for W raw ggml blocks (n_rows, n_cols) of w_type and
+    x float32 [n_tok, n_cols]. act_q8=False: float path (exact); True: int8 activations for
+    Q8_0/Q4_0/Q4_1 weights (fast path; other types use the float path)."""
+    if act_q8 and (w_type == Q8_0 or w_type == Q4_0 or w_type == Q4_1):
+        _check_weights(w_u8, w_type, n_rows, n_cols)
+        if x.ndim != 2 or x.shape[1] != n_cols:
+            raise ValueError("matmul: x must have shape (n_tok, n_cols)")
+        xq, xd, xs = quantize_activations(x)
+        matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+    else:
+        matmul_f32(w_u8, w_type, n_rows, n_cols, x, out)

@@ -1,0 +1,275 @@
+"""The C kernels (kernels/csrc/qdot.c, built by cffi as `kernels._native`) for Python and Numba.
+
+Loading: `HAVE_NATIVE` says whether the extension was found and loaded (`LOAD_ERROR` says why
+not). Setting the environment variable LMENGINE_NO_NATIVE=1 before the first import makes this
+process behave as if it were missing (tests use it to run the Numba fallback end to end).
+
+Calling from Numba, and why not `lib.fn(...)`: Numba can call functions of a cffi module in
+nopython mode (`register_module` is done below, so `lib.lme_matmul_q8(ffi.from_buffer(a), ...)`
+works in njit code), but it embeds the function's address in the compiled code, which makes that
+code uncacheable (and every Numba function that calls it). Our kernels instead call the C
+functions through named JIT symbols (`c_matmul_q8`, `c_matmul_f32`, `c_native_available`
+below): compiled code refers to the name, and this module binds each name to an address when it
+is imported -- to the C function when the extension is loaded, otherwise to a Numba `cfunc`
+stand-in that returns LME_ERR_NO_NATIVE (the stand-in for `c_native_available` returns 0). So
+code cached on disk can always be loaded and run: it asks `c_native_available()` at run time
+and takes the Numba path in a process without the extension.
+
+Python wrappers (`matmul_q8_rows`, `matmul_f32_rows`) call one C function on a row range with
+full argument checks (ValueError naming the problem); `set_isa` / `get_isa` / `best_isa` /
+`available_isas` select or report the SIMD path (tests force each one).
+"""
+import os
+
+import llvmlite.binding as llvm_binding
+import numpy as np
+from llvmlite import ir
+from numba import cfunc, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels.quant import BF16, F16, F32, Q4_0, Q4_1, Q8_0, QK, TYPE_NAMES, row_bytes
+
+ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
+ISA_NAMES = {ISA_SCALAR: "scalar", ISA_AVX2: "avx2", ISA_AVX512: "avx512-vnni"}
+
+ERR_NO_NATIVE = -100
+ERROR_MESSAGES = {
+    -1: "a NULL pointer", -2: "unsupported ggml type", -3: "bad shape (n_rows/n_cols/n_tok)",
+    -4: "row range outside [0, n_rows]", -5: "a buffer shorter than its shape needs",
+    -6: "SIMD path not supported by this CPU", ERR_NO_NATIVE: "the C extension is not loaded",
+}
+
+# -- load the extension ---------------------------------------------------------------------------
+
+ffi = lib = None
+LOAD_ERROR = None
+if os.environ.get("LMENGINE_NO_NATIVE", "") not in ("", "0"):
+    LOAD_ERROR = "disabled by LMENGINE_NO_NATIVE"
+else:
+    try:
+        from kernels import _native
+        ffi, lib = _native.ffi, _native.lib
+        lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
+    except (ImportError, AttributeError) as exc:
+        ffi = lib = None
+        LOAD_ERROR = f"kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
+HAVE_NATIVE = lib is not None
+
+if HAVE_NATIVE:
+    from numba.core.typing import cffi_utils
+    cffi_utils.register_module(_native)
+
+# -- JIT symbols: name -> C function or Numba stand-in ---------------------------------------------
+
+_p, _i64 = types.voidptr, types.int64
+_SIG_AVAILABLE = types.int32()
+_SIG_Q8 = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64)
+_SIG_F32 = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64)
+
+
+@cfunc(_SIG_AVAILABLE, cache=True)
+def _stub_available():
+    return 0
+
+
+@cfunc(_SIG_Q8, cache=True)
+def _stub_matmul_q8(w_type, w, w_len, n_rows, n_cols, row_begin, row_end, xq, xq_len, xd, xd_len,
+                    xs, xs_len, n_tok, out, out_len):
+    return ERR_NO_NATIVE
+
+
+@cfunc(_SIG_F32, cache=True)
+def _stub_matmul_f32(w_type, w, w_len, n_rows, n_cols, row_begin, row_end, x, x_len, n_tok, out, out_len):
+    return ERR_NO_NATIVE
+
+
+_SYMBOLS = {   # JIT symbol: (C function name, stand-in)
+    "lmengine_native_available": ("lme_native_available", _stub_available),
+    "lmengine_matmul_q8": ("lme_matmul_q8", _stub_matmul_q8),
+    "lmengine_matmul_f32": ("lme_matmul_f32", _stub_matmul_f32),
+}
+for _symbol, (_c_name, _stub) in _SYMBOLS.items():
+    if HAVE_NATIVE:
+        _address = int(ffi.cast("uintptr_t", ffi.addressof(lib, _c_name)))
+    else:
+        _address = _stub.address
+    llvm_binding.add_symbol(_symbol, _address)
+
+
+def _lower_extern_call(builder, context, symbol, arg_types, args):
+    """Call `int symbol(...)`: integers pass as int64, arrays as (data pointer, element count)."""
+    i64, ptr = ir.IntType(64), ir.IntType(8).as_pointer()
+    ll_types, ll_args = [], []
+    for ty, value in zip(arg_types, args):
+        if isinstance(ty, types.Array):
+            array = context.make_array(ty)(context, builder, value)
+            ll_types += [ptr, i64]
+            ll_args += [builder.bitcast(array.data, ptr), array.nitems]
+        else:
+            ll_types.append(i64)
+            ll_args.append(context.cast(builder, value, ty, types.int64))
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), ll_types), symbol)
+    return builder.call(fn, ll_args)
+
+
+def _is_array_of(ty, dtype, ndim):
+    return isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim
+
+
+@intrinsic
+def c_native_available(typingctx):
+    """1 when the C extension is bound in this process, else 0 (Numba-callable)."""
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, "lmengine_native_available", (), ())
+    return types.int32(), codegen
+
+
+@intrinsic
+def c_matmul_q8(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, out):
+    """lme_matmul_q8 on rows [row_begin, row_end); returns its status (0 = ok). Arrays must be
+    contiguous (the caller checks): w_u8 uint8 1-D, xq int8 2-D, xd/xs/out float32 2-D."""
+    ints = (w_type, n_rows, n_cols, row_begin, row_end, n_tok)
+    if not all(isinstance(t, types.Integer) for t in ints):
+        return None
+    if not (_is_array_of(w_u8, types.uint8, 1) and _is_array_of(xq, types.int8, 2)
+            and all(_is_array_of(a, types.float32, 2) for a in (xd, xs, out))):
+        return None
+    sig = types.int32(w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, out)
+
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, "lmengine_matmul_q8", signature.args, args)
+    return sig, codegen
+
+
+@intrinsic
+def c_matmul_f32(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, x, n_tok, out):
+    """lme_matmul_f32 on rows [row_begin, row_end); returns its status (0 = ok). Arrays must be
+    contiguous (the caller checks): w_u8 uint8 1-D, x and out float32 2-D."""
+    ints = (w_type, n_rows, n_cols, row_begin, row_end, n_tok)
+    if not all(isinstance(t, types.Integer) for t in ints):
+        return None
+    if not (_is_array_of(w_u8, types.uint8, 1) and _is_array_of(x, types.float32, 2)
+            and _is_array_of(out, types.float32, 2)):
+        return None
+    sig = types.int32(w_type, w_u8, n_rows, n_cols, row_begin, row_end, x, n_tok, out)
+
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, "lmengine_matmul_f32", signature.args, args)
+    return sig, codegen
+
+
+# -- SIMD path selection ----------------------------------------------------------------------------
+
+def _require_native():
+    if not HAVE_NATIVE:
+        raise RuntimeError(f"the C kernels are not available: {LOAD_ERROR}")
+
+
+def best_isa() -> int:
+    """The best SIMD path this CPU supports (ISA_SCALAR / ISA_AVX2 / ISA_AVX512)."""
+    _require_native()
+    return lib.lme_best_isa()
+
+
+def get_isa() -> int:
+    """The SIMD path the C kernels use now."""
+    _require_native()
+    return lib.lme_get_isa()
+
+
+def available_isas() -> list:
+    """Every path this CPU can run, scalar first."""
+    _require_native()
+    return [isa for isa in ISA_NAMES if isa <= lib.lme_best_isa()]
+
+
+def set_isa(isa) -> None:
+    """Force a SIMD path for all threads (None or -1: the best one). ValueError if unsupported.
+    Not meant to be switched while kernels run in other threads."""
+    _require_native()
+    isa = -1 if isa is None else int(isa)
+    if lib.lme_set_isa(isa) != 0:
+        raise ValueError(f"SIMD path {isa} ({ISA_NAMES.get(isa, 'unknown')}) is not supported on this "
+                         f"CPU; available: {[ISA_NAMES[i] for i in available_isas()]}")
+
+
+# -- checked Python calls (one C call, no threads) -------------------------------------------------
+
+Q8_TYPES = (Q8_0, Q4_0, Q4_1)                    # weight types of lme_matmul_q8
+F32_TYPES = (F32, F16, BF16, Q8_0, Q4_0, Q4_1)   # weight types of lme_matmul_f32
+
+
+def _check_type(w_type, supported):
+    if int(w_type) not in supported:
+        names = ", ".join(f"{TYPE_NAMES[t]}={t}" for t in supported)
+        raise ValueError(f"w_type must be one of {names}, got {w_type}")
+
+
+def _contiguous(name, array, dtype, ndim):
+    if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != ndim:
+        got = f"{array.dtype} {array.ndim}-D array" if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"{name} must be a {np.dtype(dtype)} {ndim}-D array, got {got}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    return array
+
+
+def _check_rows(w_u8, n_rows, n_cols, row_begin, row_end, n_tok, out, row_bytes):
+    if n_rows < 0 or n_cols <= 0:
+        raise ValueError(f"n_rows must be >= 0 and n_cols > 0, got n_rows={n_rows}, n_cols={n_cols}")
+    if w_u8.size < n_rows * row_bytes:
+        raise ValueError(f"w_u8 holds {w_u8.size} bytes, an ({n_rows}, {n_cols}) matrix needs "
+                         f"{n_rows} x {row_bytes} = {n_rows * row_bytes}")
+    if not 0 <= row_begin <= row_end <= n_rows:
+        raise ValueError(f"row range [{row_begin}, {row_end}) is outside [0, {n_rows}]")
+    if out.shape != (n_tok, n_rows):
+        raise ValueError(f"out has shape {out.shape}, expected (n_tok, n_rows) = {(n_tok, n_rows)}")
+
+
+def _raise_on_status(status, what):
+    if status != 0:
+        raise ValueError(f"{what}: the C kernel rejected its arguments: "
+                         f"{ERROR_MESSAGES.get(status, f'status {status}')}")
+
+
+def matmul_q8_rows(w_u8, w_type, n_rows, n_cols, row_begin, row_end, xq, xd, xs, out) -> None:
+    """out[:, row_begin:row_end] = W[row_begin:row_end] . x (int8 activations) with one C call
+    in this thread. Shapes as in `kernels.matmul.matmul_q8`."""
+    _require_native()
+    w_u8 = _contiguous("w_u8", w_u8, np.uint8, 1)
+    xq = _contiguous("xq", xq, np.int8, 2)
+    xd, xs = _contiguous("xd", xd, np.float32, 2), _contiguous("xs", xs, np.float32, 2)
+    out = _contiguous("out", out, np.float32, 2)
+    _check_type(w_type, Q8_TYPES)
+    bytes_per_row = row_bytes(w_type, n_cols)
+    n_tok = xq.shape[0]
+    if xq.shape != (n_tok, n_cols) or xd.shape != (n_tok, n_cols // QK) or xs.shape != xd.shape:
+        raise ValueError(f"xq {xq.shape}, xd {xd.shape}, xs {xs.shape} do not match "
+                         f"(n_tok, n_cols) = ({n_tok}, {n_cols}) and (n_tok, n_cols // 32)")
+    _check_rows(w_u8, n_rows, n_cols, row_begin, row_end, n_tok, out, bytes_per_row)
+    status = lib.lme_matmul_q8(
+        int(w_type), ffi.from_buffer("uint8_t[]", w_u8), w_u8.size, n_rows, n_cols, row_begin, row_end,
+        ffi.from_buffer("int8_t[]", xq), xq.size, ffi.from_buffer("float[]", xd), xd.size,
+        ffi.from_buffer("float[]", xs), xs.size, n_tok, ffi.from_buffer("float[]", out, require_writable=True),
+        out.size)
+    _raise_on_status(status, "matmul_q8_rows")
+
+
+def matmul_f32_rows(w_u8, w_type, n_rows, n_cols, row_begin, row_end, x, out) -> None:
+    """out[:, row_begin:row_end] = W[row_begin:row_end] . x (float activations) with one C call
+    in this thread. w_type F32, F16, BF16, Q8_0, Q4_0 or Q4_1."""
+    _require_native()
+    w_u8 = _contiguous("w_u8", w_u8, np.uint8, 1)
+    x, out = _contiguous("x", x, np.float32, 2), _contiguous("out", out, np.float32, 2)
+    _check_type(w_type, F32_TYPES)
+    bytes_per_row = row_bytes(w_type, n_cols)
+    n_tok = x.shape[0]
+    if x.shape != (n_tok, n_cols):
+        raise ValueError(f"x has shape {x.shape}, expected (n_tok, n_cols) with n_cols={n_cols}")
+    _check_rows(w_u8, n_rows, n_cols, row_begin, row_end, n_tok, out, bytes_per_row)
+    status = lib.lme_matmul_f32(
+        int(w_type), ffi.from_buffer("uint8_t[]", w_u8), w_u8.size, n_rows, n_cols, row_begin, row_end,
+        ffi.from_buffer("float[]", x), x.size, n_tok, ffi.from_buffer("float[]", out, require_writable=True),
+        out.size)
+    _raise_on_status(status, "matmul_f32_rows")

