@@ -3,7 +3,8 @@ weights, in the same process, for several batch sizes.
 
 Both sides do the same work per step: embed one token per sequence, advance every LSTM layer one
 step, compute the output layer's logits, and feed back their argmax. PyTorch runs under
-inference_mode with the same thread count. Run it with `lmengine bench --lstm` or directly:
+inference_mode with the same thread count. Each side is measured in its own subprocess (see
+`_measure_in_subprocess`). Run it with `lmengine bench --lstm` or directly:
 
     python bench/lstm_bench.py [model.gguf] [--threads N] [--batch 1 64]
 """
@@ -16,8 +17,9 @@ import time
 
 import numpy as np
 
-if __package__ in (None, ""):                     # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:                          # run as a script: make the repo importable
+    sys.path.insert(0, ROOT)
 
 DEFAULT_SHAPE = {"vocab": 96, "emb_dim": 64, "hidden_sizes": (128,)}   # the issue's char model
 
@@ -49,71 +51,91 @@ def _rate(step, min_seconds: float, min_steps: int) -> float:
             return n / elapsed
 
 
+def measure(side: str, gguf_path, batch: int, n_threads: int, min_seconds: float, min_steps: int,
+            warmup_steps: int) -> dict:
+    """Decode tok/s of one side ("lmengine" or "torch") in this process, and its first-step logits.
+    Start: token i % vocab for sequence i; then each step feeds back the argmax."""
+    import torch
+
+    torch.set_num_threads(n_threads)
+    if side == "lmengine":
+        from engine.backends.lstm_backend import LSTMBackend
+        backend = LSTMBackend(gguf_path, n_ctx=1 << 30, n_slots=batch, n_threads=n_threads)
+        slots = np.arange(batch, dtype=np.int64)
+        first = backend.forward_batch(slots, slots % backend.vocab_size, np.zeros(batch, dtype=np.int64))
+        state = {"tok": first.argmax(-1)}
+
+        def step():
+            logits = backend.forward_batch(slots, state["tok"], backend.lengths[slots])
+            state["tok"] = logits.argmax(-1)
+    elif side == "torch":
+        from converters.torch_lstm import torch_lstm_from_gguf
+        embedding, layers, head = torch_lstm_from_gguf(gguf_path)
+        hc = [(torch.zeros(1, batch, l.hidden_size), torch.zeros(1, batch, l.hidden_size)) for l in layers]
+        state = {"tok": torch.arange(batch) % head.out_features, "hc": hc}
+
+        @torch.inference_mode()
+        def step():
+            x = embedding(state["tok"])[:, None, :]                               # [b, 1, E]
+            for k, lstm in enumerate(layers):
+                x, state["hc"][k] = lstm(x, state["hc"][k])
+            logits = head(x[:, 0])                                                # [b, V]
+            state["tok"] = logits.argmax(-1)
+            return logits
+
+        first = step().numpy()
+    else:
+        raise ValueError(f"side must be 'lmengine' or 'torch', got {side!r}")
+    for _ in range(warmup_steps):
+        step()
+    return {"tok_s": _rate(step, min_seconds, min_steps) * batch, "first_logits": np.asarray(first).tolist()}
+
+
+def _measure_in_subprocess(side, gguf_path, batch, n_threads, min_seconds, min_steps, warmup_steps) -> dict:
+    """`measure` in a fresh Python: Numba's and PyTorch's OpenMP thread pools (two different
+    libgomp copies) slow each other down badly when they share a process, so each side runs alone."""
+    import json
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, os.fspath(gguf_path), "--batch", str(batch),
+           "--threads", str(n_threads), "--seconds", str(min_seconds), "--min-steps", str(min_steps),
+           "--warmup", str(warmup_steps)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"LSTM benchmark worker ({side}, batch {batch}) failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_lstm_decode(gguf_path=None, batch_sizes=(1, 64), n_threads: int | None = None,
                       min_seconds: float = 1.0, min_steps: int = 50, warmup_steps: int = 10) -> dict:
-    """Decode tokens/s (sequences x steps / s) of our backend and of torch nn.LSTM stepping.
+    """Decode tokens/s (sequences x steps / s) of our backend and of torch nn.LSTM stepping on the
+    same weights, each measured in its own subprocess, one after the other.
 
     gguf_path: an `lstm` GGUF; None builds a random one of DEFAULT_SHAPE. Returns
     {"model": {...}, "threads": n, "results": [{"batch", "ours_tok_s", "torch_tok_s", "speedup",
-    "max_abs_diff"}, ...]} where max_abs_diff compares the first step's logits of the two.
+    "max_abs_diff"}, ...]}; max_abs_diff compares the two sides' first-step logits.
     """
     import numba
-    import torch
+    from converters.gguf_file import GGUFFile
+    from engine.models.lstm import LSTMConfig
 
-    from converters.torch_lstm import torch_lstm_from_gguf
-    from engine.backends.lstm_backend import LSTMBackend
-
-    tmp = None
-    if gguf_path is None:
-        tmp = tempfile.TemporaryDirectory()
-        gguf_path = random_lstm_gguf(os.path.join(tmp.name, "bench_lstm.gguf"), DEFAULT_SHAPE["vocab"],
-                                     DEFAULT_SHAPE["emb_dim"], DEFAULT_SHAPE["hidden_sizes"])
-    n_threads = n_threads or numba.config.NUMBA_NUM_THREADS
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    embedding, layers, head = torch_lstm_from_gguf(gguf_path)
-    steps_cap = 1_000_000
-    results = []
-    try:
+    n_threads = int(n_threads or numba.config.NUMBA_NUM_THREADS)
+    with tempfile.TemporaryDirectory() as tmp:
+        described = "random " + str(DEFAULT_SHAPE) if gguf_path is None else os.fspath(gguf_path)
+        if gguf_path is None:
+            gguf_path = random_lstm_gguf(os.path.join(tmp, "bench_lstm.gguf"), DEFAULT_SHAPE["vocab"],
+                                         DEFAULT_SHAPE["emb_dim"], DEFAULT_SHAPE["hidden_sizes"])
+        cfg = LSTMConfig.from_gguf(GGUFFile(gguf_path))
+        results = []
         for b in batch_sizes:
-            backend = LSTMBackend(gguf_path, n_ctx=steps_cap, n_slots=b, n_threads=n_threads)
-            slots = np.arange(b, dtype=np.int64)
-            first = np.arange(b, dtype=np.int64) % backend.vocab_size
-            ours_first = backend.forward_batch(slots, first, np.zeros(b, dtype=np.int64))
-            state = {"tok": ours_first.argmax(-1)}
-
-            def ours_step():
-                logits = backend.forward_batch(slots, state["tok"], backend.lengths[slots])
-                state["tok"] = logits.argmax(-1)
-
-            with torch.inference_mode():
-                hc = [(torch.zeros(1, b, l.hidden_size), torch.zeros(1, b, l.hidden_size)) for l in layers]
-                tstate = {"tok": torch.from_numpy(first), "hc": hc}
-
-                def torch_step():
-                    x = embedding(tstate["tok"])[:, None, :]                       # [b, 1, E]
-                    for k, lstm in enumerate(layers):
-                        x, tstate["hc"][k] = lstm(x, tstate["hc"][k])
-                    logits = head(x[:, 0])                                        # [b, V]
-                    tstate["tok"] = logits.argmax(-1)
-                    return logits
-
-                torch_first = torch_step().numpy()
-                for _ in range(warmup_steps):
-                    ours_step()
-                    torch_step()
-                ours = _rate(ours_step, min_seconds, min_steps) * b
-                theirs = _rate(torch_step, min_seconds, min_steps) * b
-            results.append({"batch": b, "ours_tok_s": ours, "torch_tok_s": theirs, "speedup": ours / theirs,
-                            "max_abs_diff": float(np.abs(ours_first - torch_first).max())})
-            backend.close()
-    finally:
-        torch.set_num_threads(torch_threads)
-        if tmp is not None:
-            tmp.cleanup()
-    model = {"vocab": int(head.out_features), "emb_dim": int(embedding.embedding_dim),
-             "hidden_sizes": [int(l.hidden_size) for l in layers],
-             "path": "random " + str(DEFAULT_SHAPE) if tmp is not None else os.fspath(gguf_path)}
+            args = (gguf_path, b, n_threads, min_seconds, min_steps, warmup_steps)
+            ours = _measure_in_subprocess("lmengine", *args)
+            theirs = _measure_in_subprocess("torch", *args)
+            diff = np.abs(np.asarray(ours["first_logits"]) - np.asarray(theirs["first_logits"])).max()
+            results.append({"batch": b, "ours_tok_s": ours["tok_s"], "torch_tok_s": theirs["tok_s"],
+                            "speedup": ours["tok_s"] / theirs["tok_s"], "max_abs_diff": float(diff)})
+    model = {"vocab": cfg.vocab_size, "emb_dim": cfg.emb_dim, "hidden_sizes": list(cfg.hidden_sizes),
+             "weights": ",".join(sorted(cfg.tensor_types)), "path": described}
     return {"model": model, "threads": n_threads, "results": results}
 
 
@@ -128,13 +150,22 @@ def format_results(report: dict) -> str:
 
 def main(argv=None) -> int:
     import argparse
+    import json
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", help="an lstm GGUF (default: a random char model)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--seconds", type=float, default=1.0, help="minimum measuring time per point")
+    p.add_argument("--min-steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--worker", choices=["lmengine", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    print(format_results(bench_lstm_decode(args.model, args.batch, args.threads, args.seconds)))
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.model, args.batch[0], args.threads, args.seconds, args.min_steps,
+                                 args.warmup)))
+        return 0
+    print(format_results(bench_lstm_decode(args.model, args.batch, args.threads, args.seconds, args.min_steps,
+                                           args.warmup)))
     return 0
 
 

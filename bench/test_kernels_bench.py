@@ -14,7 +14,7 @@ second (GB/s, best round) and, for GEMM, multiply-adds per second. Matrices:
     small    576 x 1536 Q4_1 (an FFN matrix of SmolLM2-135M; fits in L2/L3)
     vocab    49152 x 576 Q8_0 (SmolLM2's embedding / output matrix, 30 MB)
     big      110592 x 1536 Q4_1 (106 MB, larger than the L3: memory bandwidth bound)
-Numba paths skip the big GEMM cases (tens of seconds per round).
+Numba paths skip GEMM on the two large matrices (seconds to tens of seconds per round).
 """
 import time
 
@@ -57,8 +57,8 @@ def _kernel(path):
 @pytest.mark.parametrize("n_tok", [1, 128], ids=["gemv", "gemm"])
 def test_matmul_throughput(benchmark, weights, matrix, path, n_threads, n_tok):
     w_type, n_rows, n_cols = MATRICES[matrix]
-    if n_tok > 1 and matrix == "big" and path.startswith("numba"):
-        pytest.skip("Numba GEMM on the 106 MB matrix takes tens of seconds per round")
+    if n_tok > 1 and matrix != "small" and path.startswith("numba"):
+        pytest.skip("Numba GEMM on the large matrices takes seconds to tens of seconds per round")
     kernel = _kernel(path)
     raw = weights[matrix]
     x = np.random.default_rng(1).standard_normal((n_tok, n_cols)).astype(np.float32)

@@ -103,11 +103,12 @@ def _names_in(obj, known: set) -> set:
 
 
 def _keras3_arrays(h5, path: str) -> dict:
-    """Keras 3 layout: layers/<key>/[.../]vars/<i>, the layer's name in the `vars` group's attrs."""
+    """Keras 3 layout: layers/<key>/[.../]vars/<i>, the layer's name in the `vars` group's attrs.
+    Keys are class names numbered in creation order (lstm, lstm_1, ...): the result follows them."""
     out = {}
     if "layers" not in h5:
         return out
-    for key, group in h5["layers"].items():
+    for key, group in sorted(h5["layers"].items(), key=lambda item: _suffix_order(item[0])):
         name = _text(group["vars"].attrs.get("name", key)) if "vars" in group else key
         found = []
         group.visititems(lambda sub, obj: found.append((sub, obj)) if hasattr(obj, "shape") else None)
@@ -194,7 +195,7 @@ def _plan_from_config(layers, arrays, say):
         elif cls == "LSTM":
             if emb_name is None:
                 raise ConversionError(f"LSTM {name!r} comes before any Embedding; the model must start with one")
-            if lstm_names and not layers_return_sequences(layers, lstm_names[-1]):
+            if lstm_names and not _returns_sequences(layers, lstm_names[-1]):
                 raise ConversionError(f"LSTM {lstm_names[-1]!r} feeds {name!r} without return_sequences=True")
             _check_lstm(cfg, name)
             lstm_names.append(name)
@@ -218,7 +219,7 @@ def _plan_from_config(layers, arrays, say):
     return emb_name, lstm_names, head_name, activation
 
 
-def layers_return_sequences(layers, name) -> bool:
+def _returns_sequences(layers, name) -> bool:
     return any(cfg.get("name") == name and cfg.get("return_sequences", False) for _, cfg in layers)
 
 
@@ -231,10 +232,9 @@ def _suffix_order(name: str):
 def _plan_from_arrays(arrays: dict, desc: dict, say):
     """The architecture of a weights-only file, from the arrays' counts and shapes."""
     embeddings = [n for n, a in arrays.items() if len(a) == 1 and a[0].ndim == 2]
-    lstms = sorted((n for n, a in arrays.items() if len(a) in (2, 3) and a[0].ndim == 2 and a[1].ndim == 2),
-                   key=_suffix_order)
-    heads = [n for n, a in arrays.items() if len(a) in (1, 2) and a[0].ndim == 2 and n not in lstms
-             and (len(a) == 2 and a[1].ndim == 1)]
+    # `arrays` is in model order (see _keras3_arrays / _legacy_arrays), which orders stacked LSTMs.
+    lstms = [n for n, a in arrays.items() if len(a) in (2, 3) and a[0].ndim == 2 and a[1].ndim == 2]
+    heads = [n for n, a in arrays.items() if len(a) == 2 and a[0].ndim == 2 and a[1].ndim == 1]
     if len(embeddings) != 1:
         raise ConversionError(f"weights-only file: expected one Embedding matrix, found {embeddings or 'none'}")
     if not lstms:

@@ -23,6 +23,10 @@ otherwise (converters/onnx_weights.py). Q4_1 and Q4_K hold `d * q + m`; MatMulNB
 
 where blocksum(x) [tokens, n_cols/32] sums x over each 32-column block and m [n_rows, n_cols/32]
 holds the blocks' minimums. Both terms are exact; the second reads 1 extra bit per weight.
+`accuracy_level` 0 (default) keeps activations in float32, so the int4 graph computes the GGUF's
+own numbers; 4 quantizes them to int8 per block (faster, llama.cpp-like error). A token table in
+Q8_0 / Q4_0 blocks is gathered from those blocks (GatherBlockQuantized), shared with a tied output.
+Matrices that read the same input (q|k|v, gate|up) are stacked into one matmul.
 
 Rope: ggml rotates adjacent pairs (2i, 2i+1) for llama (llama.cpp's converter permuted the rows
 of attn_q / attn_k within each head to make that equal HF's rotate_half) and pairs (i, i + d/2)
@@ -45,7 +49,7 @@ import numpy as np
 
 from .errors import ConversionError, TensorShapeError, UnsupportedArchitectureError
 from .onnx_graph import FLOAT, INT32, INT64, GraphBuilder, InitializerSink, save_model
-from .onnx_weights import BLOCK, F32, concat_nbits, dequantize, permute_rows, to_nbits
+from .onnx_weights import BLOCK, F32, Q4_0, Q8_0, concat_nbits, dequantize, permute_rows, to_nbits, to_nbits_bits
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -58,14 +62,16 @@ MASKED = -1e9   # attention bias of a padded key: exp(MASKED) == 0, and never in
 
 
 def export_onnx(gguf_file, config, out_dir: str, weights: str = "f32", use_contrib_ops: bool = True,
-                accuracy_level: int = 4, max_positions: int | None = None,
+                accuracy_level: int = 0, max_positions: int | None = None,
                 progress: Callable[[str], None] | None = None) -> str:
     """Write `out_dir`/model.onnx (+ model.onnx.data when the weights pass 2 GiB) and
     `out_dir`/genai_config.json for the GGUF `gguf_file` (a converters.gguf_file.GGUFFile) whose
     decoder is described by `config` (engine.config.TransformerConfig or anything with its fields).
 
-    weights: "f32" or "int4". accuracy_level: MatMulNBits' activation precision for int4
-    (4: activations quantized to int8 per block, fast; 0: float32; 8-bit blocks are only fast at 4).
+    weights: "f32" or "int4". accuracy_level: MatMulNBits' activation precision for 4-bit blocks
+    (0: float32, the same numbers as dequantizing the GGUF; 4: activations quantized to int8 per
+    block, faster, as llama.cpp does). 8-bit blocks (from Q8_0) always use 4: onnxruntime has no
+    fast float32 kernel for them (~100x slower).
     max_positions: positions of the rope tables (default: the model's training context).
     Returns the path of model.onnx."""
     if weights not in WEIGHT_KINDS:
@@ -95,7 +101,7 @@ def export_onnx(gguf_file, config, out_dir: str, weights: str = "f32", use_contr
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     say(f"writing {model_path}")
-    save_model(model, model_path)
+    save_model(model, model_path, g.held)
     write_genai_config(out_dir, gguf_file, config, max_positions)
     return model_path
 
@@ -154,6 +160,8 @@ def rope_tables(max_positions: int, rope_dim: int, base: float, freq_factors=Non
 # -- the graph -------------------------------------------------------------------------------
 
 class _Decoder:
+    """Builds the decoder graph into a GraphBuilder, reading weights from GGUFWeights."""
+
     def __init__(self, g: GraphBuilder, w: GGUFWeights, config, weights: str, accuracy_level: int,
                  max_positions: int, say):
         self.g, self.w, self.c = g, w, config
@@ -162,6 +170,7 @@ class _Decoder:
         self.max_positions = max_positions
         self.say = say
         self._blocksums = {}   # value name -> its per-32-block sums (shared by the matrices it feeds)
+        self._nbits = {}       # tuple of GGUF names -> (NBitsMatrix, initializer names)
         self._check_rope_scaling()
 
     def _check_rope_scaling(self):
@@ -188,25 +197,50 @@ class _Decoder:
             if any(has_bias) else ""
         if not self.int4 or n_cols % BLOCK or all(t == F32 for _, t, _ in mats) and sum(n_rows) * n_cols < 65536:
             # float32 (also: rows that are not whole blocks, and small float tensors)
-            weight = np.concatenate([dequantize(*m) for m in mats]) if len(mats) > 1 else dequantize(*mats[0])
-            y = g.op("Gemm", [x, g.initializer(hint + ".weight", weight)] + ([bias] if bias else []),
-                     name=hint, transB=1)
+            weight = hint + ".weight"       # (the embedding table, when the output is tied to it)
+            if not g.has_initializer(weight):
+                g.initializer(weight, np.concatenate([dequantize(*m) for m in mats]))
+            y = g.op("Gemm", [x, weight] + ([bias] if bias else []), name=hint, transB=1)
             return self.split(y, n_rows)
-        nbits = [to_nbits(*m) for m in mats]
-        if len({m.bits for m in nbits}) > 1:   # e.g. Q8_0 next to Q4_K: one matmul each
+        if len({to_nbits_bits(t) for _, t, _ in mats}) > 1:   # e.g. Q8_0 next to Q4_K: one matmul each
             return [self.linear(x, [name], [b])[0] for name, b in zip(names, biases)]
-        m = concat_nbits(nbits)
-        inputs = [x, g.initializer(hint + ".packed", m.packed), g.initializer(hint + ".scales", m.scales),
-                  g.initializer(hint + ".zero_points", m.zero_points) if m.zero_points is not None else ""]
+        m, inits = self.nbits(names)
+        inputs = [x, inits["packed"], inits["scales"], inits.get("zero_points", "")]
         if bias:
             inputs += ["", bias]
         y = g.contrib("MatMulNBits", inputs, name=hint, K=n_cols, N=m.n_rows, bits=m.bits, block_size=BLOCK,
                       accuracy_level=self.accuracy_level if m.bits == 4 else 4)
         if m.block_mins is not None:
             # y + blocksum(x) @ block_mins.T, as one Gemm with y as its C input
-            y = g.op("Gemm", [self.blocksum(x, n_cols), g.initializer(hint + ".block_mins", m.block_mins), y],
-                     name=hint + ".mins", transB=1)
+            y = g.op("Gemm", [self.blocksum(x, n_cols), inits["block_mins"], y], name=hint + ".mins", transB=1)
         return self.split(y, n_rows)
+
+    def nbits(self, names: list):
+        """(NBitsMatrix, {part: initializer name}) of the GGUF matrices `names` stacked along the
+        rows; made once per set of names (the tied output and the embedding share theirs)."""
+        key = tuple(names)
+        if key not in self._nbits:
+            m = concat_nbits([to_nbits(*self.w.raw(name)) for name in names])
+            hint = names[0].removesuffix(".weight") + ("+" if len(names) > 1 else "")
+            parts = {"packed": m.packed, "scales": m.scales, "zero_points": m.zero_points, "block_mins": m.block_mins}
+            inits = {part: self.g.initializer(f"{hint}.{part}", value) for part, value in parts.items()
+                     if value is not None}
+            self._nbits[key] = (m, inits)
+        return self._nbits[key]
+
+    def embedding(self, ids: str) -> str:
+        """Token rows [B, S, dim]. int4 with contrib ops: gathered from the table's 8-bit (Q8_0)
+        or 4-bit (Q4_0) blocks (GatherBlockQuantized), which a tied output shares; otherwise
+        from a float32 table."""
+        g, name = self.g, "token_embd.weight"
+        _, type_id, (n_rows, n_cols) = self.w.raw(name)
+        if self.int4 and g.use_contrib_ops and type_id in (Q8_0, Q4_0) and n_cols % BLOCK == 0:
+            m, inits = self.nbits([name])
+            table = g.op("Reshape", [inits["packed"], g.const([n_rows, -1])])            # [vocab, dim*bits/8]
+            return g.contrib("GatherBlockQuantized", [table, ids, inits["scales"]], name="embed", bits=m.bits,
+                             block_size=BLOCK, gather_axis=0, quantize_axis=1)
+        table = g.initializer(name, self.w.f32(name))                                      # [vocab, dim]
+        return g.op("Gather", [table, ids], name="embed")
 
     def split(self, y: str, sizes: list) -> list:
         """[tokens, sum(sizes)] -> one [tokens, size] value per size."""
@@ -259,10 +293,9 @@ class _Decoder:
                 for i in range(c.n_layers)]
 
         self.say("embedding")
-        embd = g.initializer("token_embd.weight", self.w.f32("token_embd.weight"))       # [vocab, dim]
         batch_seq = g.op("Shape", [ids], name="batch_seq")                                # [B, S]
         self.shape_bs_any = g.op("Concat", [batch_seq, g.const([-1])], axis=0)            # [B, S, -1]
-        h = g.op("Reshape", [g.op("Gather", [embd, ids], name="embed"), g.const([-1, c.dim])])  # [B*S, dim]
+        h = g.op("Reshape", [self.embedding(ids), g.const([-1, c.dim])])                   # [B*S, dim]
         self.attention_inputs(mask, positions)
 
         xn = self.rmsnorm(h, "blk.0.attn_norm.weight")
@@ -282,10 +315,7 @@ class _Decoder:
 
         self.say("output")
         out_name = "output.weight" if self.w.has("output.weight") else "token_embd.weight"
-        if out_name == "token_embd.weight" and not self.int4:
-            logits = g.op("Gemm", [xn, embd], name="output", transB=1)                     # shares the table
-        else:
-            logits = self.linear(xn, [out_name])[0]                                       # [B*S, vocab]
+        logits = self.linear(xn, [out_name])[0]                                           # [B*S, vocab]
         logits = g.op("Reshape", [logits, self.shape_bs_any])
         g.output(logits, "logits", FLOAT, ["batch_size", "sequence_length", c.vocab_size])
         g.outputs.insert(0, g.outputs.pop())   # logits first, then present.{i}.key|value

@@ -1,10 +1,15 @@
-"""A small ONNX graph builder: nodes with generated output names, initializers that stream to disk.
+"""A small ONNX graph builder: nodes with generated output names, initializers written straight
+to disk.
 
 `GraphBuilder.op("MatMul", [a, b])` appends a node and returns its output name(s), so a graph
-reads like the forward pass it computes. Initializers go to an `InitializerSink`, which keeps their
-bytes in memory while the total stays under protobuf's 2 GiB limit and otherwise writes them to
-one external data file beside the model (onnx's external-data convention: `location`, `offset`,
-`length` on each tensor), so exporting a large model never holds all its weights in memory.
+reads like the forward pass it computes.
+
+Initializers go to an `InitializerSink`. Protobuf caps a message at 2 GiB, so weights beyond
+that go to one external data file beside the model (onnx's convention: `location`, `offset`,
+`length` on each tensor), streamed as they come, so a large export never holds all its weights
+in memory. Below the cap they stay inside model.onnx; there too they are streamed into the file
+(`save_model` writes their protobuf records itself) rather than copied into a message first,
+which would cost two extra copies of every weight and seconds per 100 MB in the protobuf runtime.
 """
 from __future__ import annotations
 
@@ -20,23 +25,22 @@ CONTRIB_DOMAIN = "com.microsoft"
 OPSET = 17                    # ai.onnx opset of the graphs written here
 EMBED_LIMIT = 2**31 - 2**26   # bytes of initializers kept inside the .onnx file (protobuf: < 2 GiB)
 ALIGN = 4096                  # external data offsets, page aligned so onnxruntime can map them
+SMALL = 4096                  # tensors below this many bytes always sit in the graph message
+                              # (shape constants, which graph checks and shape inference read)
 
 
 class InitializerSink:
-    """Collects initializers; spills them to `data_path` once they outgrow EMBED_LIMIT."""
+    """Collects initializers: small ones in the graph, large ones held for `save_model` to stream
+    into model.onnx, or written to `data_path` once they outgrow EMBED_LIMIT."""
 
-    def __init__(self, data_path: str, embed_limit: int = EMBED_LIMIT):
+    def __init__(self, data_path: str, embed_limit: int | None = None):
         self.data_path = data_path
-        self.embed_limit = embed_limit
-        self.tensors: list[TensorProto] = []
-        self._held: list[tuple[TensorProto, bytes]] = []   # (tensor, raw bytes) not yet placed
+        self.embed_limit = EMBED_LIMIT if embed_limit is None else embed_limit
+        self.tensors: list[TensorProto] = []               # in the graph message
+        self.held: list[tuple[TensorProto, np.ndarray]] = []  # (header without data, values) for save_model
         self._held_bytes = 0
         self._file = None
         self._offset = 0
-
-    @property
-    def external(self) -> bool:
-        return self._file is not None
 
     def add(self, name: str, array: np.ndarray) -> str:
         array = np.asarray(array)
@@ -46,38 +50,37 @@ class InitializerSink:
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         tensor.dims.extend(array.shape)
-        data = array.tobytes()
-        self.tensors.append(tensor)
-        if self._file is None and self._held_bytes + len(data) <= self.embed_limit:
-            self._held.append((tensor, data))
-            self._held_bytes += len(data)
-            return name
-        if self._file is None:          # spill what is held, then stream from here on
-            self._file = open(self.data_path, "wb")
-            for held, held_data in self._held:
-                self._write(held, held_data)
-            self._held = []
-        self._write(tensor, data)
+        if array.nbytes < SMALL:
+            tensor.raw_data = array.tobytes()
+            self.tensors.append(tensor)
+        elif self._file is None and self._held_bytes + array.nbytes <= self.embed_limit:
+            self.held.append((tensor, array))
+            self._held_bytes += array.nbytes
+        else:
+            if self._file is None:          # from here on the large tensors live in the data file
+                self._file = open(self.data_path, "wb")
+                for held, values in self.held:
+                    self._write(held, values)
+                self.held = []
+            self._write(tensor, array)
         return name
 
-    def _write(self, tensor: TensorProto, data: bytes) -> None:
+    def _write(self, tensor: TensorProto, array: np.ndarray) -> None:
         pad = -self._offset % ALIGN
         if pad:
             self._file.write(b"\0" * pad)
             self._offset += pad
-        self._file.write(data)
+        self._file.write(array.data)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", os.path.basename(self.data_path)), ("offset", str(self._offset)),
-                           ("length", str(len(data)))):
+                           ("length", str(array.nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self._offset += len(data)
+        self.tensors.append(tensor)
+        self._offset += array.nbytes
 
     def finish(self) -> list[TensorProto]:
-        """Place what is still held (inside the model) and close the data file."""
-        for tensor, data in self._held:
-            tensor.raw_data = data
-        self._held = []
+        """Close the data file; returns the tensors that go into the graph message."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -95,6 +98,7 @@ class GraphBuilder:
         self.outputs: list = []
         self._names: dict[str, int] = {}
         self._consts: dict = {}
+        self._initializers: set = set()
 
     def name(self, hint: str) -> str:
         """A fresh value name starting with `hint`."""
@@ -118,14 +122,20 @@ class GraphBuilder:
         return self.op(op_type, inputs, n_outputs, domain=CONTRIB_DOMAIN, **kw)
 
     def initializer(self, name: str, array: np.ndarray) -> str:
+        if name in self._initializers:
+            raise ConversionError(f"initializer {name!r} added twice")
+        self._initializers.add(name)
         return self.sink.add(name, array)
+
+    def has_initializer(self, name: str) -> bool:
+        return name in self._initializers
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant initializer (shared between uses of the same value)."""
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.sink.add(self.name("const"), array)
+            self._consts[key] = self.initializer(self.name("const"), array)
         return self._consts[key]
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
@@ -147,16 +157,50 @@ class GraphBuilder:
             opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name=producer, doc_string=doc)
         model.ir_version = 8  # readable by onnxruntime >= 1.14
+        self.held = self.sink.held   # large initializers for save_model to append
         return model
 
 
-def save_model(model: onnx.ModelProto, path: str) -> None:
-    """Write the model proto (initializers already embedded or pointing at the external file)."""
-    data = model.SerializeToString()
-    if len(data) >= 2**31:
-        raise ConversionError(f"{path}: the model proto is {len(data)} bytes, over protobuf's 2 GiB limit")
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field_key(message, field: str) -> bytes:
+    """Protobuf key of a length-delimited field (wire type 2)."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+
+def save_model(model: onnx.ModelProto, path: str, held: list = ()) -> None:
+    """Write `model`, plus the `held` initializers ((TensorProto header, values) pairs) appended
+    to its graph. Protobuf lets a message's fields come in any order and repeated fields in
+    pieces, so the file is: the model without its graph, the graph's key and length, the graph
+    without the held tensors, then one `initializer` record per held tensor, its values last
+    (`raw_data`), written from the array itself."""
+    graph = model.graph
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    rest.ClearField("graph")
+    records = []                                   # (bytes before the values, values)
+    for tensor, values in held:
+        header = tensor.SerializeToString() + _field_key(tensor, "raw_data") + _varint(values.nbytes)
+        body = len(header) + values.nbytes
+        records.append((_field_key(graph, "initializer") + _varint(body) + header, values))
+    graph_bytes = graph.SerializeToString()
+    graph_len = len(graph_bytes) + sum(len(head) + values.nbytes for head, values in records)
+    start = rest.SerializeToString() + _field_key(model, "graph") + _varint(graph_len)
+    if len(start) + graph_len >= 2**31:
+        raise ConversionError(f"{path}: the model would be {len(start) + graph_len} bytes, over protobuf's 2 GiB limit")
     with open(path, "wb") as f:
-        f.write(data)
+        f.write(start)
+        f.write(graph_bytes)
+        for head, values in records:
+            f.write(head)
+            f.write(values.data)
 
 
 FLOAT = TensorProto.FLOAT

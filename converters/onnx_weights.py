@@ -204,6 +204,11 @@ def quantize_4bit(w: np.ndarray) -> NBitsMatrix:
     return _from_q4_1(blocks, n_rows)
 
 
+def to_nbits_bits(type_id: int) -> int:
+    """The bit width `to_nbits` gives a matrix of this ggml type (8 for Q8_0, else 4)."""
+    return 8 if type_id == Q8_0 else 4
+
+
 def to_nbits(raw: np.ndarray, type_id: int, shape: tuple) -> NBitsMatrix:
     """A [n_rows, n_cols] GGUF matrix as MatMulNBits blocks: the bits themselves for Q4_0, Q4_1,
     Q4_K (4-bit) and Q8_0 (8-bit); otherwise dequantized and quantized to 4 bits."""

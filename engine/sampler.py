@@ -28,6 +28,7 @@ The logits array is used as scratch: steps 1-4 overwrite it in place.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -166,6 +167,11 @@ class SamplerState:
         for t in kept:
             self.record(t)
         self._reset_rng(n_generated)
+
+    def copy(self) -> SamplerState:
+        """An independent copy: same history and same random-stream position (beam search and
+        other forks continue from here without sharing state)."""
+        return copy.deepcopy(self)
 
     def _see(self, token_id: int, generated: bool) -> None:
         position = self._seen_position.get(token_id)

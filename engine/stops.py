@@ -14,8 +14,9 @@ delta into a `TextStream`; `push` returns the text that is safe to show. Rules:
 - `push(delta, allow_stop=False)` (used while fewer than min_tokens tokens exist) takes text in
   which no stop string may *end*; an occurrence that ends in such text is never matched.
 
-Work per push is O(len(delta) + len(longest stop)) per stop string: the held-back text is
-shorter than the longest stop string, and only occurrences ending in the new delta are searched.
+Work per push is bounded by len(delta) + the longest stop string, per stop string: the held-back
+text is shorter than the longest stop string, and only occurrences ending in the new delta are
+searched; nothing rescans the whole output.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ Compiler flags: -O3, and no -march: the SIMD functions carry their own target at
 picked by CPUID at run time, so the built module runs on any x86-64 (and on other CPUs with the
 scalar path only). -ffp-contract=off keeps the float decode bit-exact with ggml (no implicit FMA).
 """
+import glob
+import importlib.machinery
 import os
 import shutil
 import sys
@@ -61,4 +63,11 @@ if __name__ == "__main__":
     project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as build_dir:     # objects and generated C stay out of the tree
         built = make_builder(project_root).compile(tmpdir=build_dir, verbose=True)
-        shutil.copy(built, os.path.join(project_root, "kernels", os.path.basename(built)))
+        for stale in glob.glob(os.path.join(project_root, "kernels", "_native*.so")):
+            os.remove(stale)                              # one module file only
+        # the name pip's build gives it (cffi modules use the stable ABI), so that a later
+        # `pip install -e .` replaces this file rather than being shadowed by it
+        name = os.path.basename(built)
+        if ".abi3.so" in importlib.machinery.EXTENSION_SUFFIXES:
+            name = "_native.abi3.so"
+        shutil.copy(built, os.path.join(project_root, "kernels", name))

@@ -19,23 +19,26 @@ Two kinds of arithmetic:
       Q4_1 weights        (w = dw * q + mw):         dot = dw * dx * sum(q * xq) + mw * xs
                                                       with xs = dx * sum(xq)  (ggml's Q8_1 "s")
 
-  F32/F16/BF16 weights have no integer form; `matmul(..., act_q8=True)` uses the float path for
-  them. Differences to ggml: scales dx and xs stay float32 (ggml rounds them to f16), and
-  xq = round-half-to-even(x / dx) (ggml's reference rounds halves away from zero; its AVX code
-  rounds to even).
+  (The C kernels compute Q4_0 in Q4_1's form, q = nibble and mw = -8 dw, to use unsigned x
+  signed byte products; same value, different float rounding.) F32/F16/BF16 weights have no
+  integer form; `matmul(..., act_q8=True)` uses the float path for them. Differences to ggml:
+  scales dx and xs stay float32 (ggml rounds them to f16), and xq = round-half-to-even(x / dx)
+  (ggml's reference rounds halves away from zero; its AVX code rounds to even).
 
 Each path has a Numba implementation (`matmul_f32_numba`, `matmul_q8_numba`, the reference) and a
 C implementation in `kernels/csrc/qdot.c` (SIMD, selected by CPUID), reached through
 `kernels.native`. `matmul`, `matmul_f32`, `matmul_q8` use the C kernels when the extension is
 loaded in this process and the Numba ones otherwise; that choice is made at run time on every
-call (`native.have_native()`), so code compiled and cached on disk stays correct in a process
-where the extension is missing.
+call (`use_native()`), so code compiled and cached on disk stays correct in a process where the
+extension is missing (see kernels/native.py). Non-contiguous arrays also take the Numba path.
+
+Threads: numba.set_num_threads(n) in the calling thread; rows are split in tiles of ROW_TILE
+rows, so results do not depend on the thread count.
 """
 import numpy as np
 from numba import njit, prange
 
 from kernels import native
-
 from kernels.quant import BF16, BLOCK_BYTES, BLOCK_SIZE, F16, F32, Q4_0, Q4_1, Q8_0, QK
 from kernels.quant import dequantize_row_into, half_bits_to_float
 
@@ -75,7 +78,7 @@ def _check_weights(w_u8, w_type, n_rows, n_cols):
     bytes_per_row = row_bytes_of(w_type, n_cols)
     if bytes_per_row < 0:
         raise ValueError("matmul: n_cols is not a whole number of blocks of w_type")
-    if w_u8.size < n_rows * bytes_per_row:
+    if n_rows > w_u8.size // bytes_per_row:                    # (no overflow for any n_rows)
         raise ValueError("matmul: w_u8 is shorter than n_rows * row_bytes(w_type, n_cols)")
     return bytes_per_row
 
@@ -108,7 +111,7 @@ def matmul_f32_numba(w_u8, w_type, n_rows, n_cols, x, out):
         raise ValueError("matmul: x must have shape (n_tok, n_cols)")
     n_tok = x.shape[0]
     _check_out(n_tok, n_rows, out)
-    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE if n_tok > 0 else 0
     for tile in prange(n_tiles):
         w_row = np.empty(n_cols, dtype=np.float32)            # one decoded row of W
         for r in range(tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)):
@@ -191,15 +194,6 @@ def _decode_row_q8(w_u8, w_type, row_offset, n_blocks, wq, wd, wm):
                 wq[b * QK + j + QK // 2] = (byte >> 4) - bias
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _dot_i8_block(wq, xq_row, o):
-    """Exact int32 sum(wq[o:o+32] * xq_row[o:o+32])."""
-    isum = np.int32(0)
-    for i in range(QK):
-        isum += np.int32(wq[o + i]) * np.int32(xq_row[o + i])
-    return isum
-
-
 @njit(cache=True, nogil=True)
 def _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
     """Shared checks of the int8 entry points; returns row_bytes."""
@@ -225,17 +219,23 @@ def matmul_q8_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
     bytes_per_row = _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
     n_tok = xq.shape[0]
     n_blocks = n_cols // QK
-    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE if n_tok > 0 else 0
     for tile in prange(n_tiles):
         wq = np.empty(n_cols, dtype=np.int8)          # one row of W as integers
         wd = np.empty(n_blocks, dtype=np.float32)     # its block scales
         wm = np.empty(n_blocks, dtype=np.float32)     # its block mins (Q4_1)
+        products = np.empty(n_cols, dtype=np.int32)   # wq * xq[t], exact
         for r in range(tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)):
             _decode_row_q8(w_u8, w_type, r * bytes_per_row, n_blocks, wq, wd, wm)
             for t in range(n_tok):
+                xq_t = xq[t]
+                for i in range(n_cols):               # a flat loop: LLVM vectorizes it
+                    products[i] = np.int32(wq[i]) * np.int32(xq_t[i])
                 acc = np.float32(0.0)
                 for b in range(n_blocks):
-                    isum = _dot_i8_block(wq, xq[t], b * QK)
+                    isum = np.int32(0)
+                    for i in range(b * QK, (b + 1) * QK):
+                        isum += products[i]
                     acc += (wd[b] * xd[t, b]) * np.float32(isum) + wm[b] * xs[t, b]
                 out[t, r] = acc
 

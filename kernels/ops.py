@@ -2,19 +2,20 @@
 
 All functions are Numba njit and work in place on float32 rows: x [n_tok, dim]. They are called
 from the model's compiled forward (engine/models/llama.py), so their signatures use plain arrays
-and scalars only.
+and scalars only. They run on one thread: each is a few microseconds of work per token, less than
+the cost of waking a thread pool (the matrix products and attention are the parallel parts).
 """
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight.   x, out: [n_tok, dim]; weight: [dim]."""
     n_tok, dim = x.shape
-    for t in prange(n_tok):
+    for t in range(n_tok):
         ss = 0.0
         for i in range(dim):
             ss += x[t, i] * x[t, i]
@@ -33,7 +34,7 @@ def rope_inv_freq(rope_dim, base):
     return inv_freq
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def rope(x, positions, n_heads, head_dim, rope_dim, inv_freq, neox):
     """Rotate the first rope_dim dims of every head of x [n_tok, n_heads*head_dim] in place.
 
@@ -42,7 +43,7 @@ def rope(x, positions, n_heads, head_dim, rope_dim, inv_freq, neox):
     """
     n_tok = x.shape[0]
     half = rope_dim // 2
-    for t in prange(n_tok):
+    for t in range(n_tok):
         pos = positions[t]
         for i in range(half):
             angle = pos * inv_freq[i]
@@ -62,21 +63,21 @@ def rope(x, positions, n_heads, head_dim, rope_dim, inv_freq, neox):
                 x[t, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def swiglu(gate, up):
     """gate[t, i] = silu(gate[t, i]) * up[t, i] in place.   gate, up: [n_tok, ffn_dim]."""
     n_tok, n = gate.shape
-    for t in prange(n_tok):
+    for t in range(n_tok):
         for i in range(n):
             g = gate[t, i]
             gate[t, i] = g / (np.float32(1.0) + math.exp(-g)) * up[t, i]
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def add_inplace(x, y):
     """x += y.   x, y: [n_tok, dim]."""
     n_tok, dim = x.shape
-    for t in prange(n_tok):
+    for t in range(n_tok):
         for i in range(dim):
             x[t, i] += y[t, i]
 

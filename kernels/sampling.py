@@ -1,8 +1,11 @@
 """Sampling math: logits -> token ids, vectorised over a batch of rows.
 
 Every function takes float32 logits [b, vocab] (one row per request) and works on all rows in one
-call into compiled code (rows run in parallel). This module holds the operations only; which of
-them a request uses, with which values, and in which order they run is engine/sampler.py's job.
+call into compiled code. Only `sample_rows`, the per-step hot path, runs rows in parallel (numba
+prange): each parallel function adds seconds to the first-run compile, and the others are either
+O(entries) edits or run only for requests that ask for logprobs. This module holds the operations
+only; which of them a request uses, with which values, and in which order they run is
+engine/sampler.py's job.
 
 Per-row token lists (tokens seen so far, logit biases, allowed tokens, banned tokens) use a CSR
 layout: row r owns the entries `row_ptr[r] : row_ptr[r + 1]` of the flat `token_ids` (and value)
@@ -15,21 +18,27 @@ The filters (top-k, top-p, typical-p, min-p) follow HF transformers' LogitsWarpe
 - typical-p ranks tokens by |-log p - entropy| and keeps the smallest prefix of that ranking whose
   mass reaches typical_p (ties with the last kept key are kept);
 - min-p keeps tokens with p >= min_p * max(p).
-Each filter renormalises over the survivors of the previous one. Probabilities are computed in
-float64 as exp((x - x_max) / temperature), which cannot overflow however small the temperature.
+Each filter renormalises over the survivors of the previous one (it sees only their mass).
 
-Instead of writing -inf into the logits, the filters produce a *candidate list*: token indices and
-their unnormalised weights. A plain sampling step touches the vocabulary a few times (max, exp,
-scan); sorting is limited to the candidates that top-k / top-p can keep.
+A row's distribution is held as unnormalised float32 weights w = exp((x - x_max) / temperature),
+in (0, 1] with 1 for the top token, which cannot overflow however small the temperature; a
+filtered token gets weight 0 (rather than a -inf logit). Sums are float64. Nothing sorts the
+vocabulary: top-k, top-p and typical-p share one bucketed selection (`_walk_by_key`) that sorts only
+the tokens of one bucket, and the draw is a single scan for the first token at which the running
+weight exceeds uniform * total.
+
+CPU time per row at vocab 49152 on one core (AMD EPYC, AVX-512): greedy 0.04 ms, temperature
+only 0.09 ms, min-p 0.09 ms, top-k 0.2 ms, top-p 0.45 ms on a flat distribution, typical-p
+0.75 ms, top-n logprobs 0.25 ms.
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
-# top-k and top-p find their cut without sorting the vocabulary: tokens are binned by logit into
-# this many equal-width buckets between the row's min and max, the bucket holding the cut is found
-# from per-bucket counts (top-k) or masses (top-p), and only that bucket's tokens are sorted.
+# top-k, top-p and typical-p find their cut without sorting the vocabulary: tokens are binned by
+# their sort key into this many equal-width buckets, the bucket holding the cut is found from the
+# per-bucket weight, and only that bucket's tokens are sorted (see _walk_by_key).
 _N_BUCKETS = 1024
 
 # exp(t) = 2^k * exp(r), k = round(t / ln 2), r = t - k ln 2 (ln 2 split in a high part exact in
@@ -60,10 +69,11 @@ def _valid_csr(row_ptr, token_ids, n_rows, vocab_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token edits: in place on logits [b, vocab]
+# Token edits: in place on logits [b, vocab]. Serial: they touch a few entries per row, less work
+# than starting the thread pool.
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def apply_penalties(logits, row_ptr, token_ids, output_counts, repetition, presence, frequency):
     """Repetition, presence and frequency penalties, in place.
 
@@ -81,7 +91,7 @@ def apply_penalties(logits, row_ptr, token_ids, output_counts, repetition, prese
     if (output_counts.shape[0] != token_ids.shape[0] or repetition.shape[0] != n_rows
             or presence.shape[0] != n_rows or frequency.shape[0] != n_rows):
         raise ValueError("apply_penalties: array lengths do not match the batch")
-    for r in prange(n_rows):
+    for r in range(n_rows):
         rep = repetition[r]
         for j in range(row_ptr[r], row_ptr[r + 1]):
             t = token_ids[j]
@@ -95,18 +105,18 @@ def apply_penalties(logits, row_ptr, token_ids, output_counts, repetition, prese
             logits[r, t] = x
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def add_logit_bias(logits, row_ptr, token_ids, bias):
     """logits[r, token_ids[j]] += bias[j] for the entries j of row r, in place. bias: float32."""
     n_rows, vocab_size = logits.shape
     if not _valid_csr(row_ptr, token_ids, n_rows, vocab_size) or bias.shape[0] != token_ids.shape[0]:
         raise ValueError("add_logit_bias: bad row_ptr, bias length or token id outside [0, vocab)")
-    for r in prange(n_rows):
+    for r in range(n_rows):
         for j in range(row_ptr[r], row_ptr[r + 1]):
             logits[r, token_ids[j]] += bias[j]
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def keep_only_tokens(logits, row_ptr, token_ids):
     """Set every logit of row r to -inf except those of its listed tokens, in place.
 
@@ -115,7 +125,7 @@ def keep_only_tokens(logits, row_ptr, token_ids):
     n_rows, vocab_size = logits.shape
     if not _valid_csr(row_ptr, token_ids, n_rows, vocab_size):
         raise ValueError("keep_only_tokens: bad row_ptr or token id outside [0, vocab)")
-    for r in prange(n_rows):
+    for r in range(n_rows):
         start, end = row_ptr[r], row_ptr[r + 1]
         if end == start:
             continue
@@ -127,13 +137,13 @@ def keep_only_tokens(logits, row_ptr, token_ids):
             logits[r, token_ids[j]] = kept[j - start]
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def ban_tokens(logits, row_ptr, token_ids):
     """logits[r, token_ids[j]] = -inf for the entries j of row r, in place."""
     n_rows, vocab_size = logits.shape
     if not _valid_csr(row_ptr, token_ids, n_rows, vocab_size):
         raise ValueError("ban_tokens: bad row_ptr or token id outside [0, vocab)")
-    for r in prange(n_rows):
+    for r in range(n_rows):
         for j in range(row_ptr[r], row_ptr[r + 1]):
             logits[r, token_ids[j]] = -np.inf
 
@@ -150,7 +160,7 @@ def _exp_shifted(x, x_max, inv_temperature, out, exponent):
     x: float32 [n]; x_max, inv_temperature: float32; out: float32 [n]; exponent: int32 [n] scratch.
     Range reduction plus a degree-7 Taylor polynomial (truncation error < 1e-8 relative, below the
     float32 rounding of the argument itself), in plain arithmetic that the compiler vectorises:
-    about 10x faster than calling libm's exp per element.
+    about 4x faster than calling libm's exp per element in float64.
     """
     n = x.shape[0]
     for i in range(n):
@@ -267,19 +277,11 @@ def _walk_by_key(key, w, limit, keep_ties):
 
 
 @njit(cache=True, nogil=True)
-def _gather(values, idx):
-    """values[idx] as float64."""
-    out = np.empty(idx.shape[0], dtype=np.float64)
-    for j in range(idx.shape[0]):
-        out[j] = values[idx[j]]
-    return out
-
-
-@njit(cache=True, nogil=True)
 def _typicality(x, idx, w, x_max, inv_temperature):
-    """|-log p - H| of the candidates (idx, w): p = w / sum(w) with log w = (x - x_max) / T, H the
-    entropy of p; +inf for zero-weight candidates (HF ranks those last)."""
-    total = w.sum()
+    """|-log p - H| (float64: on a flat 49152-token row neighbouring keys are closer than float32
+    resolves) of the candidates (idx, w): p = w / sum(w) with log w = (x - x_max) / T,
+    H the entropy of p; +inf for zero-weight candidates (HF ranks those last)."""
+    total = _sum(w)
     log_total = math.log(total)
     log_p = np.empty(idx.shape[0], dtype=np.float64)
     entropy = 0.0
@@ -289,7 +291,10 @@ def _typicality(x, idx, w, x_max, inv_temperature):
             entropy -= w[j] / total * log_p[j]
         else:
             log_p[j] = -np.inf
-    return np.abs(-log_p - entropy)
+    key = np.empty(idx.shape[0], dtype=np.float64)
+    for j in range(idx.shape[0]):
+        key[j] = abs(-log_p[j] - entropy)
+    return key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ def _sampling_weights(x, temperature, top_k, top_p, typical_p, min_p, weights, s
         _exp_shifted(x, x_max, inv_temperature, weights, scratch)
         idx = np.empty(0, dtype=np.int64)
     else:
-        idx = _walk_by_key(_negated(x), np.ones(vocab_size, dtype=np.float32), top_k, True)
+        idx = _walk_by_key(_negated(x), np.ones(vocab_size, dtype=np.float32), np.float64(top_k), True)
         weights[:] = 0.0
         for j in range(idx.shape[0]):
             weights[idx[j]] = math.exp((np.float64(x[idx[j]]) - x_max) * inv_temperature)
@@ -326,26 +331,26 @@ def _sampling_weights(x, temperature, top_k, top_p, typical_p, min_p, weights, s
             idx = _walk_by_key(_negated(x), weights, top_p * _sum(weights), False)
             dense = False
         else:
-            w = _gather(weights, idx)
-            idx = idx[_walk_by_key(_negated(x)[idx], w, top_p * w.sum(), False)]
+            w = weights[idx]
+            idx = idx[_walk_by_key(_negated(x)[idx], w, top_p * _sum(w), False)]
     if typical_p < 1.0:
         if dense:
             idx = np.flatnonzero(weights)
             dense = False
-        w = _gather(weights, idx)
+        w = weights[idx]
         key = _typicality(x, idx, w, x_max, inv_temperature)
-        idx = idx[_walk_by_key(key, w, typical_p * w.sum(), True)]
+        idx = idx[_walk_by_key(key, w, typical_p * _sum(w), True)]
     if min_p > 0.0:
         if dense:                            # relative to the top weight, which is exp(0) = 1
             for i in range(vocab_size):
                 if weights[i] < min_p:
                     weights[i] = 0.0
         else:
-            w = _gather(weights, idx)
+            w = weights[idx]
             idx = idx[w >= min_p * w.max()]
 
     if not dense:                            # survivors keep their weight, the rest get 0
-        w = _gather(weights, idx)
+        w = weights[idx]
         weights[:] = 0.0
         for j in range(idx.shape[0]):
             weights[idx[j]] = w[j]
@@ -406,14 +411,14 @@ def sample_rows(logits, temperature, top_k, top_p, typical_p, min_p, uniforms):
     return chosen
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def filtered_probs(logits, temperature, top_k, top_p, typical_p, min_p):
     """The distribution sample_rows draws from: float64 [b, vocab], zero for filtered tokens
     (a row of zeros when every logit is -inf). Same arguments as sample_rows, less uniforms."""
     n_rows, vocab_size = logits.shape
     _check_filter_args(logits, temperature, top_k, top_p, typical_p, min_p)
     probs = np.zeros((n_rows, vocab_size), dtype=np.float64)
-    for r in prange(n_rows):
+    for r in range(n_rows):
         if temperature[r] == 0.0:
             best = _argmax(logits[r])
             if best >= 0:
@@ -433,7 +438,7 @@ def filtered_probs(logits, temperature, top_k, top_p, typical_p, min_p):
 # Log-probabilities
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def top_logprobs(logits, n_top):
     """Log-softmax statistics of each row.
 
@@ -447,7 +452,7 @@ def top_logprobs(logits, n_top):
     lse = np.empty(n_rows, dtype=np.float64)
     top_ids = np.full((n_rows, n_top), -1, dtype=np.int32)
     top_lps = np.full((n_rows, n_top), -np.inf, dtype=np.float32)
-    for r in prange(n_rows):
+    for r in range(n_rows):
         x = logits[r]
         best = _argmax(x)
         if best < 0:
@@ -459,7 +464,7 @@ def top_logprobs(logits, n_top):
         lse[r] = np.float64(x[best]) + math.log(_sum(weights))
         if n_top > 0:
             neg_x = _negated(x)
-            idx = _walk_by_key(neg_x, np.ones(vocab_size, dtype=np.float32), n_top, False)
+            idx = _walk_by_key(neg_x, np.ones(vocab_size, dtype=np.float32), np.float64(n_top), False)
             idx = idx[np.argsort(neg_x[idx], kind="mergesort")]      # most likely first
             for j in range(min(n_top, idx.shape[0])):
                 if x[idx[j]] == -np.inf:
@@ -469,7 +474,7 @@ def top_logprobs(logits, n_top):
     return lse, top_ids, top_lps
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def token_logprobs(logits, lse, token_ids):
     """Log-probability and rank (1 = most likely; 1 + number of strictly larger logits) of
     token_ids[r] (int32 [b]) in row r, given the row's logsumexp (from top_logprobs).
@@ -482,7 +487,7 @@ def token_logprobs(logits, lse, token_ids):
             raise ValueError("token_logprobs: token id outside [0, vocab)")
     logprobs = np.empty(n_rows, dtype=np.float32)
     ranks = np.empty(n_rows, dtype=np.int32)
-    for r in prange(n_rows):
+    for r in range(n_rows):
         value = logits[r, token_ids[r]]
         logprobs[r] = np.float64(value) - lse[r]
         larger = 0

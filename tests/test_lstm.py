@@ -220,9 +220,9 @@ def test_keras_stacked_functional_with_linear_head(keras, tmp):
     keras.utils.set_random_seed(5)
     inp = keras.Input((None,), dtype="int32")
     x = keras.layers.Embedding(40, 12)(inp)
-    x = keras.layers.LSTM(24, return_sequences=True)(x)
-    x = keras.layers.Dropout(0.5)(x)
-    x = keras.layers.LSTM(20, return_sequences=True)(x)
+    x = keras.layers.LSTM(24, return_sequences=True, name="z_first")(x)      # names out of alphabetical
+    x = keras.layers.Dropout(0.5)(x)                                          # order: the converter must
+    x = keras.layers.LSTM(20, return_sequences=True, name="a_second")(x)     # follow the model's order
     x = keras.layers.TimeDistributed(keras.layers.Dense(40))(x)
     out = keras.layers.Activation("softmax")(x)
     model = keras.Model(inp, out)
@@ -236,6 +236,10 @@ def test_keras_stacked_functional_with_linear_head(keras, tmp):
     _, batched, _ = run_ours(tmp / "stacked.gguf", ids)
     np.testing.assert_allclose(softmax(batched), expected, rtol=0, atol=TOL)
     assert LSTMConfig.from_gguf(GGUFFile(tmp / "stacked.gguf")).hidden_sizes == (24, 20)
+    model.save_weights(tmp / "stacked.weights.h5")                          # architecture inferred
+    convert_keras(tmp / "stacked.weights.h5", tmp / "stacked_w.gguf", char_vocab(40), progress=None)
+    a, b = GGUFFile(tmp / "stacked.gguf"), GGUFFile(tmp / "stacked_w.gguf")
+    assert all(np.array_equal(np.asarray(a.tensor_bytes(n)), np.asarray(b.tensor_bytes(n))) for n in a.tensors)
 
 
 def test_keras_unsupported_layers_are_named(keras, tmp):
@@ -505,3 +509,46 @@ def test_convert_progress_lines(tmp):
     torch.save(model.state_dict(), tmp / "p.pt")
     layout.convert_lstm_model(tmp / "p.pt", tmp / "p.gguf", char_vocab(50), progress=lines.append)
     assert any("blk.0.lstm_ih.weight" in line for line in lines) and lines[-1].startswith("wrote ")
+
+
+# --- the LLM API end to end ---------------------------------------------------------------------
+
+def torch_greedy(model: TorchLM, prompt: np.ndarray, n: int) -> list:
+    """PyTorch's own greedy continuation, stepping nn.LSTM with its (h, c) state."""
+    with torch.inference_mode():
+        x = model.embed(torch.from_numpy(prompt)[None])
+        y, state = model.rnn(x if model.batch_first else x.transpose(0, 1))
+        out = []
+        for _ in range(n):
+            token = int(model.fc(y[-1] if not model.batch_first else y[:, -1]).reshape(-1).argmax())
+            out.append(token)
+            x = model.embed(torch.tensor([[token]]))
+            y, state = model.rnn(x, state)
+    return out
+
+
+def test_llm_generate_stream_logits_perplexity(tmp):
+    from engine import LLM, SamplingParams
+    model = make_torch_lm(60, n_layers=2, seed=31)
+    path = tmp / "llm.gguf"
+    chars = char_vocab(60)
+    convert_torch_lstm(model.state_dict(), path, {"type": "char", "tokens": chars}, progress=None)
+    llm = LLM(str(path), n_ctx=128)
+    prompt = "".join(chars[i] for i in (5, 9, 2, 33))
+    ids = llm.tokenizer.encode(prompt)
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20))
+    expected = torch_greedy(model, np.array(ids), 20)
+    assert greedy.token_ids == expected and greedy.text == "".join(chars[i] for i in expected)
+    assert greedy.finish_reason == "length"
+    assert "".join(c.text for c in llm.stream(prompt, SamplingParams(temperature=0, max_tokens=20))) == greedy.text
+    prompts = [prompt, "".join(chars[i] for i in (1, 2)), chars[40]]
+    params = SamplingParams(temperature=0.9, top_k=20, max_tokens=12, seed=7)
+    batched = [c.token_ids for c in llm.generate(prompts, params)]
+    assert batched == [llm.generate(p, params).token_ids for p in prompts]
+    logits = llm.logits(ids)
+    np.testing.assert_allclose(logits, torch_logits(model, np.array([ids]))[0], rtol=0, atol=TOL)
+    text_ids = random_ids(60, 30, seed=4)
+    log_probs = torch.log_softmax(torch.from_numpy(torch_logits(model, text_ids[None])[0]).double(), -1).numpy()
+    nll = -np.mean([log_probs[t, text_ids[t + 1]] for t in range(len(text_ids) - 1)])
+    # logits within TOL move each log-probability by at most 2 * TOL, the perplexity by < 1e-4 relative
+    assert llm.perplexity(text_ids.tolist()) == pytest.approx(np.exp(nll), rel=1e-4)

@@ -91,15 +91,22 @@ def ref_integer_blocks(raw, w_type, n_rows, n_cols):
 
 
 def ref_matmul_q8(raw, w_type, n_rows, n_cols, xq, xd, xs):
-    """(out f64 [n_tok, n_rows], the error scale sum_b |dw dx| sum_i |q xq| + |mw xs| [n_tok, n_rows])."""
+    """(out f64 [n_tok, n_rows], error scale [n_tok, n_rows]) of the int8 path.
+
+    The error scale is sum_b |dw dx| sum_i |q_i xq_i| + |mw xs_b| in the form the C kernels
+    compute: Q4_0 there runs as unsigned nibbles (q + 8) with a min of -8 dw, like Q4_1."""
     q, d, m = ref_integer_blocks(raw, w_type, n_rows, n_cols)
     n_tok = xq.shape[0]
     xq_b = xq.reshape(n_tok, -1, 32).astype(np.int64)
     isum = np.einsum("rbi,tbi->trb", q, xq_b)                          # exact integers
-    abs_isum = np.einsum("rbi,tbi->trb", np.abs(q), np.abs(xq_b))
     scale = d[None] * xd[:, None, :].astype(np.float64)                # [n_tok, n_rows, n_blocks]
     mins = m[None] * xs[:, None, :].astype(np.float64)
-    return (scale * isum + mins).sum(axis=2), (np.abs(scale) * abs_isum + np.abs(mins)).sum(axis=2)
+    out = (scale * isum + mins).sum(axis=2)
+    if w_type == Q4_0:
+        q, m = q + 8, -8.0 * d
+    abs_isum = np.einsum("rbi,tbi->trb", np.abs(q), np.abs(xq_b))
+    abs_mins = np.abs(m[None] * xs[:, None, :].astype(np.float64))
+    return out, (np.abs(scale) * abs_isum + abs_mins).sum(axis=2)
 
 
 def q8_bound(n_cols, error_scale):
@@ -201,6 +208,9 @@ def test_callable_from_njit(act_q8):
 
 def test_zero_rows_and_tokens():
     raw, _ = make_weights(Q8_0, 4, 64, seed=2)
+    # a claimed height far beyond the weights is rejected (no int64 overflow in the check)
+    with pytest.raises(ValueError, match="shorter"):
+        mm.matmul(raw, Q8_0, 2 ** 40, 64, np.empty((0, 64), np.float32), np.empty((0, 2 ** 40), np.float32), True)
     mm.matmul(raw, Q8_0, 0, 64, make_x(2, 64, 0), np.empty((2, 0), np.float32), True)
     mm.matmul(raw, Q8_0, 4, 64, np.empty((0, 64), np.float32), np.empty((0, 4), np.float32), True)
     mm.matmul(raw, Q8_0, 4, 64, np.empty((0, 64), np.float32), np.empty((0, 4), np.float32), False)

@@ -11,12 +11,16 @@ config.state_offsets[l] .. [l+1]) and differ only in `_run`, the forward pass of
 """
 from __future__ import annotations
 
+import json
 import os
+from abc import abstractmethod
 
 import numba
 import numpy as np
+from numba import njit
 
 from converters.gguf_file import GGUFFile
+from kernels.lstm import lstm_forward
 
 from ..errors import BackendError, ContextLengthError, InvalidParameterError, TokenIdError
 from ..models.lstm import LSTMConfig, LSTMWeights
@@ -43,10 +47,10 @@ class RecurrentBackend(Backend):
         self.last_token = np.full(self.n_slots, -1, dtype=np.int64)    # the token at lengths - 1
         self.last_logits = np.zeros((self.n_slots, self.vocab_size), dtype=np.float32)
 
+    @abstractmethod
     def _run(self, slots: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, all_logits: bool) -> np.ndarray:
         """Advance `slots` (int64 [b]) by tokens int64 [b, n] (sequence i: tokens[i, :lengths[i]]),
         updating state_h/state_c. Returns logits float32 [b, n, V] (all_logits) or [b, 1, V]."""
-        raise NotImplementedError
 
     # -- Backend -------------------------------------------------------------------------------
     def forward(self, slot, token_ids, start_pos, all_logits=False):
@@ -201,13 +205,61 @@ class LSTMBackend(RecurrentBackend):
             raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
         self.n_threads = min(int(n_threads), max_threads)
 
+    def forward_batch(self, slots, token_ids, positions):
+        """The decode step in one compiled call (`_decode_step`: checks, resets, forward, lengths):
+        the Python work per step is a few conversions. A batch it refuses goes through the general
+        path, which names the problem."""
+        slots = np.asarray(slots, dtype=np.int64)
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        if slots.ndim == token_ids.ndim == positions.ndim == 1 and slots.size == token_ids.size == positions.size:
+            logits = np.empty((slots.size, self.vocab_size), dtype=np.float32)
+            numba.set_num_threads(self.n_threads)
+            w = self.weights
+            if _decode_step(w.blob, w.table, w.state_offsets, self.state_h, self.state_c, self.lengths,
+                            self.last_token, self.last_logits, slots, token_ids, positions, self.n_ctx, self.fast,
+                            self.n_threads == 1, logits):
+                return logits
+        return super().forward_batch(slots, token_ids, positions)
+
     def _run(self, slots, tokens, lengths, all_logits):
-        numba.set_num_threads(self.n_threads)
-        return self.weights.forward(self.state_h, self.state_c, slots, tokens, lengths, all_logits, self.fast)
+        numba.set_num_threads(self.n_threads)   # also starts Numba's thread pool, which the kernels need
+        return self.weights.forward(self.state_h, self.state_c, slots, tokens, lengths, all_logits, self.fast,
+                                    self.n_threads == 1)
 
     def close(self):
         self.weights = None
         self._gguf_file = None
+
+
+@njit(cache=True, nogil=True)
+def _decode_step(blob, table, state_offsets, state_h, state_c, lengths, last_token, last_logits, slots, tokens,
+                 positions, n_ctx, fast, one_thread, logits):
+    """RecurrentBackend.forward_batch for the Numba kernels, compiled: False (nothing changed) when
+    a slot, token or position breaks the rules; else resets the slots at position 0, advances every
+    slot by its token, records lengths / last token / last logits and fills logits [b, V]."""
+    n_slots, vocab, n_seq = state_h.shape[0], last_logits.shape[1], slots.size
+    seen = np.zeros(n_slots, dtype=np.bool_)
+    for i in range(n_seq):
+        slot, pos, token = slots[i], positions[i], tokens[i]
+        if slot < 0 or slot >= n_slots or seen[slot] or token < 0 or token >= vocab or pos >= n_ctx \
+                or (pos != 0 and pos != lengths[slot]):
+            return False
+        seen[slot] = True
+    step_tokens = np.empty((n_seq, 1), dtype=np.int64)
+    for i in range(n_seq):
+        step_tokens[i, 0] = tokens[i]
+        if positions[i] == 0:
+            state_h[slots[i], :] = 0.0
+            state_c[slots[i], :] = 0.0
+            lengths[slots[i]] = 0
+    lstm_forward(blob, table, state_h, state_c, state_offsets, slots, step_tokens, np.ones(n_seq, dtype=np.int64),
+                 False, logits.reshape(n_seq, 1, vocab), fast, one_thread)
+    for i in range(n_seq):
+        lengths[slots[i]] += 1
+        last_token[slots[i]] = tokens[i]
+        last_logits[slots[i], :] = logits[i]
+    return True
 
 
 class OrtLSTMBackend(RecurrentBackend):
@@ -217,10 +269,10 @@ class OrtLSTMBackend(RecurrentBackend):
     def __init__(self, onnx_path, n_ctx: int = 4096, n_slots: int = 1, n_threads: int | None = None,
                  providers=None):
         import onnxruntime as ort
-        from converters.onnx_lstm import read_lstm_onnx_config
+        from converters.onnx_lstm import META_CONFIG, MODEL_FILE
         onnx_path = os.fspath(onnx_path)
         if os.path.isdir(onnx_path):
-            onnx_path = os.path.join(onnx_path, "model.onnx")
+            onnx_path = os.path.join(onnx_path, MODEL_FILE)
         if not os.path.isfile(onnx_path):
             raise BackendError(f"{onnx_path}: no such ONNX model")
         options = ort.SessionOptions()
@@ -230,7 +282,10 @@ class OrtLSTMBackend(RecurrentBackend):
             self.session = ort.InferenceSession(onnx_path, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"{onnx_path}: onnxruntime cannot load the model: {e}") from e
-        self.config = read_lstm_onnx_config(onnx_path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if META_CONFIG not in meta:
+            raise BackendError(f"{onnx_path}: not an lmengine LSTM export (no {META_CONFIG!r} metadata)")
+        self.config = json.loads(meta[META_CONFIG])
         self.hidden_sizes = list(self.config["hidden_sizes"])
         offsets = np.concatenate([[0], np.cumsum(self.hidden_sizes)]).astype(np.int64)
         self.state_offsets = offsets

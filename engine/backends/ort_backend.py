@@ -64,15 +64,16 @@ def read_genai_config(model_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-        decoder = config["model"]["decoder"]
-        for key in ("filename", "num_hidden_layers", "num_key_value_heads", "head_size"):
-            decoder[key]
-        config["model"]["vocab_size"]
     except (OSError, ValueError) as e:
         raise BackendError(f"{path}: not a readable JSON file: {e}") from e
-    except (KeyError, TypeError) as e:
-        raise BackendError(f"{path}: missing field {e} (model.decoder needs filename, num_hidden_layers, "
-                           f"num_key_value_heads, head_size; model needs vocab_size)") from e
+    model = config.get("model") if isinstance(config, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(decoder, dict):
+        raise BackendError(f"{path}: missing field 'model.decoder'")
+    missing = [f"model.decoder.{k}" for k in ("filename", "num_hidden_layers", "num_key_value_heads", "head_size")
+               if k not in decoder] + (["model.vocab_size"] if "vocab_size" not in model else [])
+    if missing:
+        raise BackendError(f"{path}: missing field(s) {', '.join(missing)}")
     if config.get("search", {}).get("past_present_share_buffer"):
         raise BackendError(f"{path}: search.past_present_share_buffer is true; this backend runs graphs whose "
                            f"present KV outputs are past + new positions (set it to false for such a graph)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from converters import lstm_gguf as layout
@@ -137,11 +138,20 @@ class LSTMWeights:
             self.tensors[name] = f.tensor_bytes(name)
         self.state_offsets = config.state_offsets
 
-    def forward(self, state_h, state_c, slots, tokens, lengths, all_logits: bool, fast: bool) -> np.ndarray:
+    def forward(self, state_h, state_c, slots, tokens, lengths, all_logits: bool, fast: bool,
+                one_thread: bool = False) -> np.ndarray:
         """Logits float32 [b, n, V] (all_logits) or [b, 1, V] for tokens int64 [b, n] continuing the
         state of `slots`; state_h/state_c float32 [n_slots, state_size] are updated in place."""
         n_seq, n_pos = tokens.shape
+        numba.get_num_threads()   # starts Numba's thread pool: its parallel kernels crash without it
         logits = np.empty((n_seq, n_pos if all_logits else 1, self.config.vocab_size), dtype=np.float32)
         lstm_forward(self.blob, self.table, state_h, state_c, self.state_offsets, slots, tokens, lengths,
-                     all_logits, logits, fast)
+                     all_logits, logits, fast, one_thread)
         return logits
+
+
+def benchmark_lstm(threads: int | None = None, batch_sizes=(1, 64), gguf_path=None) -> dict:
+    """`lmengine bench --lstm`: decode tok/s of this engine and of PyTorch's nn.LSTM stepping on the
+    same weights (bench/lstm_bench.py, which needs a source checkout and torch; ImportError otherwise)."""
+    from bench.lstm_bench import bench_lstm_decode
+    return bench_lstm_decode(gguf_path, batch_sizes, threads)

@@ -4,7 +4,9 @@
  *   1. block formats and f16 conversion (portable C)
  *   2. row decoders: a chunk of one weight row -> int8 values + scales, or -> float
  *   3. the generic tile loops: for each row of the tile, decode a chunk of it once (it stays in
- *      L1), then dot it with that chunk of every token's activations
+ *      L1), then dot it with that chunk of every token's activations, up to 4 tokens at a time
+ *      (one load of each weight block serves 4 tokens); with one token, the SIMD paths read
+ *      the blocks in place instead (no decode pass)
  *   4. the ISA-specific primitives: scalar; a 256-bit integer row dot shared by AVX2 (maddubs)
  *      and AVX-512 VNNI (vpdpbusd), which differ only in the 32-byte block product
  *   5. the tile functions per ISA (generic loops + that ISA's primitives, compiled for it with
@@ -105,6 +107,10 @@ struct kit {
     /* result[t] = sum over blocks b of d[b] * xd_t[b] * isum_tb (+ m[b] * xs_t[b] if w_unsigned),
      * isum_tb the exact integer dot product of the block's q with token t's xq */
     void (*row_dot_q8)(const struct row_q8 *r, float *result);
+    /* the same for one token, reading the row's blocks in place (no decode pass): the GEMV
+     * path; NULL where the decode pass costs nothing extra (scalar) */
+    float (*row_dot_q8_raw)(int64_t w_type, const uint8_t *row, int64_t n_blocks,
+                            const int8_t *xq, const float *xd, const float *xs);
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*decode_f16)(const uint8_t *src, int64_t n, float *dst);      /* n f16 -> float */
     /* 16 bytes of nibbles -> 32 int8: dst[j] = low nibble of src[j] - bias, dst[j + 16] = high - bias */
@@ -183,6 +189,12 @@ static ALWAYS_INLINE void tile_q8(const struct kit *k, const struct q8_args *a) 
     const int64_t bytes = block_bytes(a->w_type);
     const int64_t blocks_per_row = a->n_cols / QK;
     const int64_t row_bytes = blocks_per_row * bytes;
+    if (a->n_tok == 1 && k->row_dot_q8_raw != NULL) {          /* one token: read blocks in place */
+        for (int64_t row = a->row_begin; row < a->row_end; row++)
+            a->out[row] = k->row_dot_q8_raw(a->w_type, a->w + row * row_bytes, blocks_per_row,
+                                            a->xq, a->xd, a->xs);
+        return;
+    }
     const int w_unsigned = a->w_type != LME_TYPE_Q8_0;          /* Q4_0 and Q4_1: nibbles 0..15 */
     struct row_q8 r = {q, d, m, 0, NULL, NULL, NULL, blocks_per_row, 0, w_unsigned};
     for (int64_t row = a->row_begin; row < a->row_end; row++) {
@@ -271,7 +283,7 @@ static void unpack_nibbles_scalar(const uint8_t *src, int8_t *dst, int bias) {
 
 static float half_scalar(const uint8_t *src) { return fp16_to_fp32(load_u16(src)); }
 
-static const struct kit KIT_SCALAR = {row_dot_q8_scalar, dot_f32_scalar, decode_f16_scalar,
+static const struct kit KIT_SCALAR = {row_dot_q8_scalar, NULL, dot_f32_scalar, decode_f16_scalar,
                                       unpack_nibbles_scalar, half_scalar};
 static void tile_q8_scalar(const struct q8_args *a) { tile_q8(&KIT_SCALAR, a); }
 static void tile_f32_scalar(const struct f32_args *a) { tile_f32(&KIT_SCALAR, a); }
@@ -327,6 +339,53 @@ TARGET_AVX2 static ALWAYS_INLINE void row_dot_q8_256(isum_u8s8_fn isum, float (*
     }
 }
 
+/* 16 bytes of nibbles -> 32 bytes 0..15: value j from the low nibble of byte j, j + 16 from its high */
+TARGET_AVX2 static ALWAYS_INLINE __m256i nibbles_256(const uint8_t *src) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)src);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
+}
+
+/* One block of a raw row (w_type a compile-time constant after inlining) into the accumulators:
+ * acc += d * xd * isum, min_acc += m * xs, in the integer form of decode_q8_blocks (Q4_0
+ * unsigned, m = -8 d). */
+TARGET_AVX2 static ALWAYS_INLINE void accumulate_raw_block(isum_u8s8_fn isum, int64_t w_type, const uint8_t *blk,
+                                                           const int8_t *xq, float xd, float xs,
+                                                           __m256 *acc, float *min_acc) {
+    const float d = _cvtsh_ss(load_u16(blk));
+    __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i u;
+    if (w_type == LME_TYPE_Q8_0) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        u = _mm256_sign_epi8(w, w);
+        x = _mm256_sign_epi8(x, w);
+    } else if (w_type == LME_TYPE_Q4_0) {
+        u = nibbles_256(blk + 2);
+        *min_acc += -8.0f * d * xs;
+    } else {
+        u = nibbles_256(blk + 4);
+        *min_acc += _cvtsh_ss(load_u16(blk + 2)) * xs;
+    }
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), _mm256_cvtepi32_ps(isum(u, x)), *acc);
+}
+
+TARGET_AVX2 static ALWAYS_INLINE float row_dot_q8_raw_256(isum_u8s8_fn isum, int64_t w_type, const uint8_t *row,
+                                                          int64_t n_blocks, const int8_t *xq,
+                                                          const float *xd, const float *xs) {
+    const int64_t bytes = block_bytes(w_type);
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    float min_even = 0.0f, min_odd = 0.0f;
+    int64_t b = 0;
+    for (; b + 2 <= n_blocks; b += 2) {
+        accumulate_raw_block(isum, w_type, row + b * bytes, xq + b * QK, xd[b], xs[b], &even, &min_even);
+        accumulate_raw_block(isum, w_type, row + (b + 1) * bytes, xq + (b + 1) * QK, xd[b + 1], xs[b + 1],
+                             &odd, &min_odd);
+    }
+    if (b < n_blocks)
+        accumulate_raw_block(isum, w_type, row + b * bytes, xq + b * QK, xd[b], xs[b], &even, &min_even);
+    return hsum_avx2(_mm256_add_ps(even, odd)) + (min_even + min_odd);
+}
+
 /* ---- 4c. AVX2 primitives (AVX2 + FMA + F16C) ------------------------------------------------- */
 
 TARGET_AVX2 static ALWAYS_INLINE __m256i isum_avx2(__m256i u, __m256i s) {
@@ -368,6 +427,15 @@ TARGET_AVX2 static void row_dot_q8_avx2(const struct row_q8 *r, float *result) {
     }
 }
 
+TARGET_AVX2 static float row_dot_q8_raw_avx2(int64_t w_type, const uint8_t *row, int64_t n_blocks,
+                                             const int8_t *xq, const float *xd, const float *xs) {
+    switch (w_type) {
+    case LME_TYPE_Q8_0: return row_dot_q8_raw_256(isum_avx2, LME_TYPE_Q8_0, row, n_blocks, xq, xd, xs);
+    case LME_TYPE_Q4_0: return row_dot_q8_raw_256(isum_avx2, LME_TYPE_Q4_0, row, n_blocks, xq, xd, xs);
+    default: return row_dot_q8_raw_256(isum_avx2, LME_TYPE_Q4_1, row, n_blocks, xq, xd, xs);
+    }
+}
+
 TARGET_AVX2 static void decode_f16_avx2(const uint8_t *src, int64_t n, float *dst) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -377,17 +445,12 @@ TARGET_AVX2 static void decode_f16_avx2(const uint8_t *src, int64_t n, float *ds
 }
 
 TARGET_AVX2 static void unpack_nibbles_avx2(const uint8_t *src, int8_t *dst, int bias) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)src);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, low4);                        /* values 0..15 */
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);     /* values 16..31 */
-    const __m256i v = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8((char)bias));
-    _mm256_storeu_si256((__m256i *)dst, v);
+    _mm256_storeu_si256((__m256i *)dst, _mm256_sub_epi8(nibbles_256(src), _mm256_set1_epi8((char)bias)));
 }
 
 TARGET_AVX2 static float half_f16c(const uint8_t *src) { return _cvtsh_ss(load_u16(src)); }
 
-static const struct kit KIT_AVX2 = {row_dot_q8_avx2, dot_f32_avx2, decode_f16_avx2,
+static const struct kit KIT_AVX2 = {row_dot_q8_avx2, row_dot_q8_raw_avx2, dot_f32_avx2, decode_f16_avx2,
                                     unpack_nibbles_avx2, half_f16c};
 TARGET_AVX2 static void tile_q8_avx2(const struct q8_args *a) { tile_q8(&KIT_AVX2, a); }
 TARGET_AVX2 static void tile_f32_avx2(const struct f32_args *a) { tile_f32(&KIT_AVX2, a); }
@@ -433,6 +496,15 @@ TARGET_AVX512 static void row_dot_q8_avx512(const struct row_q8 *r, float *resul
     }
 }
 
+TARGET_AVX512 static float row_dot_q8_raw_avx512(int64_t w_type, const uint8_t *row, int64_t n_blocks,
+                                                 const int8_t *xq, const float *xd, const float *xs) {
+    switch (w_type) {
+    case LME_TYPE_Q8_0: return row_dot_q8_raw_256(isum_vnni, LME_TYPE_Q8_0, row, n_blocks, xq, xd, xs);
+    case LME_TYPE_Q4_0: return row_dot_q8_raw_256(isum_vnni, LME_TYPE_Q4_0, row, n_blocks, xq, xd, xs);
+    default: return row_dot_q8_raw_256(isum_vnni, LME_TYPE_Q4_1, row, n_blocks, xq, xd, xs);
+    }
+}
+
 TARGET_AVX512 static void decode_f16_avx512(const uint8_t *src, int64_t n, float *dst) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -441,7 +513,7 @@ TARGET_AVX512 static void decode_f16_avx512(const uint8_t *src, int64_t n, float
         dst[i] = fp16_to_fp32(load_u16(src + 2 * i));
 }
 
-static const struct kit KIT_AVX512 = {row_dot_q8_avx512, dot_f32_avx512, decode_f16_avx512,
+static const struct kit KIT_AVX512 = {row_dot_q8_avx512, row_dot_q8_raw_avx512, dot_f32_avx512, decode_f16_avx512,
                                       unpack_nibbles_avx2, half_f16c};
 TARGET_AVX512 static void tile_q8_avx512(const struct q8_args *a) { tile_q8(&KIT_AVX512, a); }
 TARGET_AVX512 static void tile_f32_avx512(const struct f32_args *a) { tile_f32(&KIT_AVX512, a); }
@@ -465,8 +537,6 @@ static int cpu_has_isa(int isa) {
     return 0;
 }
 
-static int selected_isa = -1;                      /* -1: not chosen yet (the best is used) */
-
 int lme_native_available(void) { return 1; }
 
 int lme_best_isa(void) {
@@ -475,11 +545,15 @@ int lme_best_isa(void) {
     return LME_ISA_SCALAR;
 }
 
-int lme_get_isa(void) {
-    if (selected_isa < 0)
-        selected_isa = lme_best_isa();
-    return selected_isa;
-}
+/* The path in use: the best one, chosen when the library is loaded (before any kernel runs, so
+ * threads never race on it); lme_set_isa changes it. */
+static int selected_isa = LME_ISA_SCALAR;
+
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((constructor)) static void select_best_isa(void) { selected_isa = lme_best_isa(); }
+#endif
+
+int lme_get_isa(void) { return selected_isa; }
 
 int lme_set_isa(int isa) {
     if (isa == -1) {

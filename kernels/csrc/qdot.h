@@ -6,10 +6,11 @@
  *     out[t * n_rows + r] = dot(W[r], x[t])
  *
  * lme_matmul_q8:  W is Q8_0, Q4_0 or Q4_1; x[t] is given as 8-bit blocks of 32 values:
- *                 xq int8 [n_tok * n_cols], xd float [n_tok * n_cols/32] (x ~ xd * xq),
- *                 xs float [n_tok * n_cols/32] (xd * sum of the block's xq; used for Q4_1).
+ *                 xq int8 [n_tok * n_cols] in [-127, 127], xd float [n_tok * n_cols/32]
+ *                 (x ~ xd * xq), xs float [n_tok * n_cols/32] (xd * sum of the block's xq).
  *                 Each block product is an exact integer sum; out accumulates
- *                 dw * xd * isum (+ mw * xs for Q4_1) in float.
+ *                 dw * xd * isum (+ mw * xs: Q4_1, and Q4_0 as nibbles with mw = -8 dw) in
+ *                 float. (An xq of -128 gives a wrong product with Q8_0 weights, never a crash.)
  * lme_matmul_f32: W is F32, F16, BF16, Q8_0, Q4_0 or Q4_1, decoded to float; x float [n_tok * n_cols].
  *
  * Every function checks its arguments (NULL pointers, unknown type, n_cols not whole blocks, the

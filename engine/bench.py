@@ -1,0 +1,348 @@
+"""`lmengine bench`: prefill and decode tok/s, time to first token, cold/warm start, peak RSS,
+for 1 and N threads, and the same measurements for peer engines that are installed, in the
+same run, so that the ratios mean something on a noisy shared machine.
+
+Every measurement runs in a fresh subprocess (`python -m engine.bench worker ...`) so that peak
+RSS and start times are the process's own. A worker prints one JSON line.
+
+Peers (each measured when its package imports; install them yourself):
+    llama_cpp          pip install llama-cpp-python      (builds llama.cpp: several minutes)
+    onnxruntime_genai  pip install onnxruntime-genai     (runs our own ONNX int4 export)
+    ctranslate2        pip install ctranslate2           (needs a converted model dir: --ct2-dir)
+    transformers       pip install torch transformers    (loads the GGUF, de-quantized to fp32)
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPT_TEXT = ("The history of computing is a story of people, machines and ideas. From the abacus "
+               "to the analytical engine, from vacuum tubes to transistors, each step made "
+               "calculation faster and cheaper. ")
+
+
+def _prompt_ids(tokenizer, n_tokens: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids.extend(tokenizer.encode(PROMPT_TEXT))
+    return ids[:n_tokens]
+
+
+# ------------------------------------------------------------------------------------------
+# workers (run in a subprocess; print one JSON line)
+# ------------------------------------------------------------------------------------------
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
+    import numpy as np
+
+    from .llm import LLM
+    from .params import SamplingParams
+    llm = LLM(model, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads, backend=backend, max_batch_size=1)
+    ids = _prompt_ids(llm.tokenizer, prompt_tokens)
+    # time to first token of a fresh process (load + compile or cache load + prefill + sample)
+    first = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))
+    start_to_first_token = time.time() - t_process_start
+    assert first.token_ids
+    prefill, decode = [], []
+    backend_obj = llm.backend
+    for _ in range(repeats):
+        llm.slots.tokens[0] = []  # force a full prefill
+        t0 = time.perf_counter()
+        logits = backend_obj.forward(0, np.asarray(ids, dtype=np.int64), 0)
+        t1 = time.perf_counter()
+        prefill.append(prompt_tokens / (t1 - t0))
+        token = int(np.argmax(logits[-1]))
+        slot = np.zeros(1, dtype=np.int64)
+        t0 = time.perf_counter()
+        for i in range(gen_tokens):
+            logits = backend_obj.forward_batch(slot, np.array([token], dtype=np.int64),
+                                               np.array([prompt_tokens + i], dtype=np.int64))
+            token = int(np.argmax(logits[0]))
+        decode.append(gen_tokens / (time.perf_counter() - t0))
+    # end-to-end through the public API (sampler, detokenizer, scheduler)
+    t0 = time.perf_counter()
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=gen_tokens, ignore_eos=True))
+    e2e = (len(out.token_ids)) / (time.perf_counter() - t0)
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "ttft_s": prompt_tokens / statistics.median(prefill), "generate_tok_s": e2e,
+            "start_to_first_token_s": start_to_first_token, "load_s": llm.load_seconds,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_batch(model, threads, batch_sizes, gen_tokens):
+    """Aggregate decode tok/s of B concurrent sequences (one forward per step for all)."""
+    import numpy as np
+
+    from .llm import LLM
+    llm = LLM(model, n_ctx=64 + gen_tokens, n_threads=threads, max_batch_size=max(batch_sizes))
+    results = {}
+    prompts = [llm.tokenizer.encode(f"Story {i}: once upon a time in a land far away,") for i in range(max(batch_sizes))]
+    for b in batch_sizes:
+        tokens = []
+        for s in range(b):
+            logits = llm.backend.forward(s, np.asarray(prompts[s], dtype=np.int64), 0)
+            tokens.append(int(np.argmax(logits[-1])))
+        positions = np.array([len(p) for p in prompts[:b]], dtype=np.int64)
+        slots = np.arange(b, dtype=np.int64)
+        toks = np.array(tokens, dtype=np.int64)
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            logits = llm.backend.forward_batch(slots, toks, positions)
+            toks = logits.argmax(axis=1).astype(np.int64)
+            positions = positions + 1
+        results[str(b)] = b * gen_tokens / (time.perf_counter() - t0)
+    return {"batch_decode_tok_s": results, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_llama_cpp(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
+    from llama_cpp import Llama
+
+    from .models.registry import resolve_model
+    from .tokenizer import Tokenizer
+    from converters.gguf_file import GGUFFile
+    path = resolve_model(model)
+    ids = _prompt_ids(Tokenizer.from_gguf(GGUFFile(path)), prompt_tokens)
+    llm = Llama(model_path=path, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads,
+                n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
+    prefill, decode = [], []
+    start_to_first_token = None
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        if start_to_first_token is None:
+            start_to_first_token = time.time() - t_process_start
+        prefill.append(prompt_tokens / (t1 - t0))
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            token = llm.sample(temp=0.0)
+            llm.eval([token])
+        decode.append(gen_tokens / (time.perf_counter() - t0))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "ttft_s": prompt_tokens / statistics.median(prefill),
+            "start_to_first_token_s": start_to_first_token, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_transformers(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models.registry import resolve_model
+    from .tokenizer import Tokenizer
+    from converters.gguf_file import GGUFFile
+    torch.set_num_threads(threads)
+    path = resolve_model(model)
+    ids = _prompt_ids(Tokenizer.from_gguf(GGUFFile(path)), prompt_tokens)
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    prefill, decode = [], []
+    start_to_first_token = None
+    with torch.no_grad():
+        for _ in range(repeats):
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            out = hf(x, use_cache=True)
+            t1 = time.perf_counter()
+            if start_to_first_token is None:
+                start_to_first_token = time.time() - t_process_start
+            prefill.append(prompt_tokens / (t1 - t0))
+            past = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(gen_tokens):
+                out = hf(token, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = out.logits[:, -1:].argmax(-1)
+            decode.append(gen_tokens / (time.perf_counter() - t0))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "ttft_s": prompt_tokens / statistics.median(prefill),
+            "start_to_first_token_s": start_to_first_token, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_onnxruntime_genai(onnx_dir, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from .tokenizer import Tokenizer
+    ids = _prompt_ids(Tokenizer.from_pretrained_dir(onnx_dir), prompt_tokens)
+    config = og.Config(onnx_dir)
+    config.clear_providers()
+    model = og.Model(config)
+    prefill, decode = [], []
+    start_to_first_token = None
+    for _ in range(repeats):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_tokens + gen_tokens + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray([ids], dtype=np.int32))
+        t1 = time.perf_counter()
+        if start_to_first_token is None:
+            start_to_first_token = time.time() - t_process_start
+        prefill.append(prompt_tokens / (t1 - t0))
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            gen.generate_next_token()
+        decode.append(gen_tokens / (time.perf_counter() - t0))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "ttft_s": prompt_tokens / statistics.median(prefill),
+            "start_to_first_token_s": start_to_first_token, "peak_rss_mb": _peak_rss_mb()}
+
+
+WORKERS = {"lmengine": worker_lmengine, "llama_cpp": worker_llama_cpp, "transformers": worker_transformers,
+           "onnxruntime_genai": worker_onnxruntime_genai, "batch": worker_batch}
+PEER_MODULES = {"llama_cpp": "llama_cpp", "onnxruntime_genai": "onnxruntime_genai",
+                "transformers": "transformers"}
+
+
+def _worker_main(argv) -> None:
+    t_process_start = float(os.environ.get("LMENGINE_BENCH_T0", time.time()))
+    name, kwargs = argv[0], json.loads(argv[1])
+    if name != "batch":
+        kwargs["t_process_start"] = t_process_start
+    print("BENCH_RESULT " + json.dumps(WORKERS[name](**kwargs)), flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# the driver
+# ------------------------------------------------------------------------------------------
+
+def _run_worker(name: str, kwargs: dict, env: dict | None = None, timeout: int = 1800) -> dict:
+    env = dict(os.environ if env is None else env)
+    env["LMENGINE_BENCH_T0"] = repr(time.time())
+    proc = subprocess.run([sys.executable, "-m", "engine.bench", "worker", name, json.dumps(kwargs)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["worker failed"]}
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def run_bench(args) -> dict:
+    n_cores = os.cpu_count() or 1
+    threads = args.threads or sorted({1, n_cores})
+    base = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats}
+    results = {"machine": {"cpus": n_cores, "platform": platform.platform(), "python": platform.python_version()},
+               "settings": {**base, "threads": threads, "model": args.model or "smollm2",
+                            "backend": args.backend}, "engines": {}}
+    model = args.onnx_dir if args.backend == "onnxruntime" else args.model
+
+    # cold start: an empty Numba cache, so the first run compiles everything
+    if args.backend == "numba":
+        _say("cold start (empty Numba cache: compiles every kernel)...")
+        with tempfile.TemporaryDirectory() as cache_dir:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+            cold = _run_worker("lmengine", {"model": model, "backend": args.backend, "threads": threads[-1],
+                                            **dict(base, repeats=1, gen_tokens=4)}, env=env)
+        results["cold_start_to_first_token_s"] = cold.get("start_to_first_token_s")
+
+    peers = args.peers if args.peers is not None else list(PEER_MODULES)
+    for t in threads:
+        _say(f"lmengine ({args.backend}), {t} thread(s)...")
+        results["engines"].setdefault(f"lmengine-{args.backend}", {})[str(t)] = _run_worker(
+            "lmengine", {"model": model, "backend": args.backend, "threads": t, **base})
+        for peer in peers:
+            if not _have(PEER_MODULES.get(peer, peer)):
+                results["engines"].setdefault(peer, {})["skipped"] = f"{peer} is not installed"
+                continue
+            if peer == "onnxruntime_genai" and not args.onnx_dir:
+                results["engines"].setdefault(peer, {})["skipped"] = "needs --onnx-dir (lmengine convert smollm2 DIR --to onnx --weights int4)"
+                continue
+            _say(f"{peer}, {t} thread(s)...")
+            kwargs = {"threads": t, **base}
+            kwargs["onnx_dir" if peer == "onnxruntime_genai" else "model"] = args.onnx_dir if peer == "onnxruntime_genai" else (args.model or "smollm2")
+            results["engines"].setdefault(peer, {})[str(t)] = _run_worker(peer, kwargs)
+
+    if args.batch:
+        _say(f"batched decode, {threads[-1]} thread(s), batch sizes {args.batch}...")
+        results["batch"] = _run_worker("batch", {"model": args.model, "threads": threads[-1],
+                                                 "batch_sizes": args.batch, "gen_tokens": min(args.gen_tokens, 32)})
+    if args.lstm:
+        results["lstm"] = _run_lstm_bench(threads[-1])
+
+    _print_table(results, threads)
+    with open(args.json, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1)
+    _say(f"wrote {args.json}")
+    return results
+
+
+def _run_lstm_bench(threads):
+    try:
+        from .models.lstm import benchmark_lstm
+    except ImportError as e:
+        return {"error": f"LSTM benchmark unavailable: {e}"}
+    _say("LSTM decode vs torch nn.LSTM...")
+    return benchmark_lstm(threads=threads)
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _print_table(results, threads) -> None:
+    engines = results["engines"]
+    ours_name = next(k for k in engines if k.startswith("lmengine"))
+    ours = engines[ours_name]
+    print()
+    print(f"{'engine':26s} {'thr':>3s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'TTFT s':>7s} "
+          f"{'start->1st s':>12s} {'RSS MB':>7s}  ratios (ours / peer)")
+    for name, per_thread in engines.items():
+        if "skipped" in per_thread:
+            print(f"{name:26s}   - {per_thread['skipped']}")
+            continue
+        for t in threads:
+            r = per_thread.get(str(t), {})
+            if "error" in r:
+                print(f"{name:26s} {t:>3d} error: {r['error']}")
+                continue
+            ratio = ""
+            if name != ours_name and str(t) in ours and "prefill_tok_s" in ours[str(t)] and r.get("prefill_tok_s"):
+                o = ours[str(t)]
+                ratio = (f"prefill x{o['prefill_tok_s'] / r['prefill_tok_s']:.2f}, "
+                         f"decode x{o['decode_tok_s'] / r['decode_tok_s']:.2f}")
+            print(f"{name:26s} {t:>3d} {_fmt(r.get('prefill_tok_s')):>14s} {_fmt(r.get('decode_tok_s')):>13s} "
+                  f"{_fmt(r.get('ttft_s'), 3):>7s} {_fmt(r.get('start_to_first_token_s'), 2):>12s} "
+                  f"{_fmt(r.get('peak_rss_mb'), 0):>7s}  {ratio}")
+    if results.get("cold_start_to_first_token_s") is not None:
+        print(f"cold start to first token (empty Numba cache, compiles everything): "
+              f"{results['cold_start_to_first_token_s']:.1f} s")
+    if "batch" in results:
+        b = results["batch"].get("batch_decode_tok_s", {})
+        if b:
+            single = b.get("1")
+            cells = ", ".join(f"{k}: {v:.1f}" + (f" (x{v / single:.1f})" if single else "") for k, v in b.items())
+            print(f"batched decode, aggregate tok/s by concurrent sequences: {cells}")
+        else:
+            print(f"batched decode: {results['batch']}")
+    if "lstm" in results:
+        print(f"LSTM: {json.dumps(results['lstm'])}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "worker":
+        _worker_main(sys.argv[2:])
+    else:
+        from .cli import main
+        sys.exit(main(["bench", *sys.argv[1:]]))
