@@ -46,7 +46,8 @@ def parse_args(argv=None):
                    help="graph flavours: 1 = onnxruntime contrib ops, 0 = standard ops")
     p.add_argument("--out", default="/tmp/ort_device_check", help="where the exports go")
     p.add_argument("--provider", default="CUDAExecutionProvider")
-    p.add_argument("--cpu-only", action="store_true", help="use CPUExecutionProvider as the 'device' (tests the script)")
+    p.add_argument("--cpu-only", action="store_true",
+                   help="use CPUExecutionProvider as the 'device' (tests the script)")
     p.add_argument("--install", action="store_true", help="pip install onnxruntime-gpu first")
     p.add_argument("--wheel-dir", default=None, help="install from this folder of wheels (no index)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
             model_dir = export(args, weights, contrib)
             prompt_ids = prompt_tokens(model_dir)
             n_ctx = len(prompt_ids) + args.steps + 8
-            row = {"weights": weights, "contrib_ops": bool(contrib), "provider": device, "prompt_tokens": len(prompt_ids)}
+            row = {"weights": weights, "contrib_ops": bool(contrib), "provider": device,
+                   "prompt_tokens": len(prompt_ids)}
             try:
                 cpu = OrtBackend(model_dir, providers=["CPUExecutionProvider"], n_ctx=n_ctx)
                 reference = greedy_run(cpu, prompt_ids, args.steps)

@@ -78,7 +78,8 @@ def export_onnx(gguf_file, config, out_dir: str, weights: str = "f32", use_contr
         raise ConversionError(f"weights={weights!r} is not supported (choose one of {', '.join(WEIGHT_KINDS)})")
     if config.arch not in ARCHS:
         raise UnsupportedArchitectureError(
-            f"{gguf_file.path}: architecture {config.arch!r} cannot be exported to ONNX (supported: {', '.join(ARCHS)})")
+            f"{gguf_file.path}: architecture {config.arch!r} cannot be exported to ONNX "
+            f"(supported: {', '.join(ARCHS)})")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConversionError(f"accuracy_level={accuracy_level!r} must be 0, 1, 2, 3 or 4")
     max_positions = int(max_positions or config.n_ctx_train)
@@ -288,8 +289,8 @@ class _Decoder:
         ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
         mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
         positions = g.input("position_ids", INT64, ["batch_size", "sequence_length"])
-        past = [(g.input(f"past_key_values.{i}.key", FLOAT, ["batch_size", c.n_kv_heads, "past_sequence_length", c.head_dim]),
-                 g.input(f"past_key_values.{i}.value", FLOAT, ["batch_size", c.n_kv_heads, "past_sequence_length", c.head_dim]))
+        kv_shape = ["batch_size", c.n_kv_heads, "past_sequence_length", c.head_dim]
+        past = [(g.input(f"past_key_values.{i}.key", FLOAT, kv_shape), g.input(f"past_key_values.{i}.value", FLOAT, kv_shape))
                 for i in range(c.n_layers)]
 
         self.say("embedding")

@@ -156,7 +156,7 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import convert
     convert(args.source, args.dest, to=args.to, weights=args.weights, description=args.description,
-            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            vocab=args.vocab, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"wrote {args.dest}", file=sys.stderr)
     return 0
 
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("gguf", "onnx"), default=None, help="output format (default: by dest)")
     p.add_argument("--weights", default=None, help="gguf: f32|f16|q8_0|q4_0|q4_1; onnx: f32|int4")
     p.add_argument("--description", default=None, help="JSON describing a PyTorch LSTM state_dict's architecture")
+    p.add_argument("--vocab", default=None, help="LSTM vocabulary: a JSON list of tokens, or a text file (one token a line)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="measure prefill/decode tok/s, TTFT, start times, RSS; compare with peers")

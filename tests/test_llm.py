@@ -205,3 +205,39 @@ def test_cli_generate_and_info():
     bad = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", "/nope.gguf"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_beam_search(llm):
+    prompt = llm.tokenizer.encode("The best way to learn a language is")
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    beam1 = llm.generate(prompt, SamplingParams(temperature=0, beam_width=1, max_tokens=8, ignore_eos=True))
+    assert beam1.token_ids == greedy.token_ids
+
+    def total_logprob(tokens):
+        logits = llm.logits(prompt + tokens)[len(prompt) - 1:-1].astype(np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        lp = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+        return lp[np.arange(len(tokens)), tokens].sum()
+
+    beam = llm.generate(prompt, SamplingParams(temperature=0, beam_width=4, n=2, max_tokens=8, ignore_eos=True))
+    assert len(beam.outputs) == 2 and len(beam.token_ids) == 8
+    assert total_logprob(beam.token_ids) >= total_logprob(greedy.token_ids) - 1e-3
+    assert sum(llm.slots.busy) == 0
+
+
+def test_concurrent_streams_from_threads_share_the_scheduler(llm):
+    import threading
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = ["First thread says", "Second thread says", "Third thread says"]
+    expected = {p: llm.generate(p, params).text for p in prompts}
+    got = {}
+
+    def run(p):
+        got[p] = "".join(c.text for c in llm.stream(p, params))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == expected

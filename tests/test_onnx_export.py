@@ -130,7 +130,8 @@ def test_matmulnbits_on_carried_blocks(type_id, accuracy_level):
                             bits=m.bits, block_size=32, accuracy_level=accuracy_level)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, n_cols])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     x = rng.standard_normal((3, n_cols)).astype(np.float32)
     y = ort.InferenceSession(model.SerializeToString(), session_options(),
                              providers=["CPUExecutionProvider"]).run(None, {"A": x})[0]
@@ -290,7 +291,8 @@ def test_genai_config(tmp_path):
     assert model["context_length"] == 100
     assert model["eos_token_id"] == f.get("tokenizer.ggml.eos_token_id")
     decoder = model["decoder"]
-    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (3, config.n_kv_heads, config.head_dim)
+    sizes = (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"])
+    assert sizes == (3, config.n_kv_heads, config.head_dim)
     assert decoder["inputs"]["past_key_names"] % 2 == "past_key_values.2.key"
     assert decoder["outputs"]["present_value_names"] % 0 == "present.0.value"
     assert genai["search"]["past_present_share_buffer"] is False
@@ -307,8 +309,8 @@ def test_external_data_over_the_limit(tmp_path, monkeypatch):
     assert not (tmp_path / "inside" / DATA_FILE).exists()
     assert (tmp_path / "outside" / DATA_FILE).stat().st_size > (tmp_path / "outside" / MODEL_FILE).stat().st_size
     ids = np.arange(10)[None]
-    a, b = (Runner(str(tmp_path / d), config).run(ids, np.ones((1, 10)), ids, Runner(str(tmp_path / d), config).empty_past(1))[0]
-            for d in ("inside", "outside"))
+    runners = [Runner(str(tmp_path / d), config) for d in ("inside", "outside")]
+    a, b = (r.run(ids, np.ones((1, 10)), ids, r.empty_past(1))[0] for r in runners)
     np.testing.assert_array_equal(a, b)
 
 

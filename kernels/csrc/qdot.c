@@ -39,6 +39,9 @@
 #define QK 32                                  /* values per block of Q8_0 / Q4_0 / Q4_1 */
 #define CHUNK_BLOCKS 64                        /* a row is decoded this many blocks at a time */
 #define CHUNK_VALUES (CHUNK_BLOCKS * QK)       /* 2048 values: 2 KB int8 or 8 KB float */
+/* The integer path decodes a whole row at once when it has at most ROW_BLOCKS blocks (16384
+ * values, 16 KB), so its accumulators run over the row exactly as the one-token path's do. */
+#define ROW_BLOCKS 512
 
 /* ---- 1. block formats ------------------------------------------------------------------------ */
 
@@ -184,8 +187,8 @@ struct f32_args {
 };
 
 static ALWAYS_INLINE void tile_q8(const struct kit *k, const struct q8_args *a) {
-    int8_t q[CHUNK_VALUES] ALIGN64;                /* a chunk of one row, as integers */
-    float d[CHUNK_BLOCKS], m[CHUNK_BLOCKS];        /* its block scales and mins */
+    int8_t q[ROW_BLOCKS * QK] ALIGN64;             /* a row (or a chunk of one), as integers */
+    float d[ROW_BLOCKS], m[ROW_BLOCKS];            /* its block scales and mins */
     const int64_t bytes = block_bytes(a->w_type);
     const int64_t blocks_per_row = a->n_cols / QK;
     const int64_t row_bytes = blocks_per_row * bytes;
@@ -199,8 +202,8 @@ static ALWAYS_INLINE void tile_q8(const struct kit *k, const struct q8_args *a) 
     struct row_q8 r = {q, d, m, 0, NULL, NULL, NULL, blocks_per_row, 0, w_unsigned};
     for (int64_t row = a->row_begin; row < a->row_end; row++) {
         const uint8_t *w_row = a->w + row * row_bytes;
-        for (int64_t b0 = 0; b0 < blocks_per_row; b0 += CHUNK_BLOCKS) {
-            r.n_blocks = blocks_per_row - b0 < CHUNK_BLOCKS ? blocks_per_row - b0 : CHUNK_BLOCKS;
+        for (int64_t b0 = 0; b0 < blocks_per_row; b0 += ROW_BLOCKS) {
+            r.n_blocks = blocks_per_row - b0 < ROW_BLOCKS ? blocks_per_row - b0 : ROW_BLOCKS;
             decode_q8_blocks(k, a->w_type, w_row + b0 * bytes, r.n_blocks, q, d, m, 1);
             for (int64_t t0 = 0; t0 < a->n_tok; t0 += ROW_DOT_TOKENS) {
                 const int64_t block0 = t0 * blocks_per_row + b0;    /* token t0's first block here */
@@ -318,25 +321,41 @@ TARGET_AVX2 static ALWAYS_INLINE void accumulate_block(isum_u8s8_fn isum, const 
     }
 }
 
+/* min[t] += m[b] * xs_t[b]: the block-minimum term of Q4_0 / Q4_1 (scalar, as the raw path does it) */
+static ALWAYS_INLINE void accumulate_mins(const struct row_q8 *r, int64_t b, int n_tok, float *min_acc) {
+    for (int t = 0; t < n_tok; t++)
+        min_acc[t] += r->m[b] * r->xs[t * r->x_stride + b];
+}
+
 /* kit.row_dot_q8 for constant n_tok and w_unsigned; blocks alternate between two accumulator
  * sets so that one token still has two independent FMA chains. */
 TARGET_AVX2 static ALWAYS_INLINE void row_dot_q8_256(isum_u8s8_fn isum, float (*dot_f32)(const float *, const float *, int64_t),
                                                      const struct row_q8 *r, int n_tok, int w_unsigned, float *result) {
     __m256 even[ROW_DOT_TOKENS], odd[ROW_DOT_TOKENS];
-    for (int t = 0; t < n_tok; t++)
+    float min_even[ROW_DOT_TOKENS], min_odd[ROW_DOT_TOKENS];
+    for (int t = 0; t < n_tok; t++) {
         even[t] = odd[t] = _mm256_setzero_ps();
+        min_even[t] = min_odd[t] = 0.0f;
+    }
     int64_t b = 0;
     for (; b + 2 <= r->n_blocks; b += 2) {
         accumulate_block(isum, r, b, n_tok, w_unsigned, even);
         accumulate_block(isum, r, b + 1, n_tok, w_unsigned, odd);
+        if (w_unsigned) {
+            accumulate_mins(r, b, n_tok, min_even);
+            accumulate_mins(r, b + 1, n_tok, min_odd);
+        }
     }
-    if (b < r->n_blocks)
+    if (b < r->n_blocks) {
         accumulate_block(isum, r, b, n_tok, w_unsigned, even);
-    for (int t = 0; t < n_tok; t++) {
-        result[t] = hsum_avx2(_mm256_add_ps(even[t], odd[t]));
         if (w_unsigned)
-            result[t] += dot_f32(r->m, r->xs + t * r->x_stride, r->n_blocks);
+            accumulate_mins(r, b, n_tok, min_even);
     }
+    /* the same operations in the same order as row_dot_q8_raw_256: one token's result does not
+     * depend on how many tokens share the call (batched decode == one-by-one decode, bit for bit) */
+    for (int t = 0; t < n_tok; t++)
+        result[t] = hsum_avx2(_mm256_add_ps(even[t], odd[t])) + (min_even[t] + min_odd[t]);
+    (void)dot_f32;
 }
 
 /* 16 bytes of nibbles -> 32 bytes 0..15: value j from the low nibble of byte j, j + 16 from its high */
