@@ -152,8 +152,8 @@ def _add_vocab(writer, vocab: dict) -> None:
     writer.add_tokenizer_pre(vocab.get("pre", "default"))
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab.get("token_types", [1] * len(vocab["tokens"])))
-    if vocab.get("merges"):
-        writer.add_token_merges(vocab["merges"])
+    if vocab.get("merges") or vocab.get("model", "gpt2") == "gpt2":
+        writer.add_token_merges(vocab.get("merges", []))  # a BPE vocab needs the key, even empty
     if vocab.get("scores"):
         writer.add_token_scores(vocab["scores"])
     for key, add in (("bos_id", writer.add_bos_token_id), ("eos_id", writer.add_eos_token_id),

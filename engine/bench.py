@@ -80,12 +80,12 @@ def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats,
             "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_batch(model, threads, batch_sizes, gen_tokens):
+def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba"):
     """Aggregate decode tok/s of B concurrent sequences (one forward per step for all)."""
     import numpy as np
 
     from .llm import LLM
-    llm = LLM(model, n_ctx=64 + gen_tokens, n_threads=threads, max_batch_size=max(batch_sizes))
+    llm = LLM(model, n_ctx=64 + gen_tokens, n_threads=threads, backend=backend, max_batch_size=max(batch_sizes))
     results = {}
     prompts = [llm.tokenizer.encode(f"Story {i}: once upon a time in a land far away,") for i in range(max(batch_sizes))]
     for b in batch_sizes:
@@ -272,7 +272,7 @@ def run_bench(args) -> dict:
 
     if args.batch:
         _say(f"batched decode, {threads[-1]} thread(s), batch sizes {args.batch}...")
-        results["batch"] = _run_worker("batch", {"model": args.model, "threads": threads[-1],
+        results["batch"] = _run_worker("batch", {"model": model, "backend": args.backend, "threads": threads[-1],
                                                  "batch_sizes": args.batch, "gen_tokens": min(args.gen_tokens, 32)})
     if args.lstm:
         results["lstm"] = _run_lstm_bench(threads[-1])

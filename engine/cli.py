@@ -24,8 +24,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=2048, help="context window (tokens)")
     p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--backend", choices=("numba", "onnxruntime"), default="numba")
-    p.add_argument("--exact", action="store_true",
-                   help="float32 activations (exact path) instead of 8-bit activations (fast path)")
+    p.add_argument("--activations", choices=("int8x2", "int8", "f32"), default="int8x2",
+                   help="matrix product arithmetic: int8x2 (default, float accuracy), int8 (llama.cpp's, fastest), f32 (exact)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def _load(args):
     if sys.stderr.isatty() or getattr(args, "verbose", False):
         print("loading model (the first run compiles kernels; later runs use the on-disk cache)...",
               file=sys.stderr, flush=True)
-    llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend, fast=not args.exact)
+    llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend, activations=args.activations)
     if getattr(args, "verbose", False):
         print(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return llm

@@ -39,14 +39,15 @@ class LLM:
     backend: "numba" (default) or "onnxruntime" (needs an ONNX export; see `lmengine convert`).
     max_batch_size: sequences decoded together; more concurrent requests queue. Each holds a KV
         slot of n_ctx positions (memory is only touched for positions in use).
-    fast: quantize activations to 8 bits and use integer dot products (llama.cpp's speed and
-        accuracy); False computes in float32 from the quantized blocks (exact path).
+    activations: arithmetic of the quantized matrix products: "int8x2" (default; integer dot
+        products on two int8 terms per activation block, float32 accuracy), "int8" (one term, as
+        llama.cpp: fastest), "f32" (float32 activations, the exact path).
     providers: onnxruntime execution providers (backend="onnxruntime" only).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, seed: int | None = None, backend: str = "numba",
-                 max_batch_size: int = 8, fast: bool = True, providers: Sequence[str] | None = None,
+                 max_batch_size: int = 8, activations: str = "int8x2", providers: Sequence[str] | None = None,
                  verbose: bool = False):
         _check_positive_int("n_ctx", n_ctx)
         _check_positive_int("max_batch_size", max_batch_size)
@@ -64,7 +65,7 @@ class LLM:
         if backend == "onnxruntime" or os.path.isdir(self.path) or self.path.endswith(".onnx"):
             self._load_onnx(n_ctx, n_slots, n_threads, providers)
         else:
-            self._load_gguf(n_ctx, n_slots, n_threads, fast)
+            self._load_gguf(n_ctx, n_slots, n_threads, activations)
         self.n_ctx = self.backend.n_ctx
         self.vocab_size = self.backend.vocab_size
         self.max_batch_size = max_batch_size
@@ -77,7 +78,7 @@ class LLM:
         self.load_seconds = time.perf_counter() - t0
 
     # -- loading -----------------------------------------------------------------------------------
-    def _load_gguf(self, n_ctx, n_slots, n_threads, fast):
+    def _load_gguf(self, n_ctx, n_slots, n_threads, activations):
         self.gguf = GGUFFile(self.path)
         self.config = config_from_gguf(self.gguf)
         self.metadata = self.gguf.metadata
@@ -93,19 +94,37 @@ class LLM:
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.chat_template = ChatTemplate.from_gguf(self.gguf)
-        self.backend = NumbaLlamaBackend(self.gguf, self.config, n_ctx, n_slots, n_threads, fast=fast)
+        self.backend = NumbaLlamaBackend(self.gguf, self.config, n_ctx, n_slots, n_threads, activations=activations)
 
     def _load_onnx(self, n_ctx, n_slots, n_threads, providers):
-        from .backends.ort_backend import OrtBackend
         from .chat import ChatTemplate
-        from .tokenizer import Tokenizer
         model_dir = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
         self.gguf = None
-        self.backend = OrtBackend(model_dir, providers=providers, n_ctx=n_ctx, n_slots=n_slots, n_threads=n_threads)
-        self.config = getattr(self.backend, "config", None)
         self.metadata = {}
-        self.tokenizer = Tokenizer.from_pretrained_dir(model_dir)
-        self.chat_template = ChatTemplate.for_tokenizer(self.tokenizer)
+        if os.path.exists(os.path.join(model_dir, "genai_config.json")):   # a transformer export
+            from .backends.ort_backend import OrtBackend
+            from .tokenizer import Tokenizer
+            self.backend = OrtBackend(model_dir, providers=providers, n_ctx=n_ctx, n_slots=n_slots,
+                                      n_threads=n_threads)
+            self.config = None
+            self.tokenizer = Tokenizer.from_pretrained_dir(model_dir)
+            self.chat_template = ChatTemplate.for_tokenizer(self.tokenizer)
+            return
+        from converters.onnx_lstm import read_lstm_onnx_metadata  # an LSTM export (config in metadata)
+
+        from .backends.lstm_backend import OrtLSTMBackend
+        from .lstm_tokenizer import VocabTokenizer
+        try:
+            config, tokenizer_meta = read_lstm_onnx_metadata(model_dir)
+        except Exception as e:
+            from .errors import BackendError
+            raise BackendError(f"{model_dir}: not an ONNX export of lmengine (no genai_config.json, "
+                               f"no LSTM metadata): {e}") from e
+        self.backend = OrtLSTMBackend(model_dir, n_ctx=n_ctx, n_slots=n_slots, n_threads=n_threads,
+                                      providers=providers)
+        self.config = config
+        self.tokenizer = VocabTokenizer.from_metadata(tokenizer_meta)
+        self.chat_template = None
 
     # -- slots (used by Generator and Scheduler) ---------------------------------------------------
     def acquire_slot(self, prompt_ids=None, wait: bool = False) -> int | None:

@@ -328,16 +328,56 @@ def matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
         matmul_q8_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
 
 
+# Activation precision of `matmul` (its `act` argument)
+ACT_F32 = 0      # float32 activations: the exact path
+ACT_INT8 = 1     # one int8 term per 32-block, as ggml: the fastest path
+ACT_INT8X2 = 2   # two int8 terms (value + rounding residual): ~15-bit activations, float accuracy
+
+
 @njit(cache=True, nogil=True)
-def matmul(w_u8, w_type, n_rows, n_cols, x, out, act_q8):
+def quantize_activations_x2(x):
+    """Two-term int8 quantization of x float32 [n_tok, n_cols] as 2 * n_tok rows: rows t are
+    x's usual int8 blocks (xd1 * xq1), rows n_tok + t quantize the residual x - xd1 * xq1 (at most
+    xd1 / 2 per value), so x = xd1 * xq1 + xd2 * xq2 up to xd1 / 254. A matrix product over the
+    2 n_tok rows reads each weight block once; summing row t and row n_tok + t gives W x with
+    about 15 bits of activation precision for little more than the int8 path's cost in decode."""
+    n_tok, n_cols = x.shape
+    if n_cols % QK != 0:
+        raise ValueError("quantize_activations_x2: n_cols must be a multiple of 32")
+    n_blocks = n_cols // QK
+    xq = np.empty((2 * n_tok, n_cols), dtype=np.int8)
+    xd = np.empty((2 * n_tok, n_blocks), dtype=np.float32)
+    xs = np.empty((2 * n_tok, n_blocks), dtype=np.float32)
+    quantize_activations_into(x, xq[:n_tok], xd[:n_tok], xs[:n_tok])
+    residual = np.empty((n_tok, n_cols), dtype=np.float32)
+    for t in range(n_tok):
+        for i in range(n_cols):
+            residual[t, i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])
+    quantize_activations_into(residual, xq[n_tok:], xd[n_tok:], xs[n_tok:])
+    return xq, xd, xs
+
+
+@njit(cache=True, nogil=True)
+def matmul(w_u8, w_type, n_rows, n_cols, x, out, act):
     """out float32 [n_tok, n_rows] = W @ x.T for W raw ggml blocks (n_rows, n_cols) of w_type and
-    x float32 [n_tok, n_cols]. act_q8=False: float path (exact); True: int8 activations for
-    Q8_0/Q4_0/Q4_1 weights (fast path; other types use the float path)."""
-    if act_q8 and (w_type == Q8_0 or w_type == Q4_0 or w_type == Q4_1):
+    x float32 [n_tok, n_cols]. act: ACT_F32 (or False) float path (exact); ACT_INT8 (or True)
+    int8 activations for Q8_0/Q4_0/Q4_1 weights (fast path); ACT_INT8X2 two int8 terms (see
+    quantize_activations_x2). F32/F16/BF16 weights always take the float path."""
+    if act != ACT_F32 and (w_type == Q8_0 or w_type == Q4_0 or w_type == Q4_1):
         _check_weights(w_u8, w_type, n_rows, n_cols)
         if x.ndim != 2 or x.shape[1] != n_cols:
             raise ValueError("matmul: x must have shape (n_tok, n_cols)")
-        xq, xd, xs = quantize_activations(x)
-        matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+        if act == ACT_INT8X2:
+            n_tok = x.shape[0]
+            _check_out(n_tok, n_rows, out)
+            xq, xd, xs = quantize_activations_x2(x)
+            both = np.empty((2 * n_tok, n_rows), dtype=np.float32)
+            matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, both)
+            for t in range(n_tok):
+                for r in range(n_rows):
+                    out[t, r] = both[t, r] + both[n_tok + t, r]
+        else:
+            xq, xd, xs = quantize_activations(x)
+            matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
     else:
         matmul_f32(w_u8, w_type, n_rows, n_cols, x, out)

@@ -141,7 +141,7 @@ def test_matches_numba_backend(tiny):
     from engine.backends.numba_backend import NumbaLlamaBackend
     if tiny["config"].arch != "llama":
         pytest.skip("the issue's check is on llama models (qwen2 is checked against transformers above)")
-    numba = NumbaLlamaBackend(tiny["gguf"], tiny["config"], n_ctx=128, n_slots=4, fast=False)
+    numba = NumbaLlamaBackend(tiny["gguf"], tiny["config"], n_ctx=128, n_slots=4, activations="f32")
     be = backend(tiny, n_slots=4)
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, be.vocab_size, n) for n in (11, 5, 17, 8)]
@@ -389,6 +389,6 @@ def test_partial_rope_matches_numba(tmp_path, contrib):
     assert config.rope_dim == 8 and config.head_dim == 16
     export_onnx(f, config, str(tmp_path / "onnx"), use_contrib_ops=contrib)
     ids = rng.integers(0, vocab, 30)
-    expected = NumbaLlamaBackend(f, config, n_ctx=64, fast=False).forward(0, ids, 0, all_logits=True)
+    expected = NumbaLlamaBackend(f, config, n_ctx=64, activations="f32").forward(0, ids, 0, all_logits=True)
     got = OrtBackend(str(tmp_path / "onnx"), n_ctx=64, n_threads=1).forward(0, ids, 0, all_logits=True)
     assert rel_err(got, expected) < REL_TOL

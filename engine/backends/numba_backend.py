@@ -5,6 +5,8 @@ import numba
 import numpy as np
 
 from ..errors import ContextLengthError, InvalidParameterError, TokenIdError
+from kernels.matmul import ACT_F32, ACT_INT8, ACT_INT8X2
+
 from ..models.llama import LlamaWeights, llama_forward
 from .base import Backend
 
@@ -12,20 +14,28 @@ from .base import Backend
 # (8 arrays of [chunk, ~ffn_dim] floats) without costing speed (weights are read once per chunk).
 PREFILL_CHUNK = 256
 
+# activations= choices: how the matrix products see the activations
+ACTIVATIONS = {"int8x2": ACT_INT8X2, "int8": ACT_INT8, "f32": ACT_F32}
+
 
 class NumbaLlamaBackend(Backend):
-    """KV-cached llama forward. `fast=True` quantizes activations to 8 bits (llama.cpp's integer
-    dot products); `fast=False` computes in float32 from the quantized blocks (exact path)."""
+    """KV-cached llama forward. `activations` picks the matrix products' arithmetic:
+    "int8x2" (default) two int8 terms per activation block, integer dot products with float32
+    accuracy; "int8" one int8 term as llama.cpp does (fastest, llama.cpp's accuracy); "f32"
+    float32 activations against blocks decoded on the fly (the exact path)."""
 
     supports_rewind = True
 
     def __init__(self, gguf_file, config, n_ctx: int, n_slots: int = 1, n_threads: int | None = None,
-                 fast: bool = True):
+                 activations: str = "int8x2"):
         self.config = config
         self.vocab_size = config.vocab_size
         self.n_ctx = int(n_ctx)
         self.n_slots = int(n_slots)
-        self.fast = bool(fast)
+        if activations not in ACTIVATIONS:
+            raise InvalidParameterError(f"activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
+        self.activations = activations
+        self.act = ACTIVATIONS[activations]
         self.weights = LlamaWeights(gguf_file, config)
         self._gguf_file = gguf_file  # keeps the memory map alive
         # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]; np.zeros maps pages lazily, so memory
@@ -104,5 +114,5 @@ class NumbaLlamaBackend(Backend):
         logits = np.empty((rows.shape[0], self.vocab_size), dtype=np.float32)
         numba.set_num_threads(self.n_threads)
         llama_forward(*self.weights.forward_args(), tokens, slots, positions, rows,
-                      self.k_cache, self.v_cache, logits, self.fast)
+                      self.k_cache, self.v_cache, logits, self.act)
         return logits

@@ -88,18 +88,19 @@ class LlamaWeights:
 
 
 @njit(cache=True, nogil=True)
-def _project(data, off, n_bytes, w_type, n_rows, n_cols, x, out, act_q8):
+def _project(data, off, n_bytes, w_type, n_rows, n_cols, x, out, act):
     """out [n, n_rows] = x [n, n_cols] @ W.T, W the raw blocks at data[off : off + n_bytes]."""
-    matmul(data[off: off + n_bytes], w_type, n_rows, n_cols, x, out, act_q8)
+    matmul(data[off: off + n_bytes], w_type, n_rows, n_cols, x, out, act)
 
 
 @njit(cache=True, nogil=True)
 def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm_off,
                   embd_off, embd_type, embd_row_bytes, out_off, out_bytes, out_type,
                   dims, norm_eps, inv_freq, neox,
-                  tokens, slots, positions, logit_rows, k_cache, v_cache, logits, act_q8):
+                  tokens, slots, positions, logit_rows, k_cache, v_cache, logits, act):
     """Run tokens [n] (at slots[n], positions[n]) through the model; write their K/V into the
-    caches and the logits of rows `logit_rows` [m] into logits [m, vocab]."""
+    caches and the logits of rows `logit_rows` [m] into logits [m, vocab]. `act` is the
+    activation precision of the matrix products (kernels.matmul.ACT_*)."""
     n_layers, dim, ffn_dim, n_heads, n_kv_heads, head_dim, rope_dim, vocab = \
         dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]
     q_dim = n_heads * head_dim
@@ -126,9 +127,9 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
 
         # attention: x += W_o @ attention(rope(W_q xb), rope(W_k xb), W_v xb)
         rmsnorm(x, vecs[vo[ATTN_NORM]: vo[ATTN_NORM] + dim], norm_eps, xb)
-        _project(data, off[ATTN_Q], nb[ATTN_Q], ty[ATTN_Q], q_dim, dim, xb, q, act_q8)
-        _project(data, off[ATTN_K], nb[ATTN_K], ty[ATTN_K], kv_dim, dim, xb, k, act_q8)
-        _project(data, off[ATTN_V], nb[ATTN_V], ty[ATTN_V], kv_dim, dim, xb, v, act_q8)
+        _project(data, off[ATTN_Q], nb[ATTN_Q], ty[ATTN_Q], q_dim, dim, xb, q, act)
+        _project(data, off[ATTN_K], nb[ATTN_K], ty[ATTN_K], kv_dim, dim, xb, k, act)
+        _project(data, off[ATTN_V], nb[ATTN_V], ty[ATTN_V], kv_dim, dim, xb, v, act)
         if vo[Q_BIAS] >= 0:
             add_bias(q, vecs[vo[Q_BIAS]: vo[Q_BIAS] + q_dim])
             add_bias(k, vecs[vo[K_BIAS]: vo[K_BIAS] + kv_dim])
@@ -137,15 +138,15 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
         rope(k, positions, n_kv_heads, head_dim, rope_dim, inv_freq, neox)
         write_kv(k, v, slots, positions, n_kv_heads, head_dim, k_cache[layer], v_cache[layer])
         attention(q, k_cache[layer], v_cache[layer], slots, positions, n_heads, n_kv_heads, head_dim, att)
-        _project(data, off[ATTN_OUTPUT], nb[ATTN_OUTPUT], ty[ATTN_OUTPUT], dim, q_dim, att, xb, act_q8)
+        _project(data, off[ATTN_OUTPUT], nb[ATTN_OUTPUT], ty[ATTN_OUTPUT], dim, q_dim, att, xb, act)
         add_inplace(x, xb)
 
         # feed-forward: x += W_down @ (silu(W_gate xb) * (W_up xb))
         rmsnorm(x, vecs[vo[FFN_NORM]: vo[FFN_NORM] + dim], norm_eps, xb)
-        _project(data, off[FFN_GATE], nb[FFN_GATE], ty[FFN_GATE], ffn_dim, dim, xb, gate, act_q8)
-        _project(data, off[FFN_UP], nb[FFN_UP], ty[FFN_UP], ffn_dim, dim, xb, up, act_q8)
+        _project(data, off[FFN_GATE], nb[FFN_GATE], ty[FFN_GATE], ffn_dim, dim, xb, gate, act)
+        _project(data, off[FFN_UP], nb[FFN_UP], ty[FFN_UP], ffn_dim, dim, xb, up, act)
         swiglu(gate, up)
-        _project(data, off[FFN_DOWN], nb[FFN_DOWN], ty[FFN_DOWN], dim, ffn_dim, gate, xb, act_q8)
+        _project(data, off[FFN_DOWN], nb[FFN_DOWN], ty[FFN_DOWN], dim, ffn_dim, gate, xb, act)
         add_inplace(x, xb)
 
     # logits for the requested rows only: output_norm, then the output (or tied embedding) matrix
@@ -155,4 +156,4 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
         sel[i] = x[logit_rows[i]]
     normed = np.empty((m, dim), dtype=np.float32)
     rmsnorm(sel, vecs[output_norm_off: output_norm_off + dim], norm_eps, normed)
-    matmul(data[out_off: out_off + out_bytes], out_type, vocab, dim, normed, logits, act_q8)
+    matmul(data[out_off: out_off + out_bytes], out_type, vocab, dim, normed, logits, act)
