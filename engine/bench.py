@@ -201,7 +201,39 @@ def worker_onnxruntime_genai(onnx_dir, threads, prompt_tokens, gen_tokens, repea
             "start_to_first_token_s": start_to_first_token, "peak_rss_mb": _peak_rss_mb()}
 
 
-WORKERS = {"lmengine": worker_lmengine, "llama_cpp": worker_llama_cpp, "transformers": worker_transformers,
+def worker_transformers_batch(model, threads, batch_sizes, gen_tokens):
+    """HF transformers' batched greedy generate on the same prompts: aggregate decode tok/s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converters.gguf_file import GGUFFile
+
+    from .models.registry import resolve_model
+    from .tokenizer import Tokenizer
+    torch.set_num_threads(threads)
+    path = resolve_model(model)
+    tok = Tokenizer.from_gguf(GGUFFile(path))
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    prompts = [tok.encode(f"Story {i}: once upon a time in a land far away,") for i in range(max(batch_sizes))]
+    results = {}
+    with torch.no_grad():
+        for b in batch_sizes:
+            width = max(len(p) for p in prompts[:b])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts[:b]])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts[:b]])
+            hf.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+            t_prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, max_new_tokens=gen_tokens + 1, min_new_tokens=gen_tokens + 1,
+                        do_sample=False, pad_token_id=0)
+            results[str(b)] = b * gen_tokens / max(time.perf_counter() - t0 - t_prefill, 1e-9)
+    return {"batch_decode_tok_s": results, "peak_rss_mb": _peak_rss_mb()}
+
+
+WORKERS = {"transformers_batch": worker_transformers_batch, "lmengine": worker_lmengine, "llama_cpp": worker_llama_cpp, "transformers": worker_transformers,
            "onnxruntime_genai": worker_onnxruntime_genai, "batch": worker_batch}
 PEER_MODULES = {"llama_cpp": "llama_cpp", "onnxruntime_genai": "onnxruntime_genai",
                 "transformers": "transformers"}
@@ -210,7 +242,7 @@ PEER_MODULES = {"llama_cpp": "llama_cpp", "onnxruntime_genai": "onnxruntime_gena
 def _worker_main(argv) -> None:
     t_process_start = float(os.environ.get("LMENGINE_BENCH_T0", time.time()))
     name, kwargs = argv[0], json.loads(argv[1])
-    if name != "batch":
+    if name not in ("batch", "transformers_batch"):
         kwargs["t_process_start"] = t_process_start
     print("BENCH_RESULT " + json.dumps(WORKERS[name](**kwargs)), flush=True)
 
@@ -274,6 +306,11 @@ def run_bench(args) -> dict:
         _say(f"batched decode, {threads[-1]} thread(s), batch sizes {args.batch}...")
         results["batch"] = _run_worker("batch", {"model": model, "backend": args.backend, "threads": threads[-1],
                                                  "batch_sizes": args.batch, "gen_tokens": min(args.gen_tokens, 32)})
+        if "transformers" in peers and _have("transformers"):
+            _say(f"transformers batched generate, batch sizes {args.batch}...")
+            results["batch_transformers"] = _run_worker("transformers_batch", {
+                "model": args.model or "smollm2", "threads": threads[-1], "batch_sizes": args.batch,
+                "gen_tokens": min(args.gen_tokens, 32)})
     if args.lstm:
         results["lstm"] = _run_lstm_bench(threads[-1])
 
@@ -336,6 +373,11 @@ def _print_table(results, threads) -> None:
             print(f"batched decode, aggregate tok/s by concurrent sequences: {cells}")
         else:
             print(f"batched decode: {results['batch']}")
+    if "batch_transformers" in results:
+        b = results["batch_transformers"].get("batch_decode_tok_s", {})
+        ours = results.get("batch", {}).get("batch_decode_tok_s", {})
+        cells = ", ".join(f"{k}: {v:.1f}" + (f" (ours x{ours[k] / v:.1f})" if k in ours else "") for k, v in b.items())
+        print(f"transformers batched generate, aggregate tok/s: {cells or results['batch_transformers']}")
     if "lstm" in results:
         print(f"LSTM: {json.dumps(results['lstm'])}")
 

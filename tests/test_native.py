@@ -62,6 +62,55 @@ def test_q8_rows_match_numpy_and_numba(isa, w_type, n_rows, n_cols, n_tok):
     np.testing.assert_array_equal(threaded, out)       # tiles do not change a row's arithmetic
 
 
+@pytest.mark.parametrize("w_type", Q8_TYPES)
+@pytest.mark.parametrize("n_cols", (32, 96, 544, 16416))    # 1, 3, 17 and 513 blocks per row
+def test_q8_token_result_does_not_depend_on_its_batch(isa, w_type, n_cols):
+    """Exact equality, no tolerance: a (row, token) result is the same float whatever n_tok is
+    (1..17: every token-group size and tail of each path), wherever the token sits in the batch
+    and whatever rows share the call (batched decode must equal one-by-one decode bit for bit)."""
+    n_rows, n_all = 19 if n_cols < 16416 else 5, 17
+    raw, _ = make_weights(w_type, n_rows, n_cols, seed=n_cols + 7 * w_type)
+    xq, xd, xs = mm.quantize_activations(make_x(n_all, n_cols, seed=n_cols))
+    batch = np.full((n_all, n_rows), np.nan, dtype=np.float32)
+    native.matmul_q8_rows(raw, w_type, n_rows, n_cols, 0, n_rows, xq, xd, xs, batch)
+    assert np.all(np.isfinite(batch))
+
+    def run(tokens, row_begin=0, row_end=n_rows):
+        out = np.full((len(tokens), n_rows), np.nan, dtype=np.float32)
+        native.matmul_q8_rows(raw, w_type, n_rows, n_cols, row_begin, row_end, xq[tokens].copy(),
+                              xd[tokens].copy(), xs[tokens].copy(), out)
+        return out[:, row_begin:row_end]
+
+    for n_tok in range(1, n_all + 1):                   # contiguous sub-batches at shifting offsets
+        start = (5 * n_tok) % (n_all - n_tok + 1)
+        tokens = np.arange(start, start + n_tok)
+        np.testing.assert_array_equal(run(tokens), batch[tokens])
+    shuffled = np.random.default_rng(n_cols).permutation(n_all)      # every token at a new position
+    np.testing.assert_array_equal(run(shuffled), batch[shuffled])
+    repeated = np.array([3, 3, 0, 3, 16, 3, 3, 3, 3, 1])            # the same token in many slots
+    np.testing.assert_array_equal(run(repeated), batch[repeated])
+    for row in (0, 1, n_rows - 1):                                  # a row alone, and odd row ranges
+        np.testing.assert_array_equal(run(np.arange(n_all), row, row + 1), batch[:, row:row + 1])
+        np.testing.assert_array_equal(run(np.arange(n_all), row, n_rows), batch[:, row:])
+
+
+def test_q8_paths_agree_on_a_large_batch():
+    """Every SIMD path against the scalar one on 70 tokens (many full token groups): within the
+    q8 bound (only the float accumulation order differs between paths), for each weight type."""
+    n_rows, n_cols, n_tok = 23, 1536, 70
+    xq, xd, xs = mm.quantize_activations(make_x(n_tok, n_cols, seed=70))
+    for w_type in Q8_TYPES:
+        raw, _ = make_weights(w_type, n_rows, n_cols, seed=70 + w_type)
+        ref, error_scale = ref_matmul_q8(raw, w_type, n_rows, n_cols, xq, xd, xs)
+        bound = q8_bound(n_cols, error_scale)
+        for isa in native.available_isas():
+            native.set_isa(isa)
+            out = np.full((n_tok, n_rows), np.nan, dtype=np.float32)
+            native.matmul_q8_rows(raw, w_type, n_rows, n_cols, 0, n_rows, xq, xd, xs, out)
+            assert np.all(np.abs(out - ref) <= bound), native.ISA_NAMES[isa]
+        native.set_isa(None)
+
+
 @pytest.mark.parametrize("w_type", FLOAT_TYPES)
 @pytest.mark.parametrize("n_rows,n_cols,n_tok", SIZES)
 def test_f32_rows_match_numpy(isa, w_type, n_rows, n_cols, n_tok):

@@ -319,7 +319,7 @@ def test_smollm2_matches_numba_backend(smollm2_path, smollm2_f32, reference):
     batch 4 (left padded); greedy tokens identical."""
     from engine.backends.numba_backend import NumbaLlamaBackend
     f = GGUFFile(smollm2_path)
-    numba = NumbaLlamaBackend(f, config_from_gguf(f), n_ctx=128, n_slots=4, fast=False)
+    numba = NumbaLlamaBackend(f, config_from_gguf(f), n_ctx=128, n_slots=4, activations="f32")
     be = OrtBackend(smollm2_f32, n_ctx=128, n_slots=4, n_threads=1)
     prompts = [np.array(p["llama_cpp"]["ids"]) for p in reference[:4]]       # 17, 41, 29, 47 tokens
     for s, p in enumerate(prompts):

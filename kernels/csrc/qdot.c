@@ -2,15 +2,19 @@
  *
  * Structure (read top to bottom):
  *   1. block formats and f16 conversion (portable C)
- *   2. row decoders: a chunk of one weight row -> int8 values + scales, or -> float
- *   3. the generic tile loops: for each row of the tile, decode a chunk of it once (it stays in
- *      L1), then dot it with that chunk of every token's activations, up to 4 tokens at a time
- *      (one load of each weight block serves 4 tokens); with one token, the SIMD paths read
- *      the blocks in place instead (no decode pass)
- *   4. the ISA-specific primitives: scalar; a 256-bit integer row dot shared by AVX2 (maddubs)
+ *   2. block decoders: a chunk of one weight row -> int8 values + scales, or -> float
+ *   3. the generic tile loops: the integer path runs over groups of up to TOKEN_GROUP_MAX tokens;
+ *      for each group and each row of the tile, every weight block is read once, in place,
+ *      and multiplied with the group's activation blocks (held in per-token accumulators); the
+ *      float path decodes a chunk of each row once and dots it with every token
+ *   4. the ISA-specific primitives: scalar; a 256-bit integer kernel shared by AVX2 (maddubs)
  *      and AVX-512 VNNI (vpdpbusd), which differ only in the 32-byte block product
  *   5. the tile functions per ISA (generic loops + that ISA's primitives, compiled for it with
  *      __attribute__((target))), run-time ISA selection by CPUID, argument checks, entry points.
+ *
+ * Batch invariance: the integer result for one (row, token) comes from the same operations in the
+ * same order whatever n_tok is and wherever the token sits in the batch (each token has its own
+ * accumulators), so batched decode equals one-by-one decode bit for bit.
  *
  * One build runs on any x86-64 (no -march): each SIMD function carries its own target
  * attribute and is only called when CPUID says the CPU has it. Elsewhere only the scalar path
@@ -39,9 +43,7 @@
 #define QK 32                                  /* values per block of Q8_0 / Q4_0 / Q4_1 */
 #define CHUNK_BLOCKS 64                        /* a row is decoded this many blocks at a time */
 #define CHUNK_VALUES (CHUNK_BLOCKS * QK)       /* 2048 values: 2 KB int8 or 8 KB float */
-/* The integer path decodes a whole row at once when it has at most ROW_BLOCKS blocks (16384
- * values, 16 KB), so its accumulators run over the row exactly as the one-token path's do. */
-#define ROW_BLOCKS 512
+#define TOKEN_GROUP_MAX 8                      /* tokens sharing each load of a weight block */
 
 /* ---- 1. block formats ------------------------------------------------------------------------ */
 
@@ -88,32 +90,25 @@ static ALWAYS_INLINE float fp16_to_fp32(uint16_t h) {
     return f32_from_bits(sign | ((exponent + 127 - 15) << 23) | (mantissa << 13));
 }
 
-/* ---- 2. row decoders ------------------------------------------------------------------------- */
+/* ---- 2. block decoders ----------------------------------------------------------------------- */
 
-/* One decoded chunk of a weight row (integer form) and the activations of up to ROW_DOT_TOKENS
- * tokens over the same columns: token t's blocks start at xq + t * x_stride * QK,
- * xd + t * x_stride, xs + t * x_stride (x_stride = blocks per activation row). */
-#define ROW_DOT_TOKENS 4
-struct row_q8 {
-    const int8_t *q;            /* n_blocks * 32 weight values: signed, or 0..15 if w_unsigned */
-    const float *d, *m;         /* n_blocks scales and mins (m used when w_unsigned: Q4_0, Q4_1) */
-    int64_t n_blocks;
-    const int8_t *xq;
-    const float *xd, *xs;
-    int64_t x_stride;
-    int n_tok;                  /* 1 .. ROW_DOT_TOKENS */
-    int w_unsigned;
+struct q8_args {
+    int64_t w_type; const uint8_t *w; int64_t n_rows, n_cols, row_begin, row_end;
+    const int8_t *xq; const float *xd, *xs; int64_t n_tok; float *out;
+};
+
+struct f32_args {
+    int64_t w_type; const uint8_t *w; int64_t n_rows, n_cols, row_begin, row_end;
+    const float *x; int64_t n_tok; float *out;
 };
 
 /* The ISA-specific pieces the generic loops below are built from (section 4 defines them). */
 struct kit {
-    /* result[t] = sum over blocks b of d[b] * xd_t[b] * isum_tb (+ m[b] * xs_t[b] if w_unsigned),
-     * isum_tb the exact integer dot product of the block's q with token t's xq */
-    void (*row_dot_q8)(const struct row_q8 *r, float *result);
-    /* the same for one token, reading the row's blocks in place (no decode pass): the GEMV
-     * path; NULL where the decode pass costs nothing extra (scalar) */
-    float (*row_dot_q8_raw)(int64_t w_type, const uint8_t *row, int64_t n_blocks,
-                            const int8_t *xq, const float *xd, const float *xs);
+    /* out[t * n_rows + row] for the tile's rows and tokens t0 <= t < t0 + n_group (n_group <=
+     * token_group): the sum over blocks b of dw_b * xd_tb * isum_tb (+ mw_b * xs_tb for Q4_0 and
+     * Q4_1), isum_tb the exact integer dot product of the weight block with token t's xq block */
+    void (*rows_dot_q8)(const struct q8_args *a, int64_t t0, int n_group);
+    int token_group;                                   /* 1 .. TOKEN_GROUP_MAX */
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*decode_f16)(const uint8_t *src, int64_t n, float *dst);      /* n f16 -> float */
     /* 16 bytes of nibbles -> 32 int8: dst[j] = low nibble of src[j] - bias, dst[j + 16] = high - bias */
@@ -176,49 +171,12 @@ static ALWAYS_INLINE void decode_f32_values(const struct kit *k, int64_t w_type,
 
 /* ---- 3. generic tile loops ------------------------------------------------------------------- */
 
-struct q8_args {
-    int64_t w_type; const uint8_t *w; int64_t n_rows, n_cols, row_begin, row_end;
-    const int8_t *xq; const float *xd, *xs; int64_t n_tok; float *out;
-};
-
-struct f32_args {
-    int64_t w_type; const uint8_t *w; int64_t n_rows, n_cols, row_begin, row_end;
-    const float *x; int64_t n_tok; float *out;
-};
-
+/* Token groups outermost: a group's activations (8 x n_cols bytes) and the tile's rows both stay
+ * in L1 while each row is read once per group. */
 static ALWAYS_INLINE void tile_q8(const struct kit *k, const struct q8_args *a) {
-    int8_t q[ROW_BLOCKS * QK] ALIGN64;             /* a row (or a chunk of one), as integers */
-    float d[ROW_BLOCKS], m[ROW_BLOCKS];            /* its block scales and mins */
-    const int64_t bytes = block_bytes(a->w_type);
-    const int64_t blocks_per_row = a->n_cols / QK;
-    const int64_t row_bytes = blocks_per_row * bytes;
-    if (a->n_tok == 1 && k->row_dot_q8_raw != NULL) {          /* one token: read blocks in place */
-        for (int64_t row = a->row_begin; row < a->row_end; row++)
-            a->out[row] = k->row_dot_q8_raw(a->w_type, a->w + row * row_bytes, blocks_per_row,
-                                            a->xq, a->xd, a->xs);
-        return;
-    }
-    const int w_unsigned = a->w_type != LME_TYPE_Q8_0;          /* Q4_0 and Q4_1: nibbles 0..15 */
-    struct row_q8 r = {q, d, m, 0, NULL, NULL, NULL, blocks_per_row, 0, w_unsigned};
-    for (int64_t row = a->row_begin; row < a->row_end; row++) {
-        const uint8_t *w_row = a->w + row * row_bytes;
-        for (int64_t b0 = 0; b0 < blocks_per_row; b0 += ROW_BLOCKS) {
-            r.n_blocks = blocks_per_row - b0 < ROW_BLOCKS ? blocks_per_row - b0 : ROW_BLOCKS;
-            decode_q8_blocks(k, a->w_type, w_row + b0 * bytes, r.n_blocks, q, d, m, 1);
-            for (int64_t t0 = 0; t0 < a->n_tok; t0 += ROW_DOT_TOKENS) {
-                const int64_t block0 = t0 * blocks_per_row + b0;    /* token t0's first block here */
-                float v[ROW_DOT_TOKENS];
-                r.n_tok = a->n_tok - t0 < ROW_DOT_TOKENS ? (int)(a->n_tok - t0) : ROW_DOT_TOKENS;
-                r.xq = a->xq + block0 * QK;
-                r.xd = a->xd + block0;
-                r.xs = a->xs + block0;
-                k->row_dot_q8(&r, v);
-                for (int t = 0; t < r.n_tok; t++) {
-                    float *o = a->out + (t0 + t) * a->n_rows + row;
-                    *o = b0 == 0 ? v[t] : *o + v[t];
-                }
-            }
-        }
+    for (int64_t t0 = 0; t0 < a->n_tok; t0 += k->token_group) {
+        const int64_t left = a->n_tok - t0;
+        k->rows_dot_q8(a, t0, left < k->token_group ? (int)left : k->token_group);
     }
 }
 
@@ -243,20 +201,33 @@ static ALWAYS_INLINE void tile_f32(const struct kit *k, const struct f32_args *a
 
 /* ---- 4a. scalar primitives ------------------------------------------------------------------- */
 
-static void row_dot_q8_scalar(const struct row_q8 *r, float *result) {
-    for (int t = 0; t < r->n_tok; t++) {
-        const int8_t *xq = r->xq + t * r->x_stride * QK;
-        const float *xd = r->xd + t * r->x_stride, *xs = r->xs + t * r->x_stride;
-        float acc = 0.0f;
-        for (int64_t b = 0; b < r->n_blocks; b++) {
-            int32_t isum = 0;
-            for (int i = 0; i < QK; i++)
-                isum += (int32_t)r->q[b * QK + i] * (int32_t)xq[b * QK + i];
-            acc += r->d[b] * xd[b] * (float)isum;
-            if (r->w_unsigned)
-                acc += r->m[b] * xs[b];
+static const struct kit KIT_SCALAR;
+
+/* kit.rows_dot_q8, portable: each block decoded once (integer form) and dotted with each token */
+static void rows_dot_q8_scalar(const struct q8_args *a, int64_t t0, int n_group) {
+    const int64_t bytes = block_bytes(a->w_type);
+    const int64_t n_blocks = a->n_cols / QK;                  /* blocks per row, and per token */
+    const int w_unsigned = a->w_type != LME_TYPE_Q8_0;        /* Q4_0 and Q4_1: nibbles 0..15 */
+    for (int64_t row = a->row_begin; row < a->row_end; row++) {
+        const uint8_t *w_row = a->w + row * n_blocks * bytes;
+        float acc[TOKEN_GROUP_MAX] = {0};
+        for (int64_t b = 0; b < n_blocks; b++) {
+            int8_t q[QK];
+            float d, m;
+            decode_q8_blocks(&KIT_SCALAR, a->w_type, w_row + b * bytes, 1, q, &d, &m, 1);
+            for (int t = 0; t < n_group; t++) {
+                const int64_t block = (t0 + t) * n_blocks + b;     /* token t's block b */
+                const int8_t *xq = a->xq + block * QK;
+                int32_t isum = 0;
+                for (int i = 0; i < QK; i++)
+                    isum += (int32_t)q[i] * (int32_t)xq[i];
+                acc[t] += d * a->xd[block] * (float)isum;
+                if (w_unsigned)
+                    acc[t] += m * a->xs[block];
+            }
         }
-        result[t] = acc;
+        for (int t = 0; t < n_group; t++)
+            a->out[(t0 + t) * a->n_rows + row] = acc[t];
     }
 }
 
@@ -286,14 +257,20 @@ static void unpack_nibbles_scalar(const uint8_t *src, int8_t *dst, int bias) {
 
 static float half_scalar(const uint8_t *src) { return fp16_to_fp32(load_u16(src)); }
 
-static const struct kit KIT_SCALAR = {row_dot_q8_scalar, NULL, dot_f32_scalar, decode_f16_scalar,
-                                      unpack_nibbles_scalar, half_scalar};
+static const struct kit KIT_SCALAR = {rows_dot_q8_scalar, TOKEN_GROUP_MAX, dot_f32_scalar,
+                                      decode_f16_scalar, unpack_nibbles_scalar, half_scalar};
 static void tile_q8_scalar(const struct q8_args *a) { tile_q8(&KIT_SCALAR, a); }
 static void tile_f32_scalar(const struct f32_args *a) { tile_f32(&KIT_SCALAR, a); }
 
 #if LME_X86
-/* ---- 4b. 256-bit integer row dot, shared by AVX2 and AVX-512 VNNI ----------------------------- */
+/* ---- 4b. 256-bit integer kernel, shared by AVX2 and AVX-512 VNNI ------------------------------ */
+/* Per row and token: blocks in groups of 8; a group's 8 scale products dw * xd are one vector
+ * (one multiply for 8 blocks, lane j broadcast by a permute for block j), its Q4 minimum terms
+ * mw * xs one multiply and add; block j's 8-lane integer partial sums are converted and
+ * multiply-added into one of two accumulators (even / odd blocks). The result is the horizontal
+ * sum of the two. This fixes the float arithmetic of a (row, token) pair for both SIMD paths. */
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define GROUP_BLOCKS 8                         /* blocks whose scales share one vector */
 
 /* int32 x 8 whose sum is the dot product of 32 unsigned bytes u with 32 signed bytes s */
 typedef __m256i (*isum_u8s8_fn)(__m256i u, __m256i s);
@@ -305,59 +282,6 @@ TARGET_AVX2 static ALWAYS_INLINE float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* acc[t] += d * xd_t * isum(block b, token t) for the n_tok tokens (a compile-time constant
- * after inlining). Signed weights use |w| and sign(x, w), so that u8 x s8 applies; |w| <= 128
- * and |x| <= 127 keep maddubs' int16 pair sums below 2^15. */
-TARGET_AVX2 static ALWAYS_INLINE void accumulate_block(isum_u8s8_fn isum, const struct row_q8 *r, int64_t b,
-                                                       int n_tok, int w_unsigned, __m256 *acc) {
-    const __m256i w = _mm256_loadu_si256((const __m256i *)(r->q + b * QK));
-    const __m256i u = w_unsigned ? w : _mm256_sign_epi8(w, w);
-    for (int t = 0; t < n_tok; t++) {
-        __m256i x = _mm256_loadu_si256((const __m256i *)(r->xq + (t * r->x_stride + b) * QK));
-        if (!w_unsigned)
-            x = _mm256_sign_epi8(x, w);
-        const __m256 scale = _mm256_set1_ps(r->d[b] * r->xd[t * r->x_stride + b]);
-        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum(u, x)), acc[t]);
-    }
-}
-
-/* min[t] += m[b] * xs_t[b]: the block-minimum term of Q4_0 / Q4_1 (scalar, as the raw path does it) */
-static ALWAYS_INLINE void accumulate_mins(const struct row_q8 *r, int64_t b, int n_tok, float *min_acc) {
-    for (int t = 0; t < n_tok; t++)
-        min_acc[t] += r->m[b] * r->xs[t * r->x_stride + b];
-}
-
-/* kit.row_dot_q8 for constant n_tok and w_unsigned; blocks alternate between two accumulator
- * sets so that one token still has two independent FMA chains. */
-TARGET_AVX2 static ALWAYS_INLINE void row_dot_q8_256(isum_u8s8_fn isum, float (*dot_f32)(const float *, const float *, int64_t),
-                                                     const struct row_q8 *r, int n_tok, int w_unsigned, float *result) {
-    __m256 even[ROW_DOT_TOKENS], odd[ROW_DOT_TOKENS];
-    float min_even[ROW_DOT_TOKENS], min_odd[ROW_DOT_TOKENS];
-    for (int t = 0; t < n_tok; t++) {
-        even[t] = odd[t] = _mm256_setzero_ps();
-        min_even[t] = min_odd[t] = 0.0f;
-    }
-    int64_t b = 0;
-    for (; b + 2 <= r->n_blocks; b += 2) {
-        accumulate_block(isum, r, b, n_tok, w_unsigned, even);
-        accumulate_block(isum, r, b + 1, n_tok, w_unsigned, odd);
-        if (w_unsigned) {
-            accumulate_mins(r, b, n_tok, min_even);
-            accumulate_mins(r, b + 1, n_tok, min_odd);
-        }
-    }
-    if (b < r->n_blocks) {
-        accumulate_block(isum, r, b, n_tok, w_unsigned, even);
-        if (w_unsigned)
-            accumulate_mins(r, b, n_tok, min_even);
-    }
-    /* the same operations in the same order as row_dot_q8_raw_256: one token's result does not
-     * depend on how many tokens share the call (batched decode == one-by-one decode, bit for bit) */
-    for (int t = 0; t < n_tok; t++)
-        result[t] = hsum_avx2(_mm256_add_ps(even[t], odd[t])) + (min_even[t] + min_odd[t]);
-    (void)dot_f32;
-}
-
 /* 16 bytes of nibbles -> 32 bytes 0..15: value j from the low nibble of byte j, j + 16 from its high */
 TARGET_AVX2 static ALWAYS_INLINE __m256i nibbles_256(const uint8_t *src) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)src);
@@ -365,44 +289,129 @@ TARGET_AVX2 static ALWAYS_INLINE __m256i nibbles_256(const uint8_t *src) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
 }
 
-/* One block of a raw row (w_type a compile-time constant after inlining) into the accumulators:
- * acc += d * xd * isum, min_acc += m * xs, in the integer form of decode_q8_blocks (Q4_0
- * unsigned, m = -8 d). */
-TARGET_AVX2 static ALWAYS_INLINE void accumulate_raw_block(isum_u8s8_fn isum, int64_t w_type, const uint8_t *blk,
-                                                           const int8_t *xq, float xd, float xs,
-                                                           __m256 *acc, float *min_acc) {
-    const float d = _cvtsh_ss(load_u16(blk));
-    __m256i x = _mm256_loadu_si256((const __m256i *)xq);
-    __m256i u;
-    if (w_type == LME_TYPE_Q8_0) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        u = _mm256_sign_epi8(w, w);
-        x = _mm256_sign_epi8(x, w);
-    } else if (w_type == LME_TYPE_Q4_0) {
-        u = nibbles_256(blk + 2);
-        *min_acc += -8.0f * d * xs;
-    } else {
-        u = nibbles_256(blk + 4);
-        *min_acc += _cvtsh_ss(load_u16(blk + 2)) * xs;
-    }
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), _mm256_cvtepi32_ps(isum(u, x)), *acc);
+/* 8 f16 values p, p + stride, ... as floats; lanes from n on 0 */
+TARGET_AVX2 static ALWAYS_INLINE __m256 halves_256(const uint8_t *p, int64_t stride, int n) {
+    uint16_t h[GROUP_BLOCKS];
+    for (int j = 0; j < GROUP_BLOCKS; j++)
+        h[j] = j < n ? load_u16(p + j * stride) : 0;
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3],
+                                          (short)h[4], (short)h[5], (short)h[6], (short)h[7]));
 }
 
-TARGET_AVX2 static ALWAYS_INLINE float row_dot_q8_raw_256(isum_u8s8_fn isum, int64_t w_type, const uint8_t *row,
-                                                          int64_t n_blocks, const int8_t *xq,
-                                                          const float *xd, const float *xs) {
+/* 8 floats from p, lanes from n on 0 (no read past lane n - 1) */
+TARGET_AVX2 static ALWAYS_INLINE __m256 load_floats_256(const float *p, int n) {
+    if (n == GROUP_BLOCKS)
+        return _mm256_loadu_ps(p);
+    const __m256i in_range = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_ps(p, in_range);
+}
+
+/* One group of n_here <= 8 consecutive blocks of a weight row (from blk) times the same blocks of
+ * the n_group tokens (token t's at xq + t * x_stride * QK, xd/xs + t * x_stride). Lane j of the
+ * scale vector s_t holds dw_j * xd_tj for block j of the group; then per block j
+ *     acc_t += s_t[j] * float(isum_tj)      (acc = even[t] for even j, odd[t] for odd j)
+ * and once per group (Q4_0, Q4_1) even[t] += mw * xs_t, lane j the block minimum term of block j.
+ * w_type, n_group and n_here are compile-time constants after inlining. Each weight block is loaded and put in byte form once for all tokens. Integer form as
+ * decode_q8_blocks: Q4_0 and Q4_1 as nibbles 0..15 (Q4_0 with mw = -8 dw); Q8_0 as |w| and
+ * sign(x, w), so that u8 x s8 applies (|w| <= 128 and |x| <= 127 keep maddubs' int16 pair sums
+ * below 2^15). */
+TARGET_AVX2 static ALWAYS_INLINE void accumulate_group_256(
+        isum_u8s8_fn isum, int64_t w_type, int n_group, int n_here, const uint8_t *blk,
+        const int8_t *xq, const float *xd, const float *xs, int64_t x_stride,
+        __m256 even[TOKEN_GROUP_MAX], __m256 odd[TOKEN_GROUP_MAX]) {
     const int64_t bytes = block_bytes(w_type);
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    float min_even = 0.0f, min_odd = 0.0f;
-    int64_t b = 0;
-    for (; b + 2 <= n_blocks; b += 2) {
-        accumulate_raw_block(isum, w_type, row + b * bytes, xq + b * QK, xd[b], xs[b], &even, &min_even);
-        accumulate_raw_block(isum, w_type, row + (b + 1) * bytes, xq + (b + 1) * QK, xd[b + 1], xs[b + 1],
-                             &odd, &min_odd);
+    const __m256 dw = halves_256(blk, bytes, n_here);
+    __m256 scale[TOKEN_GROUP_MAX];
+    for (int t = 0; t < n_group; t++)
+        scale[t] = _mm256_mul_ps(dw, load_floats_256(xd + t * x_stride, n_here));
+    if (w_type != LME_TYPE_Q8_0) {
+        const __m256 mw = w_type == LME_TYPE_Q4_0 ? _mm256_mul_ps(_mm256_set1_ps(-8.0f), dw)
+                                                  : halves_256(blk + 2, bytes, n_here);
+        for (int t = 0; t < n_group; t++)
+            even[t] = _mm256_add_ps(even[t], _mm256_mul_ps(mw, load_floats_256(xs + t * x_stride, n_here)));
     }
+    for (int j = 0; j < n_here; j++) {
+        const uint8_t *b = blk + j * bytes;
+        __m256i u, w = _mm256_setzero_si256();
+        if (w_type == LME_TYPE_Q8_0) {
+            w = _mm256_loadu_si256((const __m256i *)(b + 2));
+            u = _mm256_sign_epi8(w, w);
+        } else {
+            u = nibbles_256(b + (w_type == LME_TYPE_Q4_0 ? 2 : 4));
+        }
+        const __m256i lane_j = _mm256_set1_epi32(j);
+        for (int t = 0; t < n_group; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (t * x_stride + j) * QK));
+            if (w_type == LME_TYPE_Q8_0)
+                x = _mm256_sign_epi8(x, w);
+            const __m256 s = _mm256_permutevar8x32_ps(scale[t], lane_j);
+            const __m256 p = _mm256_cvtepi32_ps(isum(u, x));
+            if (j % 2 == 0)
+                even[t] = _mm256_fmadd_ps(s, p, even[t]);
+            else
+                odd[t] = _mm256_fmadd_ps(s, p, odd[t]);
+        }
+    }
+}
+
+/* out for one row and tokens t0 .. t0 + n_group - 1, over groups of 8 blocks (the last < 8 blocks:
+ * groups of 2, then 1; every group size a compile-time constant). Even and odd blocks
+ * go to two accumulators, so that one token still has two independent FMA chains. The operations
+ * for one (row, token) are the same, in the same order, for every n_group: a token's result
+ * does not depend on its batch. */
+TARGET_AVX2 static ALWAYS_INLINE void rows_dot_q8_256(isum_u8s8_fn isum, int64_t w_type, int n_group,
+                                                      const struct q8_args *a, int64_t t0, int64_t row) {
+    const int64_t bytes = block_bytes(w_type);
+    const int64_t n_blocks = a->n_cols / QK;                  /* blocks per row, and per token */
+    const uint8_t *w_row = a->w + row * n_blocks * bytes;
+    const int8_t *xq = a->xq + t0 * n_blocks * QK;
+    const float *xd = a->xd + t0 * n_blocks, *xs = a->xs + t0 * n_blocks;
+    __m256 even[TOKEN_GROUP_MAX], odd[TOKEN_GROUP_MAX];
+    for (int t = 0; t < n_group; t++)
+        even[t] = odd[t] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + GROUP_BLOCKS <= n_blocks; b += GROUP_BLOCKS)
+        accumulate_group_256(isum, w_type, n_group, GROUP_BLOCKS, w_row + b * bytes, xq + b * QK, xd + b,
+                             xs + b, n_blocks, even, odd);
+    for (; b + 2 <= n_blocks; b += 2)                        /* the tail: pairs, then one block */
+        accumulate_group_256(isum, w_type, n_group, 2, w_row + b * bytes, xq + b * QK, xd + b, xs + b,
+                             n_blocks, even, odd);
     if (b < n_blocks)
-        accumulate_raw_block(isum, w_type, row + b * bytes, xq + b * QK, xd[b], xs[b], &even, &min_even);
-    return hsum_avx2(_mm256_add_ps(even, odd)) + (min_even + min_odd);
+        accumulate_group_256(isum, w_type, n_group, 1, w_row + b * bytes, xq + b * QK, xd + b, xs + b,
+                             n_blocks, even, odd);
+    for (int t = 0; t < n_group; t++)
+        a->out[(t0 + t) * a->n_rows + row] = hsum_avx2(_mm256_add_ps(even[t], odd[t]));
+}
+
+/* kit.rows_dot_q8 for constant w_type and n_group: the tile's rows one at a time */
+TARGET_AVX2 static ALWAYS_INLINE void rows_dot_q8_group_256(isum_u8s8_fn isum, int64_t w_type, int n_group,
+                                                            const struct q8_args *a, int64_t t0) {
+    for (int64_t row = a->row_begin; row < a->row_end; row++)
+        rows_dot_q8_256(isum, w_type, n_group, a, t0, row);
+}
+
+/* The same with n_group (1 .. TOKEN_GROUP_MAX) turned into a constant */
+TARGET_AVX2 static ALWAYS_INLINE void rows_dot_q8_typed_256(isum_u8s8_fn isum, int64_t w_type,
+                                                            const struct q8_args *a, int64_t t0, int n_group) {
+    switch (n_group) {
+    case 8: rows_dot_q8_group_256(isum, w_type, 8, a, t0); return;
+    case 7: rows_dot_q8_group_256(isum, w_type, 7, a, t0); return;
+    case 6: rows_dot_q8_group_256(isum, w_type, 6, a, t0); return;
+    case 5: rows_dot_q8_group_256(isum, w_type, 5, a, t0); return;
+    case 4: rows_dot_q8_group_256(isum, w_type, 4, a, t0); return;
+    case 3: rows_dot_q8_group_256(isum, w_type, 3, a, t0); return;
+    case 2: rows_dot_q8_group_256(isum, w_type, 2, a, t0); return;
+    default: rows_dot_q8_group_256(isum, w_type, 1, a, t0); return;
+    }
+}
+
+TARGET_AVX2 static ALWAYS_INLINE void rows_dot_q8_any_256(isum_u8s8_fn isum, const struct q8_args *a,
+                                                          int64_t t0, int n_group) {
+    switch (a->w_type) {
+    case LME_TYPE_Q8_0: rows_dot_q8_typed_256(isum, LME_TYPE_Q8_0, a, t0, n_group); return;
+    case LME_TYPE_Q4_0: rows_dot_q8_typed_256(isum, LME_TYPE_Q4_0, a, t0, n_group); return;
+    default: rows_dot_q8_typed_256(isum, LME_TYPE_Q4_1, a, t0, n_group); return;
+    }
 }
 
 /* ---- 4c. AVX2 primitives (AVX2 + FMA + F16C) ------------------------------------------------- */
@@ -429,30 +438,10 @@ TARGET_AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n)
     return sum;
 }
 
-TARGET_AVX2 static void row_dot_q8_avx2(const struct row_q8 *r, float *result) {
-    if (r->w_unsigned) {
-        switch (r->n_tok) {
-        case 4: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 4, 1, result); return;
-        case 3: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 3, 1, result); return;
-        case 2: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 2, 1, result); return;
-        default: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 1, 1, result); return;
-        }
-    }
-    switch (r->n_tok) {
-    case 4: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 4, 0, result); return;
-    case 3: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 3, 0, result); return;
-    case 2: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 2, 0, result); return;
-    default: row_dot_q8_256(isum_avx2, dot_f32_avx2, r, 1, 0, result); return;
-    }
-}
-
-TARGET_AVX2 static float row_dot_q8_raw_avx2(int64_t w_type, const uint8_t *row, int64_t n_blocks,
-                                             const int8_t *xq, const float *xd, const float *xs) {
-    switch (w_type) {
-    case LME_TYPE_Q8_0: return row_dot_q8_raw_256(isum_avx2, LME_TYPE_Q8_0, row, n_blocks, xq, xd, xs);
-    case LME_TYPE_Q4_0: return row_dot_q8_raw_256(isum_avx2, LME_TYPE_Q4_0, row, n_blocks, xq, xd, xs);
-    default: return row_dot_q8_raw_256(isum_avx2, LME_TYPE_Q4_1, row, n_blocks, xq, xd, xs);
-    }
+/* 4 tokens: 12 of AVX2's 16 vector registers hold their accumulators and scales (3: slower) */
+#define TOKEN_GROUP_AVX2 4
+TARGET_AVX2 static void rows_dot_q8_avx2(const struct q8_args *a, int64_t t0, int n_group) {
+    rows_dot_q8_any_256(isum_avx2, a, t0, n_group);
 }
 
 TARGET_AVX2 static void decode_f16_avx2(const uint8_t *src, int64_t n, float *dst) {
@@ -469,7 +458,7 @@ TARGET_AVX2 static void unpack_nibbles_avx2(const uint8_t *src, int8_t *dst, int
 
 TARGET_AVX2 static float half_f16c(const uint8_t *src) { return _cvtsh_ss(load_u16(src)); }
 
-static const struct kit KIT_AVX2 = {row_dot_q8_avx2, row_dot_q8_raw_avx2, dot_f32_avx2, decode_f16_avx2,
+static const struct kit KIT_AVX2 = {rows_dot_q8_avx2, TOKEN_GROUP_AVX2, dot_f32_avx2, decode_f16_avx2,
                                     unpack_nibbles_avx2, half_f16c};
 TARGET_AVX2 static void tile_q8_avx2(const struct q8_args *a) { tile_q8(&KIT_AVX2, a); }
 TARGET_AVX2 static void tile_f32_avx2(const struct f32_args *a) { tile_f32(&KIT_AVX2, a); }
@@ -498,30 +487,10 @@ TARGET_AVX512 static float dot_f32_avx512(const float *a, const float *b, int64_
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-TARGET_AVX512 static void row_dot_q8_avx512(const struct row_q8 *r, float *result) {
-    if (r->w_unsigned) {
-        switch (r->n_tok) {
-        case 4: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 4, 1, result); return;
-        case 3: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 3, 1, result); return;
-        case 2: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 2, 1, result); return;
-        default: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 1, 1, result); return;
-        }
-    }
-    switch (r->n_tok) {
-    case 4: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 4, 0, result); return;
-    case 3: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 3, 0, result); return;
-    case 2: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 2, 0, result); return;
-    default: row_dot_q8_256(isum_vnni, dot_f32_avx512, r, 1, 0, result); return;
-    }
-}
-
-TARGET_AVX512 static float row_dot_q8_raw_avx512(int64_t w_type, const uint8_t *row, int64_t n_blocks,
-                                                 const int8_t *xq, const float *xd, const float *xs) {
-    switch (w_type) {
-    case LME_TYPE_Q8_0: return row_dot_q8_raw_256(isum_vnni, LME_TYPE_Q8_0, row, n_blocks, xq, xd, xs);
-    case LME_TYPE_Q4_0: return row_dot_q8_raw_256(isum_vnni, LME_TYPE_Q4_0, row, n_blocks, xq, xd, xs);
-    default: return row_dot_q8_raw_256(isum_vnni, LME_TYPE_Q4_1, row, n_blocks, xq, xd, xs);
-    }
+/* 8 tokens: 24 of AVX-512's 32 vector registers hold their accumulators and scales (4, 6: slower) */
+#define TOKEN_GROUP_AVX512 8
+TARGET_AVX512 static void rows_dot_q8_avx512(const struct q8_args *a, int64_t t0, int n_group) {
+    rows_dot_q8_any_256(isum_vnni, a, t0, n_group);
 }
 
 TARGET_AVX512 static void decode_f16_avx512(const uint8_t *src, int64_t n, float *dst) {
@@ -532,8 +501,8 @@ TARGET_AVX512 static void decode_f16_avx512(const uint8_t *src, int64_t n, float
         dst[i] = fp16_to_fp32(load_u16(src + 2 * i));
 }
 
-static const struct kit KIT_AVX512 = {row_dot_q8_avx512, row_dot_q8_raw_avx512, dot_f32_avx512, decode_f16_avx512,
-                                      unpack_nibbles_avx2, half_f16c};
+static const struct kit KIT_AVX512 = {rows_dot_q8_avx512, TOKEN_GROUP_AVX512, dot_f32_avx512,
+                                      decode_f16_avx512, unpack_nibbles_avx2, half_f16c};
 TARGET_AVX512 static void tile_q8_avx512(const struct q8_args *a) { tile_q8(&KIT_AVX512, a); }
 TARGET_AVX512 static void tile_f32_avx512(const struct f32_args *a) { tile_f32(&KIT_AVX512, a); }
 #endif /* LME_X86 */
