@@ -241,3 +241,36 @@ def test_concurrent_streams_from_threads_share_the_scheduler(llm):
     for t in threads:
         t.join(timeout=300)
     assert got == expected
+
+
+def test_cli_chat_answers_each_turn():
+    proc = subprocess.run([sys.executable, "-m", "engine", "chat", "--max-tokens", "12", "--temperature", "0",
+                           "--n-ctx", "512"], input="What is 2+2?\nAnd what is 3+3?\n\n",
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.split("> ")[1:] if line.strip()]
+    assert len(replies) == 2, proc.stdout
+
+
+def test_convert_hf_directory_to_gguf(tmp_path):
+    """`lmengine convert HF_DIR out.gguf`: the converted model's logits equal the HF model's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.cli import main
+    from tiny_models import hf_logits
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "tiny.gguf"), "--weights", "f32"]) == 0
+    from converters.gguf_file import GGUFFile
+    from engine.backends.numba_backend import NumbaLlamaBackend
+    from engine.config import config_from_gguf
+    f = GGUFFile(tmp_path / "tiny.gguf")
+    backend = NumbaLlamaBackend(f, config_from_gguf(f), n_ctx=64, activations="f32")
+    ids = np.arange(5, 45)
+    ours = backend.forward(0, ids, 0, all_logits=True)
+    ref = hf_logits(model, ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * (ref.max() - ref.min())
