@@ -39,20 +39,16 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import native
-from kernels.quant import BF16, BLOCK_BYTES, BLOCK_SIZE, F16, F32, Q4_0, Q4_1, Q8_0, QK
+from kernels.quant import BF16, BLOCK_BYTES_BY_ID, BLOCK_SIZE_BY_ID, F16, F32, N_TYPE_IDS, Q4_0, Q4_1, Q8_0, QK
 from kernels.quant import dequantize_row_into, half_bits_to_float
 
 ROW_TILE = 16          # rows of W per unit of thread work (one C call per tile)
 Q8_TYPES = (Q8_0, Q4_0, Q4_1)   # weight types with an int8 path
 
 # Block tables indexed by type id, for Numba (0 = unsupported type).
-_N_TYPE_IDS = max(BLOCK_SIZE) + 1
-_BLOCK_SIZE_BY_ID = np.zeros(_N_TYPE_IDS, dtype=np.int64)
-_BLOCK_BYTES_BY_ID = np.zeros(_N_TYPE_IDS, dtype=np.int64)
-for _t in BLOCK_SIZE:
-    _BLOCK_SIZE_BY_ID[_t] = BLOCK_SIZE[_t]
-    _BLOCK_BYTES_BY_ID[_t] = BLOCK_BYTES[_t]
-del _t
+_N_TYPE_IDS = N_TYPE_IDS
+_BLOCK_SIZE_BY_ID = BLOCK_SIZE_BY_ID
+_BLOCK_BYTES_BY_ID = BLOCK_BYTES_BY_ID
 
 
 # -- argument checks (shared by every entry point; raise before touching memory) ----------------

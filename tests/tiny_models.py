@@ -11,7 +11,9 @@ BYTE_VOCAB_SIZE = 256
 
 def byte_level_vocab(vocab_size: int) -> dict:
     """A gpt2-style vocab: the 256 byte tokens (no merges), then control tokens up to vocab_size."""
-    tokens = [_byte_to_unicode()[b] for b in range(min(vocab_size, BYTE_VOCAB_SIZE))]
+    from engine.tokenizer import _gpt2_byte_to_char  # GPT-2's byte -> printable character table
+    byte_chars = _gpt2_byte_to_char()
+    tokens = [byte_chars[b] for b in range(min(vocab_size, BYTE_VOCAB_SIZE))]
     types = [1] * len(tokens)
     while len(tokens) < vocab_size:
         tokens.append(f"<|extra_{len(tokens)}|>")
@@ -19,21 +21,6 @@ def byte_level_vocab(vocab_size: int) -> dict:
     eos = vocab_size - 1 if vocab_size > BYTE_VOCAB_SIZE else None
     return {"model": "gpt2", "pre": "gpt2", "tokens": tokens, "token_types": types, "merges": [],
             "eos_id": eos, "bos_id": eos}
-
-
-def _byte_to_unicode() -> dict:
-    """GPT-2's byte -> printable character map: printable bytes map to themselves, the others
-    to chr(256 + k) in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -320,10 +320,15 @@ TARGET_AVX2 static ALWAYS_INLINE void accumulate_group_256(
         const int8_t *xq, const float *xd, const float *xs, int64_t x_stride,
         __m256 even[TOKEN_GROUP_MAX], __m256 odd[TOKEN_GROUP_MAX]) {
     const int64_t bytes = block_bytes(w_type);
-    const __m256 dw = halves_256(blk, bytes, n_here);
-    __m256 scale[TOKEN_GROUP_MAX];
-    for (int t = 0; t < n_group; t++)
-        scale[t] = _mm256_mul_ps(dw, load_floats_256(xd + t * x_stride, n_here));
+    /* One token (and not Q4_0, whose mw needs dw as a vector): each block's scale product is
+     * formed on its own, the same float multiply as the vector's lane, without building dw. */
+    const int scalar_scales = n_group == 1 && w_type != LME_TYPE_Q4_0;
+    __m256 dw = _mm256_setzero_ps(), scale[TOKEN_GROUP_MAX];
+    if (!scalar_scales) {
+        dw = halves_256(blk, bytes, n_here);
+        for (int t = 0; t < n_group; t++)
+            scale[t] = _mm256_mul_ps(dw, load_floats_256(xd + t * x_stride, n_here));
+    }
     if (w_type != LME_TYPE_Q8_0) {
         const __m256 mw = w_type == LME_TYPE_Q4_0 ? _mm256_mul_ps(_mm256_set1_ps(-8.0f), dw)
                                                   : halves_256(blk + 2, bytes, n_here);
@@ -344,7 +349,8 @@ TARGET_AVX2 static ALWAYS_INLINE void accumulate_group_256(
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (t * x_stride + j) * QK));
             if (w_type == LME_TYPE_Q8_0)
                 x = _mm256_sign_epi8(x, w);
-            const __m256 s = _mm256_permutevar8x32_ps(scale[t], lane_j);
+            const __m256 s = scalar_scales ? _mm256_set1_ps(_cvtsh_ss(load_u16(b)) * xd[j])
+                                           : _mm256_permutevar8x32_ps(scale[t], lane_j);
             const __m256 p = _mm256_cvtepi32_ps(isum(u, x));
             if (j % 2 == 0)
                 even[t] = _mm256_fmadd_ps(s, p, even[t]);
