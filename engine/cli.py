@@ -56,8 +56,8 @@ def _load(args):
     from .llm import LLM
     t0 = time.perf_counter()
     if sys.stderr.isatty() or getattr(args, "verbose", False):
-        print("loading model (the first run compiles kernels; later runs use the on-disk cache)...",
-              file=sys.stderr, flush=True)
+        print("loading the model and its compiled kernels (the very first run compiles them, about a "
+              "minute; later runs load them from the disk cache)...", file=sys.stderr, flush=True)
     llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend, activations=args.activations)
     if getattr(args, "verbose", False):
         print(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)

@@ -43,12 +43,14 @@ class LLM:
         products on two int8 terms per activation block, float32 accuracy), "int8" (one term, as
         llama.cpp: fastest), "f32" (float32 activations, the exact path).
     providers: onnxruntime execution providers (backend="onnxruntime" only).
+    warmup: run one token at load time, so compiled kernels are loaded (or, on the very first
+        run, compiled: about a minute, then cached on disk) before the first request.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, seed: int | None = None, backend: str = "numba",
                  max_batch_size: int = 8, activations: str = "int8x2", providers: Sequence[str] | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, warmup: bool = True):
         _check_positive_int("n_ctx", n_ctx)
         _check_positive_int("max_batch_size", max_batch_size)
         if n_threads is not None:
@@ -75,6 +77,11 @@ class LLM:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
                                encode=lambda s: self.tokenizer.encode(s, add_bos=False, parse_special=False))
         self.scheduler = Scheduler(self)
+        if warmup:
+            if hasattr(self.backend, "warmup"):
+                self.backend.warmup()
+            self.sampler.sample(np.zeros((1, self.vocab_size), dtype=np.float32),
+                                [self.sampler.new_state(SamplingParams(temperature=0))])
         self.load_seconds = time.perf_counter() - t0
 
     # -- loading -----------------------------------------------------------------------------------

@@ -92,6 +92,12 @@ class NumbaLlamaBackend(Backend):
         rows = np.arange(token_ids.shape[0], dtype=np.int64)
         return self._run(token_ids, slots, positions, rows)
 
+    def warmup(self) -> None:
+        """Run one token through the model (slot 0, position 0) so that the compiled code is
+        loaded from the disk cache, or compiled on the first run, before the user's first
+        request. The slot's contents are scratch afterwards (the caller's slot table is empty)."""
+        self.forward(0, np.zeros(1, dtype=np.int64), 0)
+
     def copy_slot(self, src, dst, n_tokens):
         if src == dst:
             return
