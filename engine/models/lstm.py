@@ -152,6 +152,6 @@ class LSTMWeights:
 
 def benchmark_lstm(threads: int | None = None, batch_sizes=(1, 64), gguf_path=None) -> dict:
     """`lmengine bench --lstm`: decode tok/s of this engine and of PyTorch's nn.LSTM stepping on the
-    same weights (bench/lstm_bench.py, which needs a source checkout and torch; ImportError otherwise)."""
-    from bench.lstm_bench import bench_lstm_decode
+    same weights (engine/lstm_bench.py; needs torch, ImportError otherwise)."""
+    from ..lstm_bench import bench_lstm_decode
     return bench_lstm_decode(gguf_path, batch_sizes, threads)

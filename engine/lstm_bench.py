@@ -6,7 +6,7 @@ step, compute the output layer's logits, and feed back their argmax. PyTorch run
 inference_mode with the same thread count. Each side is measured in its own subprocess (see
 `_measure_in_subprocess`). Run it with `lmengine bench --lstm` or directly:
 
-    python bench/lstm_bench.py [model.gguf] [--threads N] [--batch 1 64]
+    python -m engine.lstm_bench [model.gguf] [--threads N] [--batch 1 64]
 """
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ import tempfile
 import time
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:                          # run as a script: make the repo importable
-    sys.path.insert(0, ROOT)
 
 DEFAULT_SHAPE = {"vocab": 96, "emb_dim": 64, "hidden_sizes": (128,)}   # the issue's char model
 
@@ -96,11 +92,10 @@ def _measure_in_subprocess(side, gguf_path, batch, n_threads, min_seconds, min_s
     libgomp copies) slow each other down badly when they share a process, so each side runs alone."""
     import json
     import subprocess
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, os.fspath(gguf_path), "--batch", str(batch),
+    cmd = [sys.executable, "-m", "engine.lstm_bench", "--worker", side, os.fspath(gguf_path), "--batch", str(batch),
            "--threads", str(n_threads), "--seconds", str(min_seconds), "--min-steps", str(min_steps),
            "--warmup", str(warmup_steps)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"LSTM benchmark worker ({side}, batch {batch}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
