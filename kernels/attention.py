@@ -27,12 +27,23 @@ def write_kv(k, v, slots, positions, n_kv_heads, head_dim, k_cache, v_cache):
                 v_cache[s, h, p, d] = v[t, h * head_dim + d]
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, inline="always")
+def _dot(a, b, n):
+    """sum(a[:n] * b[:n]) in float32; fastmath lets LLVM vectorize the reduction."""
+    acc = np.float32(0.0)
+    for i in range(n):
+        acc += a[i] * b[i]
+    return acc
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
 def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim, out):
     """out[t, head h] = softmax(q_h . K[0..p] / sqrt(head_dim)) @ V[0..p], p = positions[t].
 
     q, out: [n_tok, n_heads*head_dim]. Query head h reads kv head h // (n_heads // n_kv_heads):
-    each kv head serves a consecutive group of query heads.
+    each kv head serves a consecutive group of query heads. The dot products and the weighted sum
+    of V rows run over contiguous head_dim vectors (vectorized; float32 summation order differs
+    from a scalar loop at rounding level).
     """
     n_tok = q.shape[0]
     group = n_heads // n_kv_heads
@@ -40,30 +51,27 @@ def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_d
     for job in prange(n_tok * n_heads):
         t = job // n_heads
         h = job % n_heads
-        kvh = h // group
-        s = slots[t]
+        keys = k_cache[slots[t], h // group]      # [n_ctx, head_dim]
+        values = v_cache[slots[t], h // group]    # [n_ctx, head_dim]
+        q_h = q[t, h * head_dim: (h + 1) * head_dim]
         n_pos = positions[t] + 1
-        q_off = h * head_dim
-        # scores[j] = q . k_j * scale
         scores = np.empty(n_pos, dtype=np.float32)
         best = -np.inf
         for j in range(n_pos):
-            acc = np.float32(0.0)
-            for d in range(head_dim):
-                acc += q[t, q_off + d] * k_cache[s, kvh, j, d]
-            acc *= scale
-            scores[j] = acc
-            if acc > best:
-                best = acc
+            score = _dot(q_h, keys[j], head_dim) * scale
+            scores[j] = score
+            best = max(best, score)
         total = np.float32(0.0)
         for j in range(n_pos):
             e = np.float32(math.exp(scores[j] - best))
             scores[j] = e
             total += e
+        acc = np.zeros(head_dim, dtype=np.float32)
+        for j in range(n_pos):
+            w = scores[j]
+            v_j = values[j]
+            for d in range(head_dim):
+                acc[d] += w * v_j[d]
         inv_total = np.float32(1.0) / total
         for d in range(head_dim):
-            out[t, q_off + d] = 0.0
-        for j in range(n_pos):
-            w = scores[j] * inv_total
-            for d in range(head_dim):
-                out[t, q_off + d] += w * v_cache[s, kvh, j, d]
+            out[t, h * head_dim + d] = acc[d] * inv_total
