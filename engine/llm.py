@@ -269,8 +269,8 @@ class LLM:
         with self.scheduler.lock:
             slot = self.acquire_slot(ids, wait=True)
             try:
-                start = 0 if not self.backend.supports_rewind else 0
-                out = self.backend.forward(slot, np.asarray(ids, dtype=np.int64), start, all_logits=True)
+                # logits at every position: the whole sequence runs (no prefix reuse)
+                out = self.backend.forward(slot, np.asarray(ids, dtype=np.int64), 0, all_logits=True)
                 self.slots.commit(slot, 0, ids)
             finally:
                 self.release_slot(slot)
