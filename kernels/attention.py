@@ -13,6 +13,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from kernels.matmul import dot_f32  # vectorized float32 dot product (fastmath reduction)
+
 
 @njit(cache=True, nogil=True)
 def write_kv(k, v, slots, positions, n_kv_heads, head_dim, k_cache, v_cache):
@@ -25,15 +27,6 @@ def write_kv(k, v, slots, positions, n_kv_heads, head_dim, k_cache, v_cache):
             for d in range(head_dim):
                 k_cache[s, h, p, d] = k[t, h * head_dim + d]
                 v_cache[s, h, p, d] = v[t, h * head_dim + d]
-
-
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, inline="always")
-def _dot(a, b, n):
-    """sum(a[:n] * b[:n]) in float32; fastmath lets LLVM vectorize the reduction."""
-    acc = np.float32(0.0)
-    for i in range(n):
-        acc += a[i] * b[i]
-    return acc
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
@@ -58,7 +51,7 @@ def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_d
         scores = np.empty(n_pos, dtype=np.float32)
         best = -np.inf
         for j in range(n_pos):
-            score = _dot(q_h, keys[j], head_dim) * scale
+            score = dot_f32(q_h, keys[j], head_dim) * scale
             scores[j] = score
             best = max(best, score)
         total = np.float32(0.0)
