@@ -49,7 +49,7 @@ def beam_search(llm, prompt_ids: list[int], params) -> Completion:
         owned = []
         try:
             for _ in range(width):
-                slot = llm.acquire_slot(prompt_ids, wait=True)
+                slot = llm.acquire_slot(prompt_ids, or_raise=True)
                 owned.append(slot)
             first = owned[0]
             start = slots.plan(first, prompt_ids)

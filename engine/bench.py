@@ -43,6 +43,29 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start):
+    """Median prefill and decode tok/s over `repeats` runs of one engine.
+
+    prefill(): runs the prompt as a fresh sequence and returns the decoding state;
+    decode_step(state): generates one greedy token and returns the next state. The first
+    prefill's end also stamps the process's start-to-first-token time."""
+    prefill_rates, decode_rates, start_to_first_token = [], [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state = prefill()
+        prefill_rates.append(prompt_tokens / (time.perf_counter() - t0))
+        if start_to_first_token is None:
+            start_to_first_token = time.time() - t_process_start
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            state = decode_step(state)
+        decode_rates.append(gen_tokens / (time.perf_counter() - t0))
+    prefill_tok_s = statistics.median(prefill_rates)
+    return {"prefill_tok_s": prefill_tok_s, "decode_tok_s": statistics.median(decode_rates),
+            "ttft_s": prompt_tokens / prefill_tok_s, "start_to_first_token_s": start_to_first_token,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
 def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
     import numpy as np
 
@@ -51,33 +74,27 @@ def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats,
     llm = LLM(model, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads, backend=backend, max_batch_size=1)
     ids = _prompt_ids(llm.tokenizer, prompt_tokens)
     # time to first token of a fresh process (load + compile or cache load + prefill + sample)
-    first = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))
+    assert llm.generate(ids, SamplingParams(temperature=0, max_tokens=1)).token_ids
     start_to_first_token = time.time() - t_process_start
-    assert first.token_ids
-    prefill, decode = [], []
-    backend_obj = llm.backend
-    for _ in range(repeats):
-        llm.slots.tokens[0] = []  # force a full prefill
-        t0 = time.perf_counter()
-        logits = backend_obj.forward(0, np.asarray(ids, dtype=np.int64), 0)
-        t1 = time.perf_counter()
-        prefill.append(prompt_tokens / (t1 - t0))
-        token = int(np.argmax(logits[-1]))
-        slot = np.zeros(1, dtype=np.int64)
-        t0 = time.perf_counter()
-        for i in range(gen_tokens):
-            logits = backend_obj.forward_batch(slot, np.array([token], dtype=np.int64),
-                                               np.array([prompt_tokens + i], dtype=np.int64))
-            token = int(np.argmax(logits[0]))
-        decode.append(gen_tokens / (time.perf_counter() - t0))
+    engine = llm.backend
+    slot = np.zeros(1, dtype=np.int64)
+
+    def prefill():
+        logits = engine.forward(0, np.asarray(ids, dtype=np.int64), 0)
+        return int(np.argmax(logits[-1])), prompt_tokens        # (next token, its position)
+
+    def decode_step(state):
+        token, position = state
+        logits = engine.forward_batch(slot, np.array([token], dtype=np.int64), np.array([position], dtype=np.int64))
+        return int(np.argmax(logits[0])), position + 1
+
+    result = _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
     # end-to-end through the public API (sampler, detokenizer, scheduler)
     t0 = time.perf_counter()
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=gen_tokens, ignore_eos=True))
-    e2e = (len(out.token_ids)) / (time.perf_counter() - t0)
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "ttft_s": prompt_tokens / statistics.median(prefill), "generate_tok_s": e2e,
-            "start_to_first_token_s": start_to_first_token, "load_s": llm.load_seconds,
-            "peak_rss_mb": _peak_rss_mb()}
+    result.update(generate_tok_s=len(out.token_ids) / (time.perf_counter() - t0),
+                  start_to_first_token_s=start_to_first_token, load_s=llm.load_seconds)
+    return result
 
 
 def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba"):
@@ -105,70 +122,51 @@ def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba"):
     return {"batch_decode_tok_s": results, "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_llama_cpp(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
-    from llama_cpp import Llama
+def _peer_prompt(model, prompt_tokens):
+    """(GGUF path, prompt ids) for a peer engine that loads the same file."""
+    from converters.gguf_file import GGUFFile
 
     from .models.registry import resolve_model
     from .tokenizer import Tokenizer
-    from converters.gguf_file import GGUFFile
     path = resolve_model(model)
-    ids = _prompt_ids(Tokenizer.from_gguf(GGUFFile(path)), prompt_tokens)
+    return path, _prompt_ids(Tokenizer.from_gguf(GGUFFile(path)), prompt_tokens)
+
+
+def worker_llama_cpp(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
+    from llama_cpp import Llama
+    path, ids = _peer_prompt(model, prompt_tokens)
     llm = Llama(model_path=path, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads,
                 n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
-    prefill, decode = [], []
-    start_to_first_token = None
-    for _ in range(repeats):
+
+    def prefill():
         llm.reset()
-        t0 = time.perf_counter()
         llm.eval(ids)
-        t1 = time.perf_counter()
-        if start_to_first_token is None:
-            start_to_first_token = time.time() - t_process_start
-        prefill.append(prompt_tokens / (t1 - t0))
-        t0 = time.perf_counter()
-        for _ in range(gen_tokens):
-            token = llm.sample(temp=0.0)
-            llm.eval([token])
-        decode.append(gen_tokens / (time.perf_counter() - t0))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "ttft_s": prompt_tokens / statistics.median(prefill),
-            "start_to_first_token_s": start_to_first_token, "peak_rss_mb": _peak_rss_mb()}
+
+    def decode_step(state):
+        llm.eval([llm.sample(temp=0.0)])
+
+    return _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
 
 
 def worker_transformers(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .models.registry import resolve_model
-    from .tokenizer import Tokenizer
-    from converters.gguf_file import GGUFFile
     torch.set_num_threads(threads)
-    path = resolve_model(model)
-    ids = _prompt_ids(Tokenizer.from_gguf(GGUFFile(path)), prompt_tokens)
+    path, ids = _peer_prompt(model, prompt_tokens)
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()
-    prefill, decode = [], []
-    start_to_first_token = None
+
+    def prefill():
+        out = hf(torch.tensor([ids]), use_cache=True)
+        return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+    def decode_step(state):
+        token, past = state
+        out = hf(token, past_key_values=past, use_cache=True)
+        return out.logits[:, -1:].argmax(-1), out.past_key_values
+
     with torch.no_grad():
-        for _ in range(repeats):
-            x = torch.tensor([ids])
-            t0 = time.perf_counter()
-            out = hf(x, use_cache=True)
-            t1 = time.perf_counter()
-            if start_to_first_token is None:
-                start_to_first_token = time.time() - t_process_start
-            prefill.append(prompt_tokens / (t1 - t0))
-            past = out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-            t0 = time.perf_counter()
-            for _ in range(gen_tokens):
-                out = hf(token, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = out.logits[:, -1:].argmax(-1)
-            decode.append(gen_tokens / (time.perf_counter() - t0))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "ttft_s": prompt_tokens / statistics.median(prefill),
-            "start_to_first_token_s": start_to_first_token, "peak_rss_mb": _peak_rss_mb()}
+        return _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
 
 
 def worker_onnxruntime_genai(onnx_dir, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
@@ -180,26 +178,19 @@ def worker_onnxruntime_genai(onnx_dir, threads, prompt_tokens, gen_tokens, repea
     config = og.Config(onnx_dir)
     config.clear_providers()
     model = og.Model(config)
-    prefill, decode = [], []
-    start_to_first_token = None
-    for _ in range(repeats):
+
+    def prefill():
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=prompt_tokens + gen_tokens + 1, do_sample=False)
         gen = og.Generator(model, params)
-        t0 = time.perf_counter()
         gen.append_tokens(np.asarray([ids], dtype=np.int32))
-        t1 = time.perf_counter()
-        if start_to_first_token is None:
-            start_to_first_token = time.time() - t_process_start
-        prefill.append(prompt_tokens / (t1 - t0))
-        t0 = time.perf_counter()
-        for _ in range(gen_tokens):
-            gen.generate_next_token()
-        decode.append(gen_tokens / (time.perf_counter() - t0))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "ttft_s": prompt_tokens / statistics.median(prefill),
-            "start_to_first_token_s": start_to_first_token, "peak_rss_mb": _peak_rss_mb()}
+        return gen
 
+    def decode_step(gen):
+        gen.generate_next_token()
+        return gen
+
+    return _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
 
 def worker_transformers_batch(model, threads, batch_sizes, gen_tokens):
     """HF transformers' batched greedy generate on the same prompts: aggregate decode tok/s."""

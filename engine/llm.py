@@ -134,10 +134,12 @@ class LLM:
         self.chat_template = None
 
     # -- slots (used by Generator and Scheduler) ---------------------------------------------------
-    def acquire_slot(self, prompt_ids=None, wait: bool = False) -> int | None:
+    def acquire_slot(self, prompt_ids=None, or_raise: bool = False) -> int | None:
+        """A free cache slot (preferring one that holds a prefix of prompt_ids); when all are
+        busy: None, or InvalidParameterError with or_raise=True."""
         with self._slot_lock:
             slot = self.slots.acquire(prompt_ids)
-        if slot is None and not wait:
+        if slot is None and not or_raise:
             return None
         if slot is None:
             raise InvalidParameterError(
@@ -150,7 +152,7 @@ class LLM:
 
     def generator(self, prompt=None, params: SamplingParams | None = None) -> Generator:
         """A low-level Generator holding its own cache slot (see engine/generator.py)."""
-        slot = self.acquire_slot(None, wait=True)
+        slot = self.acquire_slot(None, or_raise=True)
         ids = self._prompt_ids(prompt) if prompt is not None else None
         return Generator(self, params, ids, slot=slot)
 
@@ -267,7 +269,7 @@ class LLM:
         """float32 [n_tokens, vocab]: the next-token logits at every position of token_ids."""
         ids = self._prompt_ids(list(token_ids) if not isinstance(token_ids, str) else token_ids)
         with self.scheduler.lock:
-            slot = self.acquire_slot(ids, wait=True)
+            slot = self.acquire_slot(ids, or_raise=True)
             try:
                 # logits at every position: the whole sequence runs (no prefix reuse)
                 out = self.backend.forward(slot, np.asarray(ids, dtype=np.int64), 0, all_logits=True)

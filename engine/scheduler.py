@@ -94,7 +94,7 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting:
             request = self.waiting[0]
-            slot = self.llm.acquire_slot(request.prompt_ids, wait=False)
+            slot = self.llm.acquire_slot(request.prompt_ids, or_raise=False)
             if slot is None:
                 return
             self.waiting.popleft()
