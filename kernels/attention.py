@@ -46,12 +46,14 @@ def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_d
         h = job % n_heads
         keys = k_cache[slots[t], h // group]      # [n_ctx, head_dim]
         values = v_cache[slots[t], h // group]    # [n_ctx, head_dim]
-        q_h = q[t, h * head_dim: (h + 1) * head_dim]
+        q_h = np.empty(head_dim, dtype=np.float32)   # contiguous and pre-scaled (q may be a view)
+        for d in range(head_dim):
+            q_h[d] = q[t, h * head_dim + d] * scale
         n_pos = positions[t] + 1
         scores = np.empty(n_pos, dtype=np.float32)
         best = -np.inf
         for j in range(n_pos):
-            score = dot_f32(q_h, keys[j], head_dim) * scale
+            score = dot_f32(q_h, keys[j], head_dim)
             scores[j] = score
             best = max(best, score)
         total = np.float32(0.0)

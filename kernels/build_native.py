@@ -1,4 +1,4 @@
-"""cffi build script of the C kernels: module `kernels._native` from kernels/csrc/qdot.c.
+"""cffi build script of the C kernels: module `kernels._native` from kernels/csrc/qdot.c and packed.c.
 
 setup.py names it (`cffi_modules=["kernels/build_native.py:ffibuilder"]`), so `pip install .`
 and `pip install -e .` compile it. To build in place by hand (writes kernels/_native*.so):
@@ -32,6 +32,14 @@ int lme_matmul_f32(int64_t w_type, const uint8_t *w, int64_t w_len,
                    int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
                    const float *x, int64_t x_len, int64_t n_tok,
                    float *out, int64_t out_len);
+int64_t lme_packed_bytes(int64_t w_type, int64_t n_rows, int64_t n_cols);
+int lme_pack_q8(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows, int64_t n_cols,
+                uint8_t *dst, int64_t dst_len);
+int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
+                      int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
+                      const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
+                      const float *xs, int64_t xs_len, int64_t n_tok, int64_t n_terms,
+                      float *out, int64_t out_len);
 """
 
 if sys.platform == "win32":
@@ -49,9 +57,9 @@ def make_builder(root=""):
     builder.set_source(
         "kernels._native",
         '#include "qdot.h"',
-        sources=[os.path.join(csrc, "qdot.c")],
+        sources=[os.path.join(csrc, "qdot.c"), os.path.join(csrc, "packed.c")],
         include_dirs=[csrc],
-        depends=[os.path.join(csrc, "qdot.h")],
+        depends=[os.path.join(csrc, "qdot.h"), os.path.join(csrc, "common.h")],
         extra_compile_args=COMPILE_ARGS,
     )
     return builder

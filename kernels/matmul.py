@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import native
+from kernels.ops import PARALLEL_MIN_TOKENS   # row-wise work goes over threads from this many tokens on
 from kernels.quant import BF16, BLOCK_BYTES_BY_ID, BLOCK_SIZE_BY_ID, F16, F32, N_TYPE_IDS, Q4_0, Q4_1, Q8_0, QK
 from kernels.quant import dequantize_row_into, half_bits_to_float
 
@@ -119,6 +120,65 @@ def matmul_f32_numba(w_u8, w_type, n_rows, n_cols, x, out):
 # -- int8 path ----------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
+def _quantize_row(x, xq, xd, xs):
+    """One token: x float32 [n_cols] -> xq int8 [n_cols], xd, xs float32 [n_cols // 32]."""
+    for b in range(x.shape[0] // QK):
+        o = b * QK
+        amax = np.float32(0.0)
+        for i in range(QK):
+            amax = max(amax, abs(x[o + i]))
+        d = amax / np.float32(127.0)
+        inv_d = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        isum = 0
+        for i in range(QK):
+            q = np.int32(np.rint(x[o + i] * inv_d))
+            xq[o + i] = q
+            isum += q
+        xd[b] = d
+        xs[b] = d * np.float32(isum)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_row_x2(x, xq, xd, xs, n_tok, t):
+    """Token t of x [n_tok, n_cols] in two terms: rows t and n_tok + t of xq, xd, xs."""
+    _quantize_row(x[t], xq[t], xd[t], xs[t])
+    residual = np.empty(x.shape[1], dtype=np.float32)
+    for i in range(x.shape[1]):
+        residual[i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])
+    _quantize_row(residual, xq[n_tok + t], xd[n_tok + t], xs[n_tok + t])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _quantize_rows_parallel(x, xq, xd, xs, n_terms):
+    n_tok = x.shape[0]
+    for t in prange(n_tok):
+        if n_terms == 2:
+            _quantize_row_x2(x, xq, xd, xs, n_tok, t)
+        else:
+            _quantize_row(x[t], xq[t], xd[t], xs[t])
+
+
+@njit(cache=True, nogil=True)
+def _quantize_rows(x, xq, xd, xs, n_terms):
+    """Every token of x in n_terms (1 or 2) terms; over threads for PARALLEL_MIN_TOKENS or more."""
+    n_tok, n_cols = x.shape
+    if n_cols % QK != 0:
+        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
+    n_blocks = n_cols // QK
+    if (xq.shape[0] != n_terms * n_tok or xq.shape[1] != n_cols or xd.shape[0] != xq.shape[0]
+            or xd.shape[1] != n_blocks or xs.shape[0] != xq.shape[0] or xs.shape[1] != n_blocks):
+        raise ValueError("quantize_activations: xq/xd/xs shapes do not match x")
+    if n_tok >= PARALLEL_MIN_TOKENS:
+        _quantize_rows_parallel(x, xq, xd, xs, n_terms)
+    elif n_terms == 2:
+        for t in range(n_tok):
+            _quantize_row_x2(x, xq, xd, xs, n_tok, t)
+    else:
+        for t in range(n_tok):
+            _quantize_row(x[t], xq[t], xd[t], xs[t])
+
+
+@njit(cache=True, nogil=True)
 def quantize_activations_into(x, xq, xd, xs):
     """Quantize x float32 [n_tok, n_cols] per 32-value block into xq int8 [n_tok, n_cols],
     xd float32 [n_tok, n_cols // 32] (scale: x ~ xd * xq) and xs float32 [n_tok, n_cols // 32]
@@ -126,28 +186,7 @@ def quantize_activations_into(x, xq, xd, xs):
 
     Per block: amax = max|x|, d = amax / 127, xq = rint(x * (1 / d)) (0 when amax == 0).
     """
-    n_tok, n_cols = x.shape
-    if n_cols % QK != 0:
-        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
-    n_blocks = n_cols // QK
-    if (xq.shape[0] != n_tok or xq.shape[1] != n_cols or xd.shape[0] != n_tok
-            or xd.shape[1] != n_blocks or xs.shape[0] != n_tok or xs.shape[1] != n_blocks):
-        raise ValueError("quantize_activations: xq/xd/xs shapes do not match x")
-    for t in range(n_tok):
-        for b in range(n_blocks):
-            o = b * QK
-            amax = np.float32(0.0)
-            for i in range(QK):
-                amax = max(amax, abs(x[t, o + i]))
-            d = amax / np.float32(127.0)
-            inv_d = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            isum = 0
-            for i in range(QK):
-                q = np.int32(np.rint(x[t, o + i] * inv_d))
-                xq[t, o + i] = q
-                isum += q
-            xd[t, b] = d
-            xs[t, b] = d * np.float32(isum)
+    _quantize_rows(x, xq, xd, xs, 1)
 
 
 @njit(cache=True, nogil=True)
@@ -344,12 +383,7 @@ def quantize_activations_x2(x):
     xq = np.empty((2 * n_tok, n_cols), dtype=np.int8)
     xd = np.empty((2 * n_tok, n_blocks), dtype=np.float32)
     xs = np.empty((2 * n_tok, n_blocks), dtype=np.float32)
-    quantize_activations_into(x, xq[:n_tok], xd[:n_tok], xs[:n_tok])
-    residual = np.empty((n_tok, n_cols), dtype=np.float32)
-    for t in range(n_tok):
-        for i in range(n_cols):
-            residual[t, i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])
-    quantize_activations_into(residual, xq[n_tok:], xd[n_tok:], xs[n_tok:])
+    _quantize_rows(x, xq, xd, xs, 2)
     return xq, xd, xs
 
 
@@ -377,3 +411,49 @@ def matmul(w_u8, w_type, n_rows, n_cols, x, out, act):
             matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
     else:
         matmul_f32(w_u8, w_type, n_rows, n_cols, x, out)
+
+
+# -- packed matrices (kernels/csrc/packed.c: 16 rows interleaved, for AVX-512 VNNI) -------------
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out):
+    """out float32 [n_tok, n_rows] = W x for W packed by `kernels.native.pack_q8` (p_u8 uint8) and
+    x given as n_terms (1 or 2) int8 terms: xq int8 [n_terms * n_tok, n_cols], xd, xs float32
+    [n_terms * n_tok, n_cols // 32], term j of token t in row j * n_tok + t (from
+    `quantize_activations` or `quantize_activations_x2`). Groups of 16 rows over threads.
+    Needs the C extension (packed matrices exist only where it is loaded)."""
+    n_tok = out.shape[0]
+    if n_terms != 1 and n_terms != 2:
+        raise ValueError("matmul_packed_q8: n_terms must be 1 or 2")
+    if (out.shape[1] != n_rows or xq.shape[0] != n_terms * n_tok or xq.shape[1] != n_cols
+            or xd.shape[0] != xq.shape[0] or xd.shape[1] != n_cols // QK or xs.shape[0] != xq.shape[0]
+            or xs.shape[1] != n_cols // QK):
+        raise ValueError("matmul_packed_q8: xq/xd/xs/out shapes do not match (n_tok, n_rows, n_cols)")
+    if not (_is_contiguous(p_u8) and _is_contiguous(xq) and _is_contiguous(xd) and _is_contiguous(xs)
+            and _is_contiguous(out)):
+        raise ValueError("matmul_packed_q8: p_u8, xq, xd, xs and out must be C-contiguous")
+    n_groups = (n_rows + native.PACK_ROWS - 1) // native.PACK_ROWS
+    status = np.zeros(n_groups, dtype=np.int32)
+    for group in prange(n_groups):
+        row_begin = group * native.PACK_ROWS
+        status[group] = native.c_matmul_packed(w_type, p_u8, n_rows, n_cols, row_begin,
+                                               min(n_rows, row_begin + native.PACK_ROWS),
+                                               xq, xd, xs, n_tok, n_terms, out)
+    _raise_if_failed(status)
+
+
+@njit(cache=True, nogil=True)
+def matmul_packed(p_u8, w_type, n_rows, n_cols, x, out, act):
+    """out float32 [n_tok, n_rows] = W @ x.T for a packed W (see matmul_packed_q8) and x float32
+    [n_tok, n_cols], activations quantized as `act` says (ACT_INT8 or ACT_INT8X2; packed
+    matrices have no float path)."""
+    if x.ndim != 2 or x.shape[1] != n_cols or n_cols % QK != 0:
+        raise ValueError("matmul_packed: x must have shape (n_tok, n_cols), n_cols a multiple of 32")
+    if act == ACT_INT8X2:
+        xq, xd, xs = quantize_activations_x2(x)
+        matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, 2, out)
+    elif act == ACT_INT8:
+        xq, xd, xs = quantize_activations(x)
+        matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, 1, out)
+    else:
+        raise ValueError("matmul_packed: act must be ACT_INT8 or ACT_INT8X2")

@@ -51,6 +51,7 @@ else:
         from kernels import _native
         ffi, lib = _native.ffi, _native.lib
         lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
+        lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes
     except (ImportError, AttributeError) as exc:
         ffi = lib = None
         LOAD_ERROR = f"kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
@@ -66,6 +67,8 @@ _p, _i64 = types.voidptr, types.int64
 _SIG_AVAILABLE = types.int32()
 _SIG_Q8 = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64)
 _SIG_F32 = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64)
+_SIG_PACKED = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i64,
+                          _p, _i64)
 
 
 @cfunc(_SIG_AVAILABLE, cache=True)
@@ -84,10 +87,17 @@ def _stub_matmul_f32(w_type, w, w_len, n_rows, n_cols, row_begin, row_end, x, x_
     return ERR_NO_NATIVE
 
 
+@cfunc(_SIG_PACKED, cache=True)
+def _stub_matmul_packed(w_type, p, p_len, n_rows, n_cols, row_begin, row_end, xq, xq_len, xd, xd_len,
+                        xs, xs_len, n_tok, n_terms, out, out_len):
+    return ERR_NO_NATIVE
+
+
 _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_native_available": ("lme_native_available", _stub_available),
     "lmengine_matmul_q8": ("lme_matmul_q8", _stub_matmul_q8),
     "lmengine_matmul_f32": ("lme_matmul_f32", _stub_matmul_f32),
+    "lmengine_matmul_packed": ("lme_matmul_packed", _stub_matmul_packed),
 }
 for _symbol, (_c_name, _stub) in _SYMBOLS.items():
     if HAVE_NATIVE:
@@ -156,6 +166,25 @@ def c_matmul_f32(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, x,
 
     def codegen(context, builder, signature, args):
         return _lower_extern_call(builder, context, "lmengine_matmul_f32", signature.args, args)
+    return sig, codegen
+
+
+@intrinsic
+def c_matmul_packed(typingctx, w_type, p_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok,
+                    n_terms, out):
+    """lme_matmul_packed on rows [row_begin, row_end) (row_begin a multiple of PACK_ROWS) of a
+    matrix packed by `pack_q8`; returns its status (0 = ok). Arrays must be contiguous (the
+    caller checks): p_u8 uint8 1-D, xq int8 2-D, xd/xs/out float32 2-D."""
+    ints = (w_type, n_rows, n_cols, row_begin, row_end, n_tok, n_terms)
+    if not all(isinstance(t, types.Integer) for t in ints):
+        return None
+    if not (_is_array_of(p_u8, types.uint8, 1) and _is_array_of(xq, types.int8, 2)
+            and all(_is_array_of(a, types.float32, 2) for a in (xd, xs, out))):
+        return None
+    sig = types.int32(w_type, p_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out)
+
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, "lmengine_matmul_packed", signature.args, args)
     return sig, codegen
 
 
@@ -254,6 +283,38 @@ def matmul_q8_rows(w_u8, w_type, n_rows, n_cols, row_begin, row_end, xq, xd, xs,
         ffi.from_buffer("float[]", xs), xs.size, n_tok, ffi.from_buffer("float[]", out, require_writable=True),
         out.size)
     _raise_on_status(status, "matmul_q8_rows")
+
+
+PACK_ROWS = 16   # rows per group of the packed layout (kernels/csrc/packed.c)
+
+
+def packs_well() -> bool:
+    """Whether packing pays here: the extension is loaded and the CPU has AVX-512 VNNI, the path
+    the packed layout is made for (elsewhere its product is a portable scalar loop)."""
+    return HAVE_NATIVE and lib.lme_best_isa() == ISA_AVX512
+
+
+def packed_bytes(w_type, n_rows, n_cols) -> int:
+    """Size of the packed form of an (n_rows, n_cols) Q8_0/Q4_0/Q4_1 matrix."""
+    _require_native()
+    _check_type(w_type, Q8_TYPES)
+    size = lib.lme_packed_bytes(int(w_type), int(n_rows), int(n_cols))
+    _raise_on_status(size if size < 0 else 0, "packed_bytes")
+    return size
+
+
+def pack_q8(w_u8, w_type, n_rows, n_cols, out=None) -> np.ndarray:
+    """The 16-row packed form (kernels/csrc/packed.c) of the (n_rows, n_cols) matrix of raw
+    Q8_0/Q4_0/Q4_1 blocks w_u8, written into `out` (uint8 [packed_bytes(...)]) or a new array."""
+    w_u8 = _contiguous("w_u8", np.asarray(w_u8), np.uint8, 1)
+    size = packed_bytes(w_type, n_rows, n_cols)
+    out = np.empty(size, dtype=np.uint8) if out is None else _contiguous("out", out, np.uint8, 1)
+    if out.size != size:
+        raise ValueError(f"out holds {out.size} bytes, the packed matrix needs {size}")
+    status = lib.lme_pack_q8(int(w_type), ffi.from_buffer("uint8_t[]", w_u8), w_u8.size, int(n_rows),
+                             int(n_cols), ffi.from_buffer("uint8_t[]", out, require_writable=True), out.size)
+    _raise_on_status(status, "pack_q8")
+    return out
 
 
 def matmul_f32_rows(w_u8, w_type, n_rows, n_cols, row_begin, row_end, x, out) -> None:

@@ -2,13 +2,15 @@
 
 All functions are Numba njit and work in place on float32 rows: x [n_tok, dim]. They are called
 from the model's compiled forward (engine/models/llama.py), so their signatures use plain arrays
-and scalars only. They run on one thread: each is a few microseconds of work per token, less than
-the cost of waking a thread pool (the matrix products and attention are the parallel parts).
+and scalars only. They run on one thread (each is a few microseconds of work per token, less than
+the cost of waking a thread pool) except swiglu in prompts.
 """
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+PARALLEL_MIN_TOKENS = 8   # swiglu's rows go over threads from this many tokens on
 
 
 @njit(cache=True, nogil=True)
@@ -35,22 +37,36 @@ def rope_inv_freq(rope_dim, base):
 
 
 @njit(cache=True, nogil=True)
-def rope(x, positions, n_heads, head_dim, rope_dim, inv_freq, neox):
-    """Rotate the first rope_dim dims of every head of x [n_tok, n_heads*head_dim] in place.
+def rope_angles(positions, inv_freq):
+    """cos, sin float32 [n_tok, rope_dim // 2] of the angles positions[t] * inv_freq[i] (computed
+    in float64), shared by q and k of every layer."""
+    n_tok, half = positions.shape[0], inv_freq.shape[0]
+    cos = np.empty((n_tok, half), dtype=np.float32)
+    sin = np.empty((n_tok, half), dtype=np.float32)
+    for t in range(n_tok):
+        for i in range(half):
+            angle = positions[t] * inv_freq[i]
+            cos[t, i] = math.cos(angle)
+            sin[t, i] = math.sin(angle)
+    return cos, sin
 
-    neox=False (ggml "normal", llama GGUFs): pairs (2i, 2i+1) are rotated by positions[t]*inv_freq[i].
+
+@njit(cache=True, nogil=True)
+def rope(x, cos, sin, n_heads, head_dim, rope_dim, neox):
+    """Rotate the first rope_dim dims of every head of x [n_tok, n_heads*head_dim] in place, pair i
+    of token t by the angle whose cos[t, i], sin[t, i] `rope_angles` gives.
+
+    neox=False (ggml "normal", llama GGUFs): pairs (2i, 2i+1).
     neox=True  (qwen2, HF rotate_half):      pairs (i, i + rope_dim/2).
     """
     n_tok = x.shape[0]
     half = rope_dim // 2
     for t in range(n_tok):
-        pos = positions[t]
-        for i in range(half):
-            angle = pos * inv_freq[i]
-            c = np.float32(math.cos(angle))
-            s = np.float32(math.sin(angle))
-            for h in range(n_heads):
-                base = h * head_dim
+        for h in range(n_heads):
+            base = h * head_dim
+            for i in range(half):
+                c = cos[t, i]
+                s = sin[t, i]
                 if neox:
                     a = base + i
                     b = base + i + half
@@ -64,13 +80,27 @@ def rope(x, positions, n_heads, head_dim, rope_dim, inv_freq, neox):
 
 
 @njit(cache=True, nogil=True)
-def swiglu(gate, up):
-    """gate[t, i] = silu(gate[t, i]) * up[t, i] in place.   gate, up: [n_tok, ffn_dim]."""
-    n_tok, n = gate.shape
-    for t in range(n_tok):
-        for i in range(n):
-            g = gate[t, i]
-            gate[t, i] = g / (np.float32(1.0) + math.exp(-g)) * up[t, i]
+def _swiglu_row(gate, up, out, t):
+    for i in range(gate.shape[1]):
+        g = gate[t, i]
+        out[t, i] = g / (np.float32(1.0) + math.exp(-g)) * up[t, i]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _swiglu_parallel(gate, up, out):
+    for t in prange(gate.shape[0]):
+        _swiglu_row(gate, up, out, t)
+
+
+@njit(cache=True, nogil=True)
+def swiglu(gate, up, out):
+    """out[t, i] = silu(gate[t, i]) * up[t, i].   gate, up, out: [n_tok, ffn_dim] (out may be gate).
+    The one op here worth threads in a prompt (an exp per value): from PARALLEL_MIN_TOKENS tokens."""
+    if gate.shape[0] >= PARALLEL_MIN_TOKENS:
+        _swiglu_parallel(gate, up, out)
+    else:
+        for t in range(gate.shape[0]):
+            _swiglu_row(gate, up, out, t)
 
 
 @njit(cache=True, nogil=True)
