@@ -8,7 +8,9 @@ RSS and start times are the process's own. A worker prints one JSON line.
 Peers (each measured when its package imports; install them yourself):
     llama_cpp          pip install llama-cpp-python      (builds llama.cpp: several minutes)
     onnxruntime_genai  pip install onnxruntime-genai     (runs our own ONNX int4 export)
-    ctranslate2        pip install ctranslate2           (needs a converted model dir: --ct2-dir)
+    ctranslate2        pip install ctranslate2 torch transformers
+                       (int8; the GGUF is loaded by transformers, saved as an HF checkpoint and
+                       converted by ct2's converter once, into --ct2-dir or ~/.cache/lmengine/ct2)
     transformers       pip install torch transformers    (loads the GGUF, de-quantized to fp32)
 """
 from __future__ import annotations
@@ -66,12 +68,14 @@ def _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_pro
             "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
+def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats, t_process_start,
+                    activations="mixed"):
     import numpy as np
 
     from .llm import LLM
     from .params import SamplingParams
-    llm = LLM(model, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads, backend=backend, max_batch_size=1)
+    llm = LLM(model, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads, backend=backend, max_batch_size=1,
+              activations=activations)
     ids = _prompt_ids(llm.tokenizer, prompt_tokens)
     # time to first token of a fresh process (load + compile or cache load + prefill + sample)
     assert llm.generate(ids, SamplingParams(temperature=0, max_tokens=1)).token_ids
@@ -97,12 +101,13 @@ def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats,
     return result
 
 
-def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba"):
+def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activations="mixed"):
     """Aggregate decode tok/s of B concurrent sequences (one forward per step for all)."""
     import numpy as np
 
     from .llm import LLM
-    llm = LLM(model, n_ctx=64 + gen_tokens, n_threads=threads, backend=backend, max_batch_size=max(batch_sizes))
+    llm = LLM(model, n_ctx=64 + gen_tokens, n_threads=threads, backend=backend, max_batch_size=max(batch_sizes),
+              activations=activations)
     results = {}
     prompts = [llm.tokenizer.encode(f"Story {i}: once upon a time in a land far away,") for i in range(max(batch_sizes))]
     for b in batch_sizes:
@@ -192,6 +197,90 @@ def worker_onnxruntime_genai(onnx_dir, threads, prompt_tokens, gen_tokens, repea
 
     return _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
 
+def _ct2_model_dir(model, ct2_dir=None):
+    """A CTranslate2 int8 conversion of the GGUF model (made once: transformers loads the GGUF
+    de-quantized, it is saved as an HF checkpoint, ct2's converter quantizes it to int8)."""
+    import ctranslate2
+
+    from .models.registry import resolve_model
+    path = resolve_model(model)
+    out = ct2_dir or os.path.join(os.path.expanduser("~"), ".cache", "lmengine", "ct2",
+                                  os.path.splitext(os.path.basename(path))[0] + "-int8")
+    if os.path.exists(os.path.join(out, "model.bin")):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"[bench] converting {path} for CTranslate2 into {out} (once)...", file=sys.stderr, flush=True)
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):    # transformers will not save a "gguf-quantized" model
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    with tempfile.TemporaryDirectory() as hf_dir:
+        plain.save_pretrained(hf_dir)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(hf_dir)
+        ctranslate2.converters.TransformersConverter(hf_dir).convert(out, quantization="int8", force=True)
+    return out
+
+
+def _ct2_generator(model, threads, ct2_dir):
+    import ctranslate2
+    return ctranslate2.Generator(_ct2_model_dir(model, ct2_dir), device="cpu", compute_type="int8",
+                                 intra_threads=threads, inter_threads=1)
+
+
+def _ct2_tokens(model, ids_list):
+    """CTranslate2 takes token strings: our ids through the GGUF vocabulary."""
+    from converters.gguf_file import GGUFFile
+
+    from .models.registry import resolve_model
+    vocab = GGUFFile(resolve_model(model)).metadata["tokenizer.ggml.tokens"]
+    return [[vocab[i] for i in ids] for ids in ids_list]
+
+
+def worker_ctranslate2(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start, ct2_dir=None):
+    generator = _ct2_generator(model, threads, ct2_dir)
+    _, ids = _peer_prompt(model, prompt_tokens)
+    tokens = _ct2_tokens(model, [ids])[0]
+
+    def prefill():   # the prompt and the first greedy token
+        steps = generator.generate_tokens(tokens, max_length=gen_tokens + 2, min_length=gen_tokens + 2,
+                                          sampling_topk=1)
+        next(steps)
+        return steps
+
+    def decode_step(steps):
+        next(steps)
+        return steps
+
+    return _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
+
+
+def worker_ctranslate2_batch(model, threads, batch_sizes, gen_tokens, ct2_dir=None):
+    """CTranslate2's generate_batch on the same prompts as `worker_batch`: aggregate decode tok/s
+    (time for gen_tokens + 1 tokens minus the time for 1, i.e. without the prompts)."""
+    from converters.gguf_file import GGUFFile
+
+    from .models.registry import resolve_model
+    from .tokenizer import Tokenizer
+    generator = _ct2_generator(model, threads, ct2_dir)
+    tok = Tokenizer.from_gguf(GGUFFile(resolve_model(model)))
+    prompts = _ct2_tokens(model, [tok.encode(f"Story {i}: once upon a time in a land far away,")
+                                  for i in range(max(batch_sizes))])
+    results = {}
+    for b in batch_sizes:
+        def run(n_new):
+            t0 = time.perf_counter()
+            generator.generate_batch(prompts[:b], max_length=n_new, min_length=n_new, sampling_topk=1,
+                                     include_prompt_in_result=False, max_batch_size=b)
+            return time.perf_counter() - t0
+        run(2)  # warm-up
+        results[str(b)] = b * gen_tokens / max(run(gen_tokens + 1) - run(1), 1e-9)
+    return {"batch_decode_tok_s": results, "peak_rss_mb": _peak_rss_mb()}
+
+
 def worker_transformers_batch(model, threads, batch_sizes, gen_tokens):
     """HF transformers' batched greedy generate on the same prompts: aggregate decode tok/s."""
     import torch
@@ -224,16 +313,19 @@ def worker_transformers_batch(model, threads, batch_sizes, gen_tokens):
     return {"batch_decode_tok_s": results, "peak_rss_mb": _peak_rss_mb()}
 
 
-WORKERS = {"transformers_batch": worker_transformers_batch, "lmengine": worker_lmengine, "llama_cpp": worker_llama_cpp, "transformers": worker_transformers,
-           "onnxruntime_genai": worker_onnxruntime_genai, "batch": worker_batch}
+WORKERS = {"lmengine": worker_lmengine, "llama_cpp": worker_llama_cpp, "transformers": worker_transformers,
+           "onnxruntime_genai": worker_onnxruntime_genai, "ctranslate2": worker_ctranslate2,
+           "batch": worker_batch, "transformers_batch": worker_transformers_batch,
+           "ctranslate2_batch": worker_ctranslate2_batch}
+BATCH_WORKERS = ("batch", "transformers_batch", "ctranslate2_batch")
 PEER_MODULES = {"llama_cpp": "llama_cpp", "onnxruntime_genai": "onnxruntime_genai",
-                "transformers": "transformers"}
+                "ctranslate2": "ctranslate2", "transformers": "transformers"}
 
 
 def _worker_main(argv) -> None:
     t_process_start = float(os.environ.get("LMENGINE_BENCH_T0", time.time()))
     name, kwargs = argv[0], json.loads(argv[1])
-    if name not in ("batch", "transformers_batch"):
+    if name not in BATCH_WORKERS:
         kwargs["t_process_start"] = t_process_start
     print("BENCH_RESULT " + json.dumps(WORKERS[name](**kwargs)), flush=True)
 
@@ -264,7 +356,8 @@ def run_bench(args) -> dict:
     base = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats}
     results = {"machine": {"cpus": n_cores, "platform": platform.platform(), "python": platform.python_version()},
                "settings": {**base, "threads": threads, "model": args.model or "smollm2",
-                            "backend": args.backend}, "engines": {}}
+                            "backend": args.backend, "activations": args.activations}, "engines": {}}
+    ours = {"activations": args.activations} if args.backend == "numba" else {}
     model = args.onnx_dir if args.backend == "onnxruntime" else args.model
 
     # cold start: an empty Numba cache, so the first run compiles everything
@@ -273,14 +366,14 @@ def run_bench(args) -> dict:
         with tempfile.TemporaryDirectory() as cache_dir:
             env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
             cold = _run_worker("lmengine", {"model": model, "backend": args.backend, "threads": threads[-1],
-                                            **dict(base, repeats=1, gen_tokens=4)}, env=env)
+                                            **ours, **dict(base, repeats=1, gen_tokens=4)}, env=env)
         results["cold_start_to_first_token_s"] = cold.get("start_to_first_token_s")
 
     peers = args.peers if args.peers is not None else list(PEER_MODULES)
     for t in threads:
         _say(f"lmengine ({args.backend}), {t} thread(s)...")
         results["engines"].setdefault(f"lmengine-{args.backend}", {})[str(t)] = _run_worker(
-            "lmengine", {"model": model, "backend": args.backend, "threads": t, **base})
+            "lmengine", {"model": model, "backend": args.backend, "threads": t, **ours, **base})
         for peer in peers:
             if not _have(PEER_MODULES.get(peer, peer)):
                 results["engines"].setdefault(peer, {})["skipped"] = f"{peer} is not installed"
@@ -291,17 +384,19 @@ def run_bench(args) -> dict:
             _say(f"{peer}, {t} thread(s)...")
             kwargs = {"threads": t, **base}
             kwargs["onnx_dir" if peer == "onnxruntime_genai" else "model"] = args.onnx_dir if peer == "onnxruntime_genai" else (args.model or "smollm2")
+            if peer == "ctranslate2":
+                kwargs["ct2_dir"] = args.ct2_dir
             results["engines"].setdefault(peer, {})[str(t)] = _run_worker(peer, kwargs)
 
     if args.batch:
         _say(f"batched decode, {threads[-1]} thread(s), batch sizes {args.batch}...")
-        results["batch"] = _run_worker("batch", {"model": model, "backend": args.backend, "threads": threads[-1],
-                                                 "batch_sizes": args.batch, "gen_tokens": min(args.gen_tokens, 32)})
-        if "transformers" in peers and _have("transformers"):
-            _say(f"transformers batched generate, batch sizes {args.batch}...")
-            results["batch_transformers"] = _run_worker("transformers_batch", {
-                "model": args.model or "smollm2", "threads": threads[-1], "batch_sizes": args.batch,
-                "gen_tokens": min(args.gen_tokens, 32)})
+        batch_args = {"threads": threads[-1], "batch_sizes": args.batch, "gen_tokens": min(args.gen_tokens, 32)}
+        results["batch"] = _run_worker("batch", {"model": model, "backend": args.backend, **ours, **batch_args})
+        for peer, extra in (("transformers", {}), ("ctranslate2", {"ct2_dir": args.ct2_dir})):
+            if peer in peers and _have(peer):
+                _say(f"{peer} batched generate, batch sizes {args.batch}...")
+                results[f"batch_{peer}"] = _run_worker(f"{peer}_batch", {
+                    "model": args.model or "smollm2", **batch_args, **extra})
     if args.lstm:
         results["lstm"] = _run_lstm_bench(threads[-1])
 
@@ -364,11 +459,12 @@ def _print_table(results, threads) -> None:
             print(f"batched decode, aggregate tok/s by concurrent sequences: {cells}")
         else:
             print(f"batched decode: {results['batch']}")
-    if "batch_transformers" in results:
-        b = results["batch_transformers"].get("batch_decode_tok_s", {})
-        ours = results.get("batch", {}).get("batch_decode_tok_s", {})
-        cells = ", ".join(f"{k}: {v:.1f}" + (f" (ours x{ours[k] / v:.1f})" if k in ours else "") for k, v in b.items())
-        print(f"transformers batched generate, aggregate tok/s: {cells or results['batch_transformers']}")
+    for peer in ("transformers", "ctranslate2"):
+        if f"batch_{peer}" in results:
+            b = results[f"batch_{peer}"].get("batch_decode_tok_s", {})
+            ours = results.get("batch", {}).get("batch_decode_tok_s", {})
+            cells = ", ".join(f"{k}: {v:.1f}" + (f" (ours x{ours[k] / v:.2f})" if k in ours else "") for k, v in b.items())
+            print(f"{peer} batched generate, aggregate tok/s: {cells or results[f'batch_{peer}']}")
     if "lstm" in results:
         print(f"LSTM: {json.dumps(results['lstm'])}")
 

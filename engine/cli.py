@@ -24,8 +24,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=2048, help="context window (tokens)")
     p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--backend", choices=("numba", "onnxruntime"), default="numba")
-    p.add_argument("--activations", choices=("int8x2", "int8", "f32"), default="int8x2",
-                   help="matrix product arithmetic: int8x2 (default, float accuracy), int8 (llama.cpp's, fastest), f32 (exact)")
+    p.add_argument("--activations", choices=("mixed", "int8x2", "int8", "f32"), default="mixed",
+                   help="matrix product arithmetic: mixed (default: int8, two terms for q/k/v), int8x2 "
+                        "(float accuracy), int8 (llama.cpp's), f32 (exact)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -156,7 +157,8 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import convert
     convert(args.source, args.dest, to=args.to, weights=args.weights, description=args.description,
-            vocab=args.vocab, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            vocab=args.vocab, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+            accuracy_level=args.accuracy_level)
     print(f"wrote {args.dest}", file=sys.stderr)
     return 0
 
@@ -195,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="output .gguf file, or a directory for --to onnx")
     p.add_argument("--to", choices=("gguf", "onnx"), default=None, help="output format (default: by dest)")
     p.add_argument("--weights", default=None, help="gguf: f32|f16|q8_0|q4_0|q4_1; onnx: f32|int4")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
+                   help="onnx int4: MatMulNBits activation precision (0: float32, exact; 4: int8, "
+                        "faster, as onnxruntime-genai's own builder exports for CPU)")
     p.add_argument("--description", default=None, help="JSON describing a PyTorch LSTM state_dict's architecture")
     p.add_argument("--vocab", default=None, help="LSTM vocabulary: a JSON list of tokens, or a text file (one token a line)")
     p.set_defaults(func=cmd_convert)
@@ -210,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="*", default=None, help="concurrent sequences for the batch table (e.g. 1 4 16 64)")
     p.add_argument("--peers", nargs="*", default=None, help="peers to run when installed (llama_cpp, onnxruntime_genai, ctranslate2, transformers)")
     p.add_argument("--lstm", action="store_true", help="also run the LSTM benchmark against torch nn.LSTM")
+    p.add_argument("--activations", choices=("mixed", "int8x2", "int8", "f32"), default="mixed",
+                   help="our matrix product arithmetic (see `lmengine generate --help`)")
+    p.add_argument("--ct2-dir", default=None,
+                   help="CTranslate2 model dir (default: converted once into ~/.cache/lmengine/ct2)")
     p.add_argument("--json", default="bench_results.json", help="where to write the JSON results")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -14,7 +14,7 @@ from .errors import InvalidParameterError
 
 def convert(source: str, dest: str, to: str | None = None, weights: str | None = None,
             description: str | None = None, vocab: str | None = None,
-            progress: Callable[[str], None] | None = None) -> str:
+            progress: Callable[[str], None] | None = None, accuracy_level: int = 0) -> str:
     from converters.lstm_gguf import convert_lstm_model, is_lstm_source
 
     if to is None:
@@ -46,4 +46,5 @@ def convert(source: str, dest: str, to: str | None = None, weights: str | None =
             raise InvalidParameterError("LSTM models export to ONNX with float32 weights only (--weights f32)")
         return export_lstm_onnx(path, dest, progress=progress)
     from .export import export_onnx_model
-    return export_onnx_model(path, dest, weights=weights or "f32", progress=progress)
+    return export_onnx_model(path, dest, weights=weights or "f32", accuracy_level=accuracy_level,
+                             progress=progress)

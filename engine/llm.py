@@ -39,9 +39,11 @@ class LLM:
     backend: "numba" (default) or "onnxruntime" (needs an ONNX export; see `lmengine convert`).
     max_batch_size: sequences decoded together; more concurrent requests queue. Each holds a KV
         slot of n_ctx positions (memory is only touched for positions in use).
-    activations: arithmetic of the quantized matrix products: "int8x2" (default; integer dot
-        products on two int8 terms per activation block, float32 accuracy), "int8" (one term, as
-        llama.cpp: fastest), "f32" (float32 activations, the exact path).
+    activations: arithmetic of the quantized matrix products (integer dot products on activations
+        quantized per 32-value block): "mixed" (default: two int8 terms per block for the q, k, v
+        projections, one elsewhere; more accurate than llama.cpp at about its arithmetic cost),
+        "int8x2" (two terms everywhere: float32 accuracy), "int8" (one term, llama.cpp's
+        arithmetic), "f32" (float32 activations, the exact path).
     providers: onnxruntime execution providers (backend="onnxruntime" only).
     warmup: run one token at load time, so compiled kernels are loaded (or, on the very first
         run, compiled: about a minute, then cached on disk) before the first request.
@@ -49,7 +51,7 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, seed: int | None = None, backend: str = "numba",
-                 max_batch_size: int = 8, activations: str = "int8x2", providers: Sequence[str] | None = None,
+                 max_batch_size: int = 8, activations: str = "mixed", providers: Sequence[str] | None = None,
                  verbose: bool = False, warmup: bool = True):
         _check_positive_int("n_ctx", n_ctx)
         _check_positive_int("max_batch_size", max_batch_size)

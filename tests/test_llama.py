@@ -7,9 +7,11 @@ Tolerances:
 - SmolLM2 exact path vs transformers' float32 top-10 logits: 0.01 absolute (the issue's bound;
   30 layers of float32 rounding in a different order, observed ~1e-4).
 - Fast paths: judged like llama.cpp, by KL divergence and top-1 agreement against the float32
-  reference over the Zen of Python. The default "int8x2" activations must be at least as good as
-  llama.cpp's figures; "int8" (llama.cpp's own arithmetic) must stay within 2x of its KL: the two
-  compute the same thing up to rounding details, and a broken kernel is off by far more.
+  reference over the Zen of Python. The default "mixed" activations must be at least as good as
+  llama.cpp's figures (the issue's bar); "int8x2" must be float-accurate (KL <= 0.001, top-1
+  >= 99%: observed 0.0000 and 100%); "int8" (llama.cpp's own arithmetic) must stay within 2x of
+  its KL: the two compute the same thing up to rounding details, and a broken kernel is off by
+  far more.
 """
 import json
 import math
@@ -91,7 +93,7 @@ def test_tiny_fast_paths_close_to_exact(tiny):
     ids = np.random.default_rng(3).integers(0, config.vocab_size, 32)
     exact = NumbaLlamaBackend(f, config, n_ctx=64, n_slots=1, activations="f32").forward(0, ids, 0, all_logits=True)
     scale = exact.max() - exact.min()
-    for activations, bound in (("int8", 0.05), ("int8x2", 1e-3)):
+    for activations, bound in (("int8", 0.05), ("mixed", 0.05), ("int8x2", 1e-3)):
         fast = NumbaLlamaBackend(f, config, n_ctx=64, n_slots=1, activations=activations)
         assert np.abs(fast.forward(0, ids, 0, all_logits=True) - exact).max() <= bound * scale, activations
 
@@ -127,7 +129,12 @@ def exact_llm(smollm2_path):
 
 @pytest.fixture(scope="module")
 def fast_llm(smollm2_path):
-    return LLM(smollm2_path, n_ctx=512, max_batch_size=2)  # the default: int8x2 activations
+    return LLM(smollm2_path, n_ctx=512, max_batch_size=2)  # the default: "mixed" activations
+
+
+@pytest.fixture(scope="module")
+def int8x2_llm(smollm2_path):
+    return LLM(smollm2_path, n_ctx=512, activations="int8x2", max_batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +178,7 @@ def _zen_stats(llm_ref, llm_test, ids):
     return kl.mean(), top1, ppl
 
 
-def test_smollm2_perplexity_and_fast_path_quality(exact_llm, fast_llm, int8_llm):
+def test_smollm2_perplexity_and_fast_path_quality(exact_llm, fast_llm, int8x2_llm, int8_llm):
     with open(reference_file("zen_quality.json"), encoding="utf-8") as fh:
         quality = json.load(fh)
     with open(reference_file("zen.txt"), encoding="utf-8") as fh:
@@ -181,11 +188,14 @@ def test_smollm2_perplexity_and_fast_path_quality(exact_llm, fast_llm, int8_llm)
     ppl = exact_llm.perplexity(text)
     assert abs(ppl / quality["reference"]["ppl"] - 1) <= 0.01, ppl
     llama_cpp = quality["llama_cpp"]
-    kl, top1, fast_ppl = _zen_stats(exact_llm, fast_llm, ids)
-    kl8, top1_8, ppl8 = _zen_stats(exact_llm, int8_llm, ids)
+    stats = {name: _zen_stats(exact_llm, llm, ids)
+             for name, llm in (("mixed", fast_llm), ("int8x2", int8x2_llm), ("int8", int8_llm))}
     print(f"exact ppl {ppl:.3f} (reference {quality['reference']['ppl']:.3f}); "
-          f"int8x2: KL {kl:.4f} top-1 {top1:.3f} ppl {fast_ppl:.3f}; int8: KL {kl8:.4f} top-1 {top1_8:.3f} "
-          f"ppl {ppl8:.3f}; llama.cpp: KL {llama_cpp['mean_kl']:.4f} top-1 {llama_cpp['top1_agree']:.3f} "
-          f"ppl {llama_cpp['ppl']:.3f}")
+          + "; ".join(f"{name}: KL {kl:.4f} top-1 {top1:.3f} ppl {p:.3f}" for name, (kl, top1, p) in stats.items())
+          + f"; llama.cpp: KL {llama_cpp['mean_kl']:.4f} top-1 {llama_cpp['top1_agree']:.3f} ppl {llama_cpp['ppl']:.3f}")
+    kl, top1, _ = stats["mixed"]
     assert kl <= llama_cpp["mean_kl"] and top1 >= llama_cpp["top1_agree"]
-    assert kl8 <= 2 * llama_cpp["mean_kl"]
+    kl, top1, _ = stats["int8x2"]
+    assert kl <= 0.001 and top1 >= 0.99
+    kl, _, _ = stats["int8"]
+    assert kl <= 2 * llama_cpp["mean_kl"]

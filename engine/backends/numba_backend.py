@@ -29,10 +29,10 @@ ACTIVATIONS = {
 
 
 class NumbaLlamaBackend(Backend):
-    """KV-cached llama forward. `activations` picks the matrix products' arithmetic:
-    "int8x2" (default) two int8 terms per activation block, integer dot products with float32
-    accuracy; "int8" one int8 term as llama.cpp does (fastest, llama.cpp's accuracy); "f32"
-    float32 activations against blocks decoded on the fly (the exact path).
+    """KV-cached llama forward. `activations` picks the matrix products' arithmetic (see
+    ACTIVATIONS): "mixed" (default) two int8 terms per activation block for q, k, v and one
+    elsewhere; "int8x2" two terms everywhere (float32 accuracy); "int8" one term as llama.cpp does;
+    "f32" float32 activations against blocks decoded on the fly (the exact path).
 
     `pack`: whether the int8 paths read the matrices in the 16-row packed layout (built at load,
     kernels/csrc/packed.c); None (default) packs where it pays, on CPUs with AVX-512 VNNI and the
@@ -41,7 +41,7 @@ class NumbaLlamaBackend(Backend):
     supports_rewind = True
 
     def __init__(self, gguf_file, config, n_ctx: int, n_slots: int = 1, n_threads: int | None = None,
-                 activations: str = "int8x2", pack: bool | None = None):
+                 activations: str = "mixed", pack: bool | None = None):
         self.config = config
         self.vocab_size = config.vocab_size
         self.n_ctx = int(n_ctx)

@@ -43,6 +43,7 @@
 
 #define GROUP_ROWS 16                          /* rows per packed group: one 512-bit register of int32 */
 #define TOKEN_GROUP 8                          /* tokens sharing each load of a group block */
+#define PREFETCH_BYTES 2048                    /* how far ahead the weights are prefetched */
 
 /* ---- layout -------------------------------------------------------------------------------- */
 
@@ -182,7 +183,15 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
     for (int t = 0; t < n_group; t++)
         acc[t] = _mm512_setzero_ps();
     const uint8_t *blk = a->p + group * n_blocks * gb;
+    /* With a few tokens the products are slow enough that the hardware prefetcher falls behind
+     * the weights streaming from memory (the first token group reads them; later groups find them
+     * in cache): ask for them ahead. With one or two tokens reading is the bottleneck and the
+     * prefetch instructions only cost issue slots. */
+    const int prefetch = n_group * n_terms >= 4 && t0 == 0;
     for (int64_t b = 0; b < n_blocks; b++, blk += gb) {
+        if (prefetch)
+            for (int64_t line = 0; line < gb; line += 64)
+                _mm_prefetch((const char *)blk + PREFETCH_BYTES + line, _MM_HINT_T0);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         const __m512 m = w_type == LME_TYPE_Q4_1
                              ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + GROUP_ROWS * 2)))
