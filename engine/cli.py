@@ -25,7 +25,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--backend", choices=("numba", "onnxruntime"), default="numba")
     p.add_argument("--activations", choices=("mixed", "int8x2", "int8", "f32"), default="mixed",
-                   help="matrix product arithmetic: mixed (default: int8, two terms for q/k/v), int8x2 "
+                   help="matrix product arithmetic: mixed (default: int8, two terms for q/k/v/down), int8x2 "
                         "(float accuracy), int8 (llama.cpp's), f32 (exact)")
 
 

@@ -1,4 +1,4 @@
-"""cffi build script of the C kernels: module `kernels._native` from kernels/csrc/qdot.c and packed.c.
+"""cffi build script of the C kernels: module `kernels._native` from kernels/csrc/qdot.c, packed.c and attention.c.
 
 setup.py names it (`cffi_modules=["kernels/build_native.py:ffibuilder"]`), so `pip install .`
 and `pip install -e .` compile it. To build in place by hand (writes kernels/_native*.so):
@@ -40,6 +40,9 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
                       const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
                       const float *xs, int64_t xs_len, int64_t n_tok, int64_t n_terms,
                       float *out, int64_t out_len);
+int lme_attention(const float *q, int64_t q_len, int64_t group, int64_t head_dim,
+                  const float *keys, int64_t keys_len, const float *values, int64_t values_len,
+                  int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len);
 """
 
 if sys.platform == "win32":
@@ -57,7 +60,8 @@ def make_builder(root=""):
     builder.set_source(
         "kernels._native",
         '#include "qdot.h"',
-        sources=[os.path.join(csrc, "qdot.c"), os.path.join(csrc, "packed.c")],
+        sources=[os.path.join(csrc, "qdot.c"), os.path.join(csrc, "packed.c"),
+                 os.path.join(csrc, "attention.c")],
         include_dirs=[csrc],
         depends=[os.path.join(csrc, "qdot.h"), os.path.join(csrc, "common.h")],
         extra_compile_args=COMPILE_ARGS,

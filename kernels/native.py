@@ -51,7 +51,7 @@ else:
         from kernels import _native
         ffi, lib = _native.ffi, _native.lib
         lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
-        lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes
+        lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention
     except (ImportError, AttributeError) as exc:
         ffi = lib = None
         LOAD_ERROR = f"kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
@@ -93,11 +93,21 @@ def _stub_matmul_packed(w_type, p, p_len, n_rows, n_cols, row_begin, row_end, xq
     return ERR_NO_NATIVE
 
 
+_SIG_ATTENTION = types.int32(_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64)
+
+
+@cfunc(_SIG_ATTENTION, cache=True)
+def _stub_attention(q, q_len, group, head_dim, keys, keys_len, values, values_len, n_pos, scores,
+                    scores_len, out, out_len):
+    return ERR_NO_NATIVE
+
+
 _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_native_available": ("lme_native_available", _stub_available),
     "lmengine_matmul_q8": ("lme_matmul_q8", _stub_matmul_q8),
     "lmengine_matmul_f32": ("lme_matmul_f32", _stub_matmul_f32),
     "lmengine_matmul_packed": ("lme_matmul_packed", _stub_matmul_packed),
+    "lmengine_attention": ("lme_attention", _stub_attention),
 }
 for _symbol, (_c_name, _stub) in _SYMBOLS.items():
     if HAVE_NATIVE:
@@ -185,6 +195,23 @@ def c_matmul_packed(typingctx, w_type, p_u8, n_rows, n_cols, row_begin, row_end,
 
     def codegen(context, builder, signature, args):
         return _lower_extern_call(builder, context, "lmengine_matmul_packed", signature.args, args)
+    return sig, codegen
+
+
+@intrinsic
+def c_attention(typingctx, q, group, head_dim, keys, values, n_pos, scores, out):
+    """lme_attention for one token and one kv head's group of query heads; returns its status
+    (0 = ok; negative, e.g. LME_ERR_ISA, when the caller must compute it). Arrays contiguous
+    float32: q [group * head_dim] pre-scaled, keys (tiles) and values of the slot's kv head,
+    scores scratch, out [group * head_dim]."""
+    if not all(isinstance(t, types.Integer) for t in (group, head_dim, n_pos)):
+        return None
+    if not all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (q, keys, values, scores, out)):
+        return None
+    sig = types.int32(q, group, head_dim, keys, values, n_pos, scores, out)
+
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, "lmengine_attention", signature.args, args)
     return sig, codegen
 
 

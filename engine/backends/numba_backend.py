@@ -6,6 +6,7 @@ import numpy as np
 
 from ..errors import ContextLengthError, InvalidParameterError, TokenIdError
 from kernels import native
+from kernels.attention import KEY_TILE, cache_shapes
 from kernels.matmul import ACT_F32, ACT_INT8, ACT_INT8X2
 
 from ..models.llama import LlamaWeights, llama_forward
@@ -17,11 +18,15 @@ PREFILL_CHUNK = 256
 
 # activations= choices: the activation precision of each matrix kind, in the order of
 # `llama_forward`'s `acts` (q, k, v, attn_output, ffn_gate, ffn_up, ffn_down, output).
-# "mixed": two int8 terms where rounding hurts most -- the q, k, v projections, whose errors the
-# attention softmax amplifies (on zen.txt against float32: mean KL 0.010 and top-1 96.6% with
-# them, 0.021 / 92% without) -- and one term elsewhere, for about the cost of "int8".
+# "mixed": two int8 terms where rounding hurts most, one elsewhere: the q, k, v projections
+# (their errors go through the attention softmax, which amplifies them) and ffn_down (its input,
+# silu(gate) * up, has the largest outliers, so one 8-bit scale per block rounds the rest
+# coarsely). On zen.txt against float32, over four float summation orders: mean KL 0.0064-0.0071,
+# top-1 95.6-97.5%; "int8" 0.021-0.023 and 92-95%; llama.cpp 0.023 and 93.1%. It costs about 1.3x
+# "int8" in prompts and batched decode; single-stream decode (bound by reading the weights) is
+# as fast as "int8".
 ACTIVATIONS = {
-    "mixed": (ACT_INT8X2,) * 3 + (ACT_INT8,) * 5,
+    "mixed": (ACT_INT8X2,) * 3 + (ACT_INT8,) * 3 + (ACT_INT8X2, ACT_INT8),
     "int8x2": (ACT_INT8X2,) * 8,
     "int8": (ACT_INT8,) * 8,
     "f32": (ACT_F32,) * 8,
@@ -30,8 +35,8 @@ ACTIVATIONS = {
 
 class NumbaLlamaBackend(Backend):
     """KV-cached llama forward. `activations` picks the matrix products' arithmetic (see
-    ACTIVATIONS): "mixed" (default) two int8 terms per activation block for q, k, v and one
-    elsewhere; "int8x2" two terms everywhere (float32 accuracy); "int8" one term as llama.cpp does;
+    ACTIVATIONS): "mixed" (default) two int8 terms per activation block for q, k, v and ffn_down,
+    one elsewhere; "int8x2" two terms everywhere (float32 accuracy); "int8" one term as llama.cpp does;
     "f32" float32 activations against blocks decoded on the fly (the exact path).
 
     `pack`: whether the int8 paths read the matrices in the 16-row packed layout (built at load,
@@ -57,11 +62,13 @@ class NumbaLlamaBackend(Backend):
             raise InvalidParameterError(f"pack=True needs the C kernels: {native.LOAD_ERROR}")
         self.weights = LlamaWeights(gguf_file, config, pack=self.packed)
         self._gguf_file = gguf_file  # keeps the memory map alive
-        # [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]; np.zeros maps pages lazily, so memory
-        # grows with the positions actually used.
-        shape = (config.n_layers, self.n_slots, config.n_kv_heads, self.n_ctx, config.head_dim)
-        self.k_cache = np.zeros(shape, dtype=np.float32)
-        self.v_cache = np.zeros(shape, dtype=np.float32)
+        # keys [n_layers, n_slots, n_kv_heads, n_tiles, head_dim, KEY_TILE] (transposed tiles of
+        # positions), values [n_layers, n_slots, n_kv_heads, n_ctx, head_dim] (kernels/attention.py);
+        # np.zeros maps pages lazily, so memory grows with the positions actually used.
+        k_shape, v_shape = cache_shapes(config.n_layers, self.n_slots, config.n_kv_heads, self.n_ctx,
+                                        config.head_dim)
+        self.k_cache = np.zeros(k_shape, dtype=np.float32)
+        self.v_cache = np.zeros(v_shape, dtype=np.float32)
         self.n_threads = None
         self.set_threads(n_threads)
 
@@ -120,7 +127,8 @@ class NumbaLlamaBackend(Backend):
     def copy_slot(self, src, dst, n_tokens):
         if src == dst:
             return
-        self.k_cache[:, dst, :, :n_tokens] = self.k_cache[:, src, :, :n_tokens]
+        n_tiles = -(-n_tokens // KEY_TILE)      # whole key tiles (the rest of the last is unused)
+        self.k_cache[:, dst, :, :n_tiles] = self.k_cache[:, src, :, :n_tiles]
         self.v_cache[:, dst, :, :n_tokens] = self.v_cache[:, src, :, :n_tokens]
 
     def close(self):

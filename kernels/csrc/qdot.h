@@ -79,4 +79,13 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
                       const float *xs, int64_t xs_len, int64_t n_tok, int64_t n_terms,
                       float *out, int64_t out_len);
 
+/* Attention of one token for the `group` query heads sharing one kv head (attention.c):
+ * q [group * head_dim] (pre-scaled by 1/sqrt(head_dim)), keys [ceil(n_pos/16) tiles][head_dim][16]
+ * (transposed tiles of 16 positions), values [n_pos][head_dim], scores: scratch of
+ * ceil(n_pos/16)*16 floats; out [group * head_dim]. LME_ERR_ISA when this CPU or head_dim has no
+ * SIMD path (AVX-512 with head_dim 32, 64 or 128): the caller computes it itself. */
+int lme_attention(const float *q, int64_t q_len, int64_t group, int64_t head_dim,
+                  const float *keys, int64_t keys_len, const float *values, int64_t values_len,
+                  int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len);
+
 #endif

@@ -1,0 +1,132 @@
+"""Attention over the KV cache (kernels/attention.py, kernels/csrc/attention.c) against a float64
+NumPy softmax attention, on every path this CPU has: the C AVX-512 kernel (head_dim 32, 64,
+128), and the Numba loop it falls back to (other head sizes, other CPUs, no extension).
+
+Tolerance: 1e-5 absolute on outputs of size ~1 (values are N(0, 1), so the output, a convex
+combination of value rows, is bounded by them). float32 rounding of a 128-term dot product,
+a softmax over up to 300 positions and a weighted sum of 300 rows stays below ~1e-6; the C
+kernel's polynomial exp has a relative error of ~2e-7.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from kernels import native
+from kernels.attention import KEY_TILE, attention, cache_shapes, write_kv
+
+TOLERANCE = 1e-5
+
+
+def reference(q, keys, values, n_heads, n_kv_heads, head_dim, position):
+    """float64 causal GQA for one token: q [n_heads*head_dim], keys/values [n_kv_heads, n_ctx, head_dim]."""
+    group = n_heads // n_kv_heads
+    out = np.empty(n_heads * head_dim)
+    for h in range(n_heads):
+        k = keys[h // group, :position + 1].astype(np.float64)
+        v = values[h // group, :position + 1].astype(np.float64)
+        scores = k @ q[h * head_dim:(h + 1) * head_dim].astype(np.float64) / math.sqrt(head_dim)
+        w = np.exp(scores - scores.max())
+        out[h * head_dim:(h + 1) * head_dim] = (w / w.sum()) @ v
+    return out
+
+
+def filled_cache(rng, n_slots, n_kv_heads, n_ctx, head_dim, slot):
+    """Caches with random keys/values for every position of `slot` (through write_kv), and the
+    same keys/values as plain arrays [n_kv_heads, n_ctx, head_dim]."""
+    k_shape, v_shape = cache_shapes(1, n_slots, n_kv_heads, n_ctx, head_dim)
+    k_cache = np.full(k_shape[1:], np.nan, dtype=np.float32)   # unwritten positions must not matter
+    v_cache = np.full(v_shape[1:], np.nan, dtype=np.float32)
+    keys = rng.standard_normal((n_kv_heads, n_ctx, head_dim)).astype(np.float32)
+    values = rng.standard_normal((n_kv_heads, n_ctx, head_dim)).astype(np.float32)
+    positions = np.arange(n_ctx)
+    write_kv(keys.transpose(1, 0, 2).reshape(n_ctx, -1).copy(), values.transpose(1, 0, 2).reshape(n_ctx, -1).copy(),
+             np.full(n_ctx, slot), positions, n_kv_heads, head_dim, k_cache, v_cache)
+    return k_cache, v_cache, keys, values
+
+
+def paths():
+    """(name, isa to force) for every attention path of this machine."""
+    if not native.HAVE_NATIVE:
+        return [("numba", None)]
+    found = [("c-avx512" if isa == native.ISA_AVX512 else f"numba-fallback-{native.ISA_NAMES[isa]}", isa)
+             for isa in native.available_isas()]
+    return found
+
+
+@pytest.fixture(params=paths(), ids=lambda p: p[0])
+def path(request):
+    if request.param[1] is not None:
+        native.set_isa(request.param[1])
+    yield request.param[0]
+    if request.param[1] is not None:
+        native.set_isa(None)
+
+
+@pytest.mark.parametrize("head_dim,n_heads,n_kv_heads", [(64, 9, 3), (32, 4, 4), (128, 8, 2), (48, 6, 1)])
+def test_attention_matches_float64(path, head_dim, n_heads, n_kv_heads):
+    rng = np.random.default_rng(head_dim + n_heads)
+    n_ctx = 40 if head_dim == 128 else 300      # not a multiple of 16: the last tile is partial
+    k_cache, v_cache, keys, values = filled_cache(rng, 2, n_kv_heads, n_ctx, head_dim, slot=1)
+    positions = np.array([0, 1, 15, 16, 17, 31, 39] + ([200, n_ctx - 1] if n_ctx > 40 else []))
+    q = rng.standard_normal((len(positions), n_heads * head_dim)).astype(np.float32)
+    out = np.empty_like(q)
+    attention(q, k_cache, v_cache, np.ones(len(positions), dtype=np.int64), positions, n_heads, n_kv_heads,
+              head_dim, out)
+    for t, p in enumerate(positions):
+        expected = reference(q[t], keys, values, n_heads, n_kv_heads, head_dim, p)
+        assert np.abs(out[t] - expected).max() <= TOLERANCE, (path, head_dim, p)
+
+
+def test_batch_of_slots_equals_one_by_one():
+    """Tokens of several slots in one call give bit-identical results to one call each."""
+    rng = np.random.default_rng(1)
+    head_dim, n_heads, n_kv_heads, n_ctx = 64, 9, 3, 64
+    k_shape, v_shape = cache_shapes(1, 4, n_kv_heads, n_ctx, head_dim)
+    k_cache = rng.standard_normal(k_shape[1:]).astype(np.float32)
+    v_cache = rng.standard_normal(v_shape[1:]).astype(np.float32)
+    slots, positions = np.array([3, 0, 2, 1]), np.array([63, 0, 17, 33])
+    q = rng.standard_normal((4, n_heads * head_dim)).astype(np.float32)
+    together = np.empty_like(q)
+    attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim, together)
+    for t in range(4):
+        alone = np.empty((1, q.shape[1]), dtype=np.float32)
+        attention(q[t:t + 1].copy(), k_cache, v_cache, slots[t:t + 1], positions[t:t + 1], n_heads, n_kv_heads,
+                  head_dim, alone)
+        assert np.array_equal(alone[0], together[t])
+
+
+def test_cache_layout():
+    """write_kv puts position p's key at tile p // 16, lane p % 16, transposed; values by row."""
+    k_shape, v_shape = cache_shapes(2, 3, 2, 40, 8)
+    assert k_shape == (2, 3, 2, 3, 8, KEY_TILE) and v_shape == (2, 3, 2, 48, 8)
+    k_cache, v_cache = np.zeros(k_shape[1:], np.float32), np.zeros(v_shape[1:], np.float32)
+    k = np.arange(16, dtype=np.float32).reshape(1, 16)
+    write_kv(k, -k, np.array([2]), np.array([37]), 2, 8, k_cache, v_cache)
+    assert np.array_equal(k_cache[2, 1, 2, :, 5], k[0, 8:])
+    assert np.array_equal(v_cache[2, 0, 37], -k[0, :8])
+    assert np.count_nonzero(k_cache) == 15 and np.count_nonzero(v_cache) == 15   # (k[0, 0] is 0)
+
+
+@pytest.mark.skipif(not native.HAVE_NATIVE, reason="the C extension is not loaded")
+def test_c_kernel_rejects_bad_arguments():
+    """lme_attention checks shapes and lengths (never reads past a buffer) and says LME_ERR_ISA
+    for head sizes it has no SIMD path for, which the Numba caller then computes itself."""
+    ffi, lib = native.ffi, native.lib
+    f = lambda a: ffi.from_buffer("float[]", a)   # noqa: E731
+    q, out = np.zeros(2 * 64, np.float32), np.zeros(2 * 64, np.float32)
+    keys, values, scores = np.zeros(32 * 64, np.float32), np.zeros(20 * 64, np.float32), np.zeros(32, np.float32)
+
+    def call(n_pos=20, group=2, head_dim=64, keys=keys, scores=scores, values=values):
+        return lib.lme_attention(f(q), q.size, group, head_dim, f(keys), keys.size, f(values), values.size,
+                                 n_pos, f(scores), scores.size, f(out), out.size)
+    assert call(n_pos=0) == -3 and call(group=0) == -3 and call(head_dim=-1) == -3
+    assert call(n_pos=21) == -5                       # values hold 20 positions
+    assert call(keys=keys[:16 * 64]) == -5            # 20 positions need two key tiles
+    assert call(scores=scores[:16]) == -5
+    assert call(group=3) == -5                        # q holds two heads
+    assert call(head_dim=48) in (-5, -6)
+    if native.best_isa() == native.ISA_AVX512:
+        assert call() == 0
+        assert lib.lme_attention(f(q[:96]), 96, 2, 48, f(keys), keys.size, f(values), values.size, 20,
+                                 f(scores), scores.size, f(out), out.size) == -6   # no 48-wide path
