@@ -1,4 +1,5 @@
-"""cffi build script of the C kernels: module `kernels._native` from kernels/csrc/qdot.c, packed.c and attention.c.
+"""cffi build script of the C kernels: module `kernels._native` from kernels/csrc/ (qdot.c,
+packed.c, attention.c, ops.c).
 
 setup.py names it (`cffi_modules=["kernels/build_native.py:ffibuilder"]`), so `pip install .`
 and `pip install -e .` compile it. To build in place by hand (writes kernels/_native*.so):
@@ -43,6 +44,8 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
 int lme_attention(const float *q, int64_t q_len, int64_t group, int64_t head_dim,
                   const float *keys, int64_t keys_len, const float *values, int64_t values_len,
                   int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len);
+int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_len, float *out,
+               int64_t out_len);
 """
 
 if sys.platform == "win32":
@@ -61,7 +64,8 @@ def make_builder(root=""):
         "kernels._native",
         '#include "qdot.h"',
         sources=[os.path.join(csrc, "qdot.c"), os.path.join(csrc, "packed.c"),
-                 os.path.join(csrc, "attention.c")],
+                 os.path.join(csrc, "attention.c"),
+                 os.path.join(csrc, "ops.c")],
         include_dirs=[csrc],
         depends=[os.path.join(csrc, "qdot.h"), os.path.join(csrc, "common.h")],
         extra_compile_args=COMPILE_ARGS,

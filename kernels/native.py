@@ -51,7 +51,7 @@ else:
         from kernels import _native
         ffi, lib = _native.ffi, _native.lib
         lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
-        lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention
+        lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention, lib.lme_swiglu
     except (ImportError, AttributeError) as exc:
         ffi = lib = None
         LOAD_ERROR = f"kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
@@ -102,12 +102,21 @@ def _stub_attention(q, q_len, group, head_dim, keys, keys_len, values, values_le
     return ERR_NO_NATIVE
 
 
+_SIG_SWIGLU = types.int32(_p, _i64, _p, _i64, _p, _i64)
+
+
+@cfunc(_SIG_SWIGLU, cache=True)
+def _stub_swiglu(gate, gate_len, up, up_len, out, out_len):
+    return ERR_NO_NATIVE
+
+
 _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_native_available": ("lme_native_available", _stub_available),
     "lmengine_matmul_q8": ("lme_matmul_q8", _stub_matmul_q8),
     "lmengine_matmul_f32": ("lme_matmul_f32", _stub_matmul_f32),
     "lmengine_matmul_packed": ("lme_matmul_packed", _stub_matmul_packed),
     "lmengine_attention": ("lme_attention", _stub_attention),
+    "lmengine_swiglu": ("lme_swiglu", _stub_swiglu),
 }
 for _symbol, (_c_name, _stub) in _SYMBOLS.items():
     if HAVE_NATIVE:
@@ -212,6 +221,19 @@ def c_attention(typingctx, q, group, head_dim, keys, values, n_pos, scores, out)
 
     def codegen(context, builder, signature, args):
         return _lower_extern_call(builder, context, "lmengine_attention", signature.args, args)
+    return sig, codegen
+
+
+@intrinsic
+def c_swiglu(typingctx, gate, up, out):
+    """lme_swiglu on three float32 1-D arrays (contiguous: the caller checks); 0 = done, else the
+    caller computes it."""
+    if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 for a in (gate, up, out)):
+        return None
+    sig = types.int32(gate, up, out)
+
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, "lmengine_swiglu", signature.args, args)
     return sig, codegen
 
 

@@ -12,7 +12,7 @@
  * For each query head g of the group (q pre-scaled by 1/sqrt(head_dim)):
  *     s_j = q_g . k_j  for j < n_pos;   w_j = exp(s_j - max s) / sum exp(s - max s)
  *     out_g = sum_j w_j v_j
- * The exponential is a polynomial (relative error ~2e-7, as expf), vectorized.
+ * The exponential is common.h's exp512 (a polynomial, relative error ~2e-7, as expf).
  */
 #include "common.h"
 
@@ -21,24 +21,6 @@
 #define KEY_TILE 16                              /* positions per key tile: one 512-bit vector */
 
 #if LME_X86
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-
-/* exp(x) for 16 floats, x <= 0 (smaller than -87 gives 0): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2 */
-TARGET_AVX512 static ALWAYS_INLINE __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);          /* ln2, high part */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);               /* ln2, low part */
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);                               /* Cephes expf */
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* One query head, head_dim = 16 * n_vec (n_vec constant after inlining). */
 TARGET_AVX512 static ALWAYS_INLINE void head_avx512(int n_vec, const float *q, const float *keys,
@@ -65,7 +47,7 @@ TARGET_AVX512 static ALWAYS_INLINE void head_avx512(int n_vec, const float *q, c
     for (int64_t i = 0; i < n_tiles; i++) {
         const int64_t left = n_pos - i * KEY_TILE;
         const __mmask16 valid = left >= KEY_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(
             _mm512_loadu_ps(scores + i * KEY_TILE), _mm512_set1_ps(max_score))));
         total = _mm512_add_ps(total, e);
         _mm512_storeu_ps(scores + i * KEY_TILE, e);

@@ -162,7 +162,6 @@ static void matmul_packed_scalar(const struct packed_args *a) {
 
 #if LME_X86
 /* ---- AVX-512 VNNI path ----------------------------------------------------------------------- */
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 /* 4 activation bytes (values 4k..4k+3 of a block) in every 32-bit lane */
 TARGET_AVX512 static ALWAYS_INLINE __m512i broadcast4(const int8_t *p) {

@@ -408,7 +408,6 @@ TARGET_AVX2 static void tile_f32_avx2(const struct f32_args *a) { tile_f32(&KIT_
 /* ---- 4d. AVX-512 primitives (F/BW/VL + VNNI) ------------------------------------------------- */
 /* The integer blocks use 256-bit vpdpbusd (one 32-value block per instruction, one scale per
  * block); the float dots use 512-bit vectors. */
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 TARGET_AVX512 static ALWAYS_INLINE __m256i isum_vnni(__m256i u, __m256i s) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);

@@ -88,4 +88,8 @@ int lme_attention(const float *q, int64_t q_len, int64_t group, int64_t head_dim
                   const float *keys, int64_t keys_len, const float *values, int64_t values_len,
                   int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len);
 
+/* out[i] = silu(gate[i]) * up[i] for i < gate_len (ops.c); LME_ERR_ISA without AVX-512. */
+int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_len, float *out,
+               int64_t out_len);
+
 #endif

@@ -1,0 +1,47 @@
+"""Elementwise kernels of the forward pass (kernels/ops.py; swiglu's AVX-512 C path in
+kernels/csrc/ops.c) against float64 NumPy, on every path this CPU has.
+
+Tolerances: swiglu 1e-6 relative to max(1, |result|) -- float32 rounding plus the vector exp's
+~2e-7 relative error, through one division and two products; rmsnorm 1e-6 relative (a float32
+sum of 576 squares, reassociated).
+"""
+import numpy as np
+import pytest
+
+from kernels import native
+from kernels.ops import rmsnorm, swiglu
+
+
+def isas():
+    return native.available_isas() if native.HAVE_NATIVE else [None]
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("n_tok,ffn_dim", [(1, 1536), (3, 17), (9, 64), (20, 100)])
+def test_swiglu_matches_float64(isa, n_tok, ffn_dim):
+    rng = np.random.default_rng(ffn_dim)
+    gate_up = (rng.standard_normal((n_tok, 2 * ffn_dim)) * 8).astype(np.float32)   # exp far into both tails
+    gate_up[0, :4] = [-100.0, 100.0, 0.0, -0.0]
+    gate, up = gate_up[:, :ffn_dim], gate_up[:, ffn_dim:]          # views, as the forward passes them
+    out = np.full((n_tok, ffn_dim), np.nan, dtype=np.float32)
+    if isa is not None:
+        native.set_isa(isa)
+    try:
+        swiglu(gate, up, out)
+    finally:
+        if isa is not None:
+            native.set_isa(None)
+    g, u = gate.astype(np.float64), up.astype(np.float64)
+    expected = g / (1 + np.exp(-g)) * u
+    assert np.all(np.abs(out - expected) <= 1e-6 * np.maximum(1, np.abs(expected)))
+
+
+def test_rmsnorm_matches_float64():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 576)).astype(np.float32) * 3
+    weight = rng.standard_normal(576).astype(np.float32)
+    out = np.empty_like(x)
+    rmsnorm(x, weight, 1e-5, out)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-5) * weight
+    assert np.all(np.abs(out - expected) <= 1e-6 * np.maximum(1, np.abs(expected)))
