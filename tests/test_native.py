@@ -298,6 +298,25 @@ _CHILD = textwrap.dedent("""
         out = np.empty((3, 37), dtype=np.float32)
         mm.matmul(raw, Q4_1, 37, 96, x, out, act_q8)
         assert np.abs(out - ref).max() < (0.5 if act_q8 else 1e-3), np.abs(out - ref).max()
+    # attention and swiglu: the C kernels, or in this process the Numba loops
+    from kernels.attention import attention, cache_shapes, write_kv
+    from kernels.ops import swiglu
+    k_shape, v_shape = cache_shapes(1, 1, 2, 40, 64)
+    k_cache, v_cache = np.zeros(k_shape[1:], np.float32), np.zeros(v_shape[1:], np.float32)
+    kv = rng.standard_normal((2, 40, 128)).astype(np.float32)
+    write_kv(kv[0], kv[1], np.zeros(40, np.int64), np.arange(40), 2, 64, k_cache, v_cache)
+    q = rng.standard_normal((1, 4 * 64)).astype(np.float32)
+    att = np.empty_like(q)
+    attention(q, k_cache, v_cache, np.zeros(1, np.int64), np.array([39]), 4, 2, 64, att)
+    for h in range(4):
+        keys, values = kv[0][:, (h // 2) * 64:(h // 2 + 1) * 64], kv[1][:, (h // 2) * 64:(h // 2 + 1) * 64]
+        s = keys.astype(np.float64) @ q[0, h * 64:(h + 1) * 64] / 8.0
+        w = np.exp(s - s.max())
+        assert np.abs(att[0, h * 64:(h + 1) * 64] - (w / w.sum()) @ values).max() < 1e-5
+    g = rng.standard_normal((2, 50)).astype(np.float32)
+    sw = np.empty_like(g)
+    swiglu(g, g, sw)
+    assert np.abs(sw - g.astype(np.float64) ** 2 / (1 + np.exp(-g.astype(np.float64)))).max() < 1e-5
     print("cache_hits", sum(mm.matmul.stats.cache_hits.values()))
 """)
 
