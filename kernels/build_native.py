@@ -13,40 +13,23 @@ scalar path only). -ffp-contract=off keeps the float decode bit-exact with ggml 
 import glob
 import importlib.machinery
 import os
+import re
 import shutil
 import sys
 import tempfile
 
 import cffi
 
-CDEF = """
-int lme_native_available(void);
-int lme_best_isa(void);
-int lme_get_isa(void);
-int lme_set_isa(int isa);
-int lme_matmul_q8(int64_t w_type, const uint8_t *w, int64_t w_len,
-                  int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
-                  const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
-                  const float *xs, int64_t xs_len, int64_t n_tok,
-                  float *out, int64_t out_len);
-int lme_matmul_f32(int64_t w_type, const uint8_t *w, int64_t w_len,
-                   int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
-                   const float *x, int64_t x_len, int64_t n_tok,
-                   float *out, int64_t out_len);
-int64_t lme_packed_bytes(int64_t w_type, int64_t n_rows, int64_t n_cols);
-int lme_pack_q8(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows, int64_t n_cols,
-                uint8_t *dst, int64_t dst_len);
-int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
-                      int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
-                      const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
-                      const float *xs, int64_t xs_len, int64_t n_tok, int64_t n_terms,
-                      float *out, int64_t out_len);
-int lme_attention(const float *q, int64_t q_len, int64_t group, int64_t head_dim,
-                  const float *keys, int64_t keys_len, const float *values, int64_t values_len,
-                  int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len);
-int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_len, float *out,
-               int64_t out_len);
-"""
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "qdot.h")
+
+
+def declarations(header=HEADER):
+    """The C API for cffi's cdef: qdot.h without its comments and preprocessor lines (so the
+    header stays the one place the functions are declared)."""
+    with open(header, encoding="utf-8") as fh:
+        text = re.sub(r"/\*.*?\*/", "", fh.read(), flags=re.S)
+    return "\n".join(line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
 
 if sys.platform == "win32":
     COMPILE_ARGS = ["/O2"]
@@ -59,15 +42,13 @@ def make_builder(root=""):
     """The cffi builder; paths below `root` (setuptools wants them relative to the project root)."""
     csrc = os.path.join(root, "kernels", "csrc")
     builder = cffi.FFI()
-    builder.cdef(CDEF)
+    builder.cdef(declarations())
     builder.set_source(
         "kernels._native",
         '#include "qdot.h"',
-        sources=[os.path.join(csrc, "qdot.c"), os.path.join(csrc, "packed.c"),
-                 os.path.join(csrc, "attention.c"),
-                 os.path.join(csrc, "ops.c")],
+        sources=[os.path.join(csrc, name) for name in ("qdot.c", "packed.c", "attention.c", "ops.c")],
         include_dirs=[csrc],
-        depends=[os.path.join(csrc, "qdot.h"), os.path.join(csrc, "common.h")],
+        depends=[os.path.join(csrc, name) for name in ("qdot.h", "common.h")],
         extra_compile_args=COMPILE_ARGS,
     )
     return builder

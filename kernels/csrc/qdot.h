@@ -1,4 +1,6 @@
-/* qdot: dot products of ggml weight blocks with activations, over a tile of weight rows.
+/* The C API of kernels._native (every function of kernels/csrc/; kernels/build_native.py hands
+ * these declarations to cffi). First qdot.c: dot products of ggml weight blocks with activations,
+ * over a tile of weight rows.
  *
  * A weight matrix W (n_rows x n_cols) is raw ggml blocks: row r at bytes [r * row_bytes,
  * (r + 1) * row_bytes) of w. For rows r in [row_begin, row_end) and tokens t in [0, n_tok):
