@@ -1,6 +1,8 @@
 """The default backend: llama-family models run by Numba (and the C kernels behind kernels.matmul)."""
 from __future__ import annotations
 
+import mmap
+
 import numba
 import numpy as np
 
@@ -31,6 +33,14 @@ ACTIVATIONS = {
     "int8": (ACT_INT8,) * 8,
     "f32": (ACT_F32,) * 8,
 }
+
+
+def _lazy_zeros(shape):
+    """A float32 array of zeros whose memory is only taken as it is written, 4 KB at a time: an
+    anonymous memory map. (np.zeros would do the same, but NumPy asks Linux for 2 MB huge pages
+    on large arrays, so the first token of each (layer, slot, head) would take a whole 2 MB.)"""
+    n_bytes = max(int(np.prod(shape)) * 4, 1)
+    return np.frombuffer(mmap.mmap(-1, n_bytes), dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
 
 
 class NumbaLlamaBackend(Backend):
@@ -64,11 +74,11 @@ class NumbaLlamaBackend(Backend):
         self._gguf_file = gguf_file  # keeps the memory map alive
         # keys [n_layers, n_slots, n_kv_heads, n_tiles, head_dim, KEY_TILE] (transposed tiles of
         # positions), values [n_layers, n_slots, n_kv_heads, n_ctx, head_dim] (kernels/attention.py);
-        # np.zeros maps pages lazily, so memory grows with the positions actually used.
+        # memory grows with the positions actually used (see _lazy_zeros).
         k_shape, v_shape = cache_shapes(config.n_layers, self.n_slots, config.n_kv_heads, self.n_ctx,
                                         config.head_dim)
-        self.k_cache = np.zeros(k_shape, dtype=np.float32)
-        self.v_cache = np.zeros(v_shape, dtype=np.float32)
+        self.k_cache = _lazy_zeros(k_shape)
+        self.v_cache = _lazy_zeros(v_shape)
         self.n_threads = None
         self.set_threads(n_threads)
 

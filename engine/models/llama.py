@@ -21,7 +21,8 @@ Shapes (n = tokens in the call):
                                         kv_dim = n_kv_heads * head_dim
     gate_up  [n, 2 * ffn_dim]           gate | up
     hidden   [n, ffn_dim]               silu(gate) * up
-    k_cache, v_cache [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]
+    k_cache  [n_layers, n_slots, n_kv_heads, n_ctx / 16, head_dim, 16]   keys in transposed tiles
+    v_cache  [n_layers, n_slots, n_kv_heads, n_ctx, head_dim]            (see kernels/attention.py)
 """
 from __future__ import annotations
 
@@ -132,8 +133,9 @@ class LlamaWeights:
             else:
                 self.pk_off[where] = offset
             offset += size
-            if where is not None or not c.tied_output:   # the tied embedding is still read by rows
-                _drop_pages(gguf_file, raw_off, raw_bytes)
+            # (a tied embedding is still read by rows for the token lookup: only the pages of
+            # the tokens seen come back)
+            _drop_pages(gguf_file, raw_off, raw_bytes)
         for layer in range(c.n_layers):
             self.fused[layer, FUSED_QKV] = self._back_to_back(layer, (ATTN_Q, ATTN_K, ATTN_V), shapes)
             self.fused[layer, FUSED_GATE_UP] = self._back_to_back(layer, (FFN_GATE, FFN_UP), shapes)
