@@ -120,7 +120,7 @@ def matmul_f32_numba(w_u8, w_type, n_rows, n_cols, x, out):
 # -- int8 path ----------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _quantize_row(x, xq, xd, xs):
+def _quantize_row_numba(x, xq, xd, xs):
     """One token: x float32 [n_cols] -> xq int8 [n_cols], xd, xs float32 [n_cols // 32]."""
     for b in range(x.shape[0] // QK):
         o = b * QK
@@ -139,23 +139,34 @@ def _quantize_row(x, xq, xd, xs):
 
 
 @njit(cache=True, nogil=True)
-def _quantize_row_x2(x, xq, xd, xs, n_tok, t):
+def _quantize_row(x, xq, xd, xs, t, use_c):
+    """Token t (see quantize_activations_into); the C kernel (AVX-512, contiguous arrays:
+    use_c) computes the same bits."""
+    if not (use_c and native.c_quantize_row(x[t], xq[t], xd[t], xs[t], xq[t, :0], xd[t, :0], xs[t, :0]) == 0):
+        _quantize_row_numba(x[t], xq[t], xd[t], xs[t])
+
+
+@njit(cache=True, nogil=True)
+def _quantize_row_x2(x, xq, xd, xs, n_tok, t, use_c):
     """Token t of x [n_tok, n_cols] in two terms: rows t and n_tok + t of xq, xd, xs."""
-    _quantize_row(x[t], xq[t], xd[t], xs[t])
+    if use_c and native.c_quantize_row(x[t], xq[t], xd[t], xs[t], xq[n_tok + t], xd[n_tok + t],
+                                       xs[n_tok + t]) == 0:
+        return
+    _quantize_row_numba(x[t], xq[t], xd[t], xs[t])
     residual = np.empty(x.shape[1], dtype=np.float32)
     for i in range(x.shape[1]):
         residual[i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])
-    _quantize_row(residual, xq[n_tok + t], xd[n_tok + t], xs[n_tok + t])
+    _quantize_row_numba(residual, xq[n_tok + t], xd[n_tok + t], xs[n_tok + t])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _quantize_rows_parallel(x, xq, xd, xs, n_terms):
+def _quantize_rows_parallel(x, xq, xd, xs, n_terms, use_c):
     n_tok = x.shape[0]
     for t in prange(n_tok):
         if n_terms == 2:
-            _quantize_row_x2(x, xq, xd, xs, n_tok, t)
+            _quantize_row_x2(x, xq, xd, xs, n_tok, t, use_c)
         else:
-            _quantize_row(x[t], xq[t], xd[t], xs[t])
+            _quantize_row(x, xq, xd, xs, t, use_c)
 
 
 @njit(cache=True, nogil=True)
@@ -168,14 +179,15 @@ def _quantize_rows(x, xq, xd, xs, n_terms):
     if (xq.shape[0] != n_terms * n_tok or xq.shape[1] != n_cols or xd.shape[0] != xq.shape[0]
             or xd.shape[1] != n_blocks or xs.shape[0] != xq.shape[0] or xs.shape[1] != n_blocks):
         raise ValueError("quantize_activations: xq/xd/xs shapes do not match x")
+    use_c = _is_contiguous(x) and _is_contiguous(xq) and _is_contiguous(xd) and _is_contiguous(xs)
     if n_tok >= PARALLEL_MIN_TOKENS:
-        _quantize_rows_parallel(x, xq, xd, xs, n_terms)
+        _quantize_rows_parallel(x, xq, xd, xs, n_terms, use_c)
     elif n_terms == 2:
         for t in range(n_tok):
-            _quantize_row_x2(x, xq, xd, xs, n_tok, t)
+            _quantize_row_x2(x, xq, xd, xs, n_tok, t, use_c)
     else:
         for t in range(n_tok):
-            _quantize_row(x[t], xq[t], xd[t], xs[t])
+            _quantize_row(x, xq, xd, xs, t, use_c)
 
 
 @njit(cache=True, nogil=True)

@@ -51,7 +51,7 @@ else:
         from kernels import _native
         ffi, lib = _native.ffi, _native.lib
         lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
-        lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention, lib.lme_swiglu
+        lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention, lib.lme_swiglu, lib.lme_quantize_row
     except (ImportError, AttributeError) as exc:
         ffi = lib = None
         LOAD_ERROR = f"kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
@@ -110,6 +110,14 @@ def _stub_swiglu(gate, gate_len, up, up_len, out, out_len):
     return ERR_NO_NATIVE
 
 
+_SIG_QUANTIZE = types.int32(*([_p, _i64] * 7))
+
+
+@cfunc(_SIG_QUANTIZE, cache=True)
+def _stub_quantize_row(x, x_len, xq, xq_len, xd, xd_len, xs, xs_len, rq, rq_len, rd, rd_len, rs, rs_len):
+    return ERR_NO_NATIVE
+
+
 _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_native_available": ("lme_native_available", _stub_available),
     "lmengine_matmul_q8": ("lme_matmul_q8", _stub_matmul_q8),
@@ -117,6 +125,7 @@ _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_matmul_packed": ("lme_matmul_packed", _stub_matmul_packed),
     "lmengine_attention": ("lme_attention", _stub_attention),
     "lmengine_swiglu": ("lme_swiglu", _stub_swiglu),
+    "lmengine_quantize_row": ("lme_quantize_row", _stub_quantize_row),
 }
 for _symbol, (_c_name, _stub) in _SYMBOLS.items():
     if HAVE_NATIVE:
@@ -234,6 +243,21 @@ def c_swiglu(typingctx, gate, up, out):
 
     def codegen(context, builder, signature, args):
         return _lower_extern_call(builder, context, "lmengine_swiglu", signature.args, args)
+    return sig, codegen
+
+
+@intrinsic
+def c_quantize_row(typingctx, x, xq, xd, xs, rq, rd, rs):
+    """lme_quantize_row on contiguous 1-D arrays (the caller checks): x float32, xq/rq int8,
+    xd/xs/rd/rs float32; rq empty for one term. 0 = done, else the caller computes it."""
+    kinds = ((x, types.float32), (xq, types.int8), (xd, types.float32), (xs, types.float32),
+             (rq, types.int8), (rd, types.float32), (rs, types.float32))
+    if not all(isinstance(a, types.Array) and a.dtype == dt and a.ndim == 1 for a, dt in kinds):
+        return None
+    sig = types.int32(x, xq, xd, xs, rq, rd, rs)
+
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, "lmengine_quantize_row", signature.args, args)
     return sig, codegen
 
 

@@ -45,3 +45,24 @@ def test_rmsnorm_matches_float64():
     x64 = x.astype(np.float64)
     expected = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-5) * weight
     assert np.all(np.abs(out - expected) <= 1e-6 * np.maximum(1, np.abs(expected)))
+
+
+@pytest.mark.skipif(not native.HAVE_NATIVE, reason="the C extension is not loaded")
+@pytest.mark.parametrize("n_tok,n_cols", [(1, 576), (3, 1536), (9, 64), (20, 32)])
+def test_activation_quantization_is_the_same_on_every_path(n_tok, n_cols):
+    """The C quantizer (AVX-512) gives the Numba loop's bits exactly, one term and two, including
+    all-zero blocks and values spanning five orders of magnitude."""
+    from kernels.matmul import quantize_activations, quantize_activations_x2
+    rng = np.random.default_rng(n_cols)
+    x = (rng.standard_normal((n_tok, n_cols)) * rng.choice([1e-3, 1, 50], (n_tok, n_cols))).astype(np.float32)
+    x[0, :32] = 0
+    for quantize in (quantize_activations, quantize_activations_x2):
+        results = []
+        for isa in native.available_isas():
+            native.set_isa(isa)
+            try:
+                results.append(quantize(x))
+            finally:
+                native.set_isa(None)
+        for other in results[1:]:
+            assert all(np.array_equal(a, b) for a, b in zip(results[0], other))

@@ -94,4 +94,11 @@ int lme_attention(const float *q, int64_t q_len, int64_t group, int64_t head_dim
 int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_len, float *out,
                int64_t out_len);
 
+/* One token's activations x [x_len] -> int8 blocks (ops.c; as kernels/matmul.py _quantize_row,
+ * bit for bit): xq [x_len], xd, xs [x_len / 32]; with rq_len > 0 also the residual's blocks
+ * rq, rd, rs (the second int8 term). LME_ERR_ISA without AVX-512. */
+int lme_quantize_row(const float *x, int64_t x_len, int8_t *xq, int64_t xq_len, float *xd, int64_t xd_len,
+                     float *xs, int64_t xs_len, int8_t *rq, int64_t rq_len, float *rd, int64_t rd_len,
+                     float *rs, int64_t rs_len);
+
 #endif
