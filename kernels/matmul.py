@@ -32,8 +32,17 @@ loaded in this process and the Numba ones otherwise; that choice is made at run 
 call (`use_native()`), so code compiled and cached on disk stays correct in a process where the
 extension is missing (see kernels/native.py). Non-contiguous arrays also take the Numba path.
 
+Packed matrices (`matmul_packed`, `matmul_packed_q8`): on AVX-512 VNNI CPUs models re-lay their
+Q8_0/Q4_0/Q4_1 matrices 16 rows at a time (`kernels.native.pack_q8`, kernels/csrc/packed.c) and
+use these products instead: same integer sums, ~3x the multiply-adds per second of the row-major
+kernel, and decode at the memory bandwidth even with two activation terms.
+
+Activation quantization (`quantize_activations`, `quantize_activations_x2`) runs in C on
+AVX-512 (`lme_quantize_row`, bit-identical to the Numba loop here) and over threads for
+PARALLEL_MIN_TOKENS tokens or more.
+
 Threads: numba.set_num_threads(n) in the calling thread; rows are split in tiles of ROW_TILE
-rows, so results do not depend on the thread count.
+rows (packed: groups of 16), so results do not depend on the thread count.
 """
 import numpy as np
 from numba import njit, prange

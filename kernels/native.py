@@ -1,4 +1,6 @@
-"""The C kernels (kernels/csrc/qdot.c, built by cffi as `kernels._native`) for Python and Numba.
+"""The C kernels (kernels/csrc/: qdot.c row-major quantized products, packed.c the 16-row packed
+layout and its product, attention.c, ops.c swiglu and activation quantization; built by cffi as
+`kernels._native`, API in qdot.h) for Python and Numba.
 
 Loading: `HAVE_NATIVE` says whether the extension was found and loaded (`LOAD_ERROR` says why
 not). Setting the environment variable LMENGINE_NO_NATIVE=1 before the first import makes this
@@ -8,15 +10,15 @@ Calling from Numba, and why not `lib.fn(...)`: Numba can call functions of a cff
 nopython mode (`register_module` is done below, so `lib.lme_matmul_q8(ffi.from_buffer(a), ...)`
 works in njit code), but it embeds the function's address in the compiled code, which makes that
 code uncacheable (and every Numba function that calls it). Our kernels instead call the C
-functions through named JIT symbols (`c_matmul_q8`, `c_matmul_f32`, `c_native_available`
-below): compiled code refers to the name, and this module binds each name to an address when it
+functions through named JIT symbols (`c_matmul_q8`, `c_matmul_f32`, `c_matmul_packed`,
+`c_attention`, `c_swiglu`, `c_quantize_row`, `c_native_available` below): compiled code refers to the name, and this module binds each name to an address when it
 is imported -- to the C function when the extension is loaded, otherwise to a Numba `cfunc`
 stand-in that returns LME_ERR_NO_NATIVE (the stand-in for `c_native_available` returns 0). So
 code cached on disk can always be loaded and run: it asks `c_native_available()` at run time
 and takes the Numba path in a process without the extension.
 
-Python wrappers (`matmul_q8_rows`, `matmul_f32_rows`) call one C function on a row range with
-full argument checks (ValueError naming the problem); `set_isa` / `get_isa` / `best_isa` /
+Python wrappers (`matmul_q8_rows`, `matmul_f32_rows`, `pack_q8`, `packed_bytes`) call one C
+function with full argument checks (ValueError naming the problem); `set_isa` / `get_isa` / `best_isa` /
 `available_isas` select or report the SIMD path (tests force each one).
 """
 import os
