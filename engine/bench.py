@@ -101,8 +101,9 @@ def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats,
     return result
 
 
-def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activations="mixed"):
-    """Aggregate decode tok/s of B concurrent sequences (one forward per step for all)."""
+def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activations="mixed", repeats=1):
+    """Aggregate decode tok/s of B concurrent sequences (one forward per step for all); the
+    median of `repeats` runs per B."""
     import numpy as np
 
     from .llm import LLM
@@ -110,7 +111,7 @@ def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activ
               activations=activations)
     results = {}
     prompts = [llm.tokenizer.encode(f"Story {i}: once upon a time in a land far away,") for i in range(max(batch_sizes))]
-    for b in batch_sizes:
+    def run(b):
         tokens = []
         for s in range(b):
             logits = llm.backend.forward(s, np.asarray(prompts[s], dtype=np.int64), 0)
@@ -123,7 +124,10 @@ def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activ
             logits = llm.backend.forward_batch(slots, toks, positions)
             toks = logits.argmax(axis=1).astype(np.int64)
             positions = positions + 1
-        results[str(b)] = b * gen_tokens / (time.perf_counter() - t0)
+        return b * gen_tokens / (time.perf_counter() - t0)
+
+    for b in batch_sizes:
+        results[str(b)] = statistics.median(run(b) for _ in range(repeats))
     return {"batch_decode_tok_s": results, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -258,7 +262,7 @@ def worker_ctranslate2(model, threads, prompt_tokens, gen_tokens, repeats, t_pro
     return _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
 
 
-def worker_ctranslate2_batch(model, threads, batch_sizes, gen_tokens, ct2_dir=None):
+def worker_ctranslate2_batch(model, threads, batch_sizes, gen_tokens, ct2_dir=None, repeats=1):
     """CTranslate2's generate_batch on the same prompts as `worker_batch`: aggregate decode tok/s
     (time for gen_tokens + 1 tokens minus the time for 1, i.e. without the prompts)."""
     from converters.gguf_file import GGUFFile
@@ -277,7 +281,8 @@ def worker_ctranslate2_batch(model, threads, batch_sizes, gen_tokens, ct2_dir=No
                                      include_prompt_in_result=False, max_batch_size=b)
             return time.perf_counter() - t0
         run(2)  # warm-up
-        results[str(b)] = b * gen_tokens / max(run(gen_tokens + 1) - run(1), 1e-9)
+        results[str(b)] = statistics.median(b * gen_tokens / max(run(gen_tokens + 1) - run(1), 1e-9)
+                                            for _ in range(repeats))
     return {"batch_decode_tok_s": results, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -391,8 +396,10 @@ def run_bench(args) -> dict:
     if args.batch:
         _say(f"batched decode, {threads[-1]} thread(s), batch sizes {args.batch}...")
         batch_args = {"threads": threads[-1], "batch_sizes": args.batch, "gen_tokens": min(args.gen_tokens, 32)}
-        results["batch"] = _run_worker("batch", {"model": model, "backend": args.backend, **ours, **batch_args})
-        for peer, extra in (("transformers", {}), ("ctranslate2", {"ct2_dir": args.ct2_dir})):
+        repeat = {"repeats": args.repeats}
+        results["batch"] = _run_worker("batch", {"model": model, "backend": args.backend, **ours, **batch_args,
+                                                 **repeat})
+        for peer, extra in (("transformers", {}), ("ctranslate2", {"ct2_dir": args.ct2_dir, **repeat})):
             if peer in peers and _have(peer):
                 _say(f"{peer} batched generate, batch sizes {args.batch}...")
                 results[f"batch_{peer}"] = _run_worker(f"{peer}_batch", {
