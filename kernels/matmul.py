@@ -148,34 +148,26 @@ def _quantize_row_numba(x, xq, xd, xs):
 
 
 @njit(cache=True, nogil=True)
-def _quantize_row(x, xq, xd, xs, t, use_c):
-    """Token t (see quantize_activations_into); the C kernel (AVX-512, contiguous arrays:
-    use_c) computes the same bits."""
-    if not (use_c and native.c_quantize_row(x[t], xq[t], xd[t], xs[t], xq[t, :0], xd[t, :0], xs[t, :0]) == 0):
-        _quantize_row_numba(x[t], xq[t], xd[t], xs[t])
-
-
-@njit(cache=True, nogil=True)
-def _quantize_row_x2(x, xq, xd, xs, n_tok, t, use_c):
-    """Token t of x [n_tok, n_cols] in two terms: rows t and n_tok + t of xq, xd, xs."""
-    if use_c and native.c_quantize_row(x[t], xq[t], xd[t], xs[t], xq[n_tok + t], xd[n_tok + t],
-                                       xs[n_tok + t]) == 0:
+def _quantize_token(x, xq, xd, xs, n_terms, t, use_c):
+    """Token t of x [n_tok, n_cols] in n_terms terms: row t of xq, xd, xs, and for two terms row
+    n_tok + t (the residual x - xd * xq). The C kernel (AVX-512, contiguous arrays: use_c)
+    computes the same bits as the Numba loop."""
+    r = x.shape[0] + np.int64(t)                  # the residual's row (prange may pass t unsigned)
+    rq, rd, rs = (xq[r], xd[r], xs[r]) if n_terms == 2 else (xq[t, :0], xd[t, :0], xs[t, :0])
+    if use_c and native.c_quantize_row(x[t], xq[t], xd[t], xs[t], rq, rd, rs) == 0:
         return
     _quantize_row_numba(x[t], xq[t], xd[t], xs[t])
-    residual = np.empty(x.shape[1], dtype=np.float32)
-    for i in range(x.shape[1]):
-        residual[i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])
-    _quantize_row_numba(residual, xq[n_tok + t], xd[n_tok + t], xs[n_tok + t])
+    if n_terms == 2:
+        residual = np.empty(x.shape[1], dtype=np.float32)
+        for i in range(x.shape[1]):
+            residual[i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])
+        _quantize_row_numba(residual, rq, rd, rs)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _quantize_rows_parallel(x, xq, xd, xs, n_terms, use_c):
-    n_tok = x.shape[0]
-    for t in prange(n_tok):
-        if n_terms == 2:
-            _quantize_row_x2(x, xq, xd, xs, n_tok, t, use_c)
-        else:
-            _quantize_row(x, xq, xd, xs, t, use_c)
+    for t in prange(x.shape[0]):
+        _quantize_token(x, xq, xd, xs, n_terms, t, use_c)
 
 
 @njit(cache=True, nogil=True)
@@ -191,12 +183,9 @@ def _quantize_rows(x, xq, xd, xs, n_terms):
     use_c = _is_contiguous(x) and _is_contiguous(xq) and _is_contiguous(xd) and _is_contiguous(xs)
     if n_tok >= PARALLEL_MIN_TOKENS:
         _quantize_rows_parallel(x, xq, xd, xs, n_terms, use_c)
-    elif n_terms == 2:
-        for t in range(n_tok):
-            _quantize_row_x2(x, xq, xd, xs, n_tok, t, use_c)
     else:
         for t in range(n_tok):
-            _quantize_row(x, xq, xd, xs, t, use_c)
+            _quantize_token(x, xq, xd, xs, n_terms, t, use_c)
 
 
 @njit(cache=True, nogil=True)

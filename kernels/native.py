@@ -153,50 +153,47 @@ def _lower_extern_call(builder, context, symbol, arg_types, args):
     return builder.call(fn, ll_args)
 
 
-def _is_array_of(ty, dtype, ndim):
-    return isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim
+INT = "int"                                      # an integer argument (passed as int64)
+U8_1D, I8_1D, I8_2D = (types.uint8, 1), (types.int8, 1), (types.int8, 2)
+F32_1D, F32_2D, F32_ANY = (types.float32, 1), (types.float32, 2), (types.float32, None)
+
+
+def _extern(symbol, arg_types, kinds):
+    """(signature, codegen) of an intrinsic that calls the JIT symbol `symbol` with these
+    arguments, when their types match `kinds` (INT, or (dtype, ndim) for an array, ndim None for
+    any); None (no match: Numba reports a typing error) otherwise."""
+    for ty, kind in zip(arg_types, kinds, strict=True):
+        if kind == INT:
+            if not isinstance(ty, types.Integer):
+                return None
+        elif not (isinstance(ty, types.Array) and ty.dtype == kind[0] and kind[1] in (None, ty.ndim)):
+            return None
+
+    def codegen(context, builder, signature, args):
+        return _lower_extern_call(builder, context, symbol, signature.args, args)
+    return types.int32(*arg_types), codegen
 
 
 @intrinsic
 def c_native_available(typingctx):
     """1 when the C extension is bound in this process, else 0 (Numba-callable)."""
-    def codegen(context, builder, signature, args):
-        return _lower_extern_call(builder, context, "lmengine_native_available", (), ())
-    return types.int32(), codegen
+    return _extern("lmengine_native_available", (), ())
 
 
 @intrinsic
 def c_matmul_q8(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, out):
     """lme_matmul_q8 on rows [row_begin, row_end); returns its status (0 = ok). Arrays must be
     contiguous (the caller checks): w_u8 uint8 1-D, xq int8 2-D, xd/xs/out float32 2-D."""
-    ints = (w_type, n_rows, n_cols, row_begin, row_end, n_tok)
-    if not all(isinstance(t, types.Integer) for t in ints):
-        return None
-    if not (_is_array_of(w_u8, types.uint8, 1) and _is_array_of(xq, types.int8, 2)
-            and all(_is_array_of(a, types.float32, 2) for a in (xd, xs, out))):
-        return None
-    sig = types.int32(w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, out)
-
-    def codegen(context, builder, signature, args):
-        return _lower_extern_call(builder, context, "lmengine_matmul_q8", signature.args, args)
-    return sig, codegen
+    return _extern("lmengine_matmul_q8", (w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, out),
+                   (INT, U8_1D, INT, INT, INT, INT, I8_2D, F32_2D, F32_2D, INT, F32_2D))
 
 
 @intrinsic
 def c_matmul_f32(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, x, n_tok, out):
     """lme_matmul_f32 on rows [row_begin, row_end); returns its status (0 = ok). Arrays must be
     contiguous (the caller checks): w_u8 uint8 1-D, x and out float32 2-D."""
-    ints = (w_type, n_rows, n_cols, row_begin, row_end, n_tok)
-    if not all(isinstance(t, types.Integer) for t in ints):
-        return None
-    if not (_is_array_of(w_u8, types.uint8, 1) and _is_array_of(x, types.float32, 2)
-            and _is_array_of(out, types.float32, 2)):
-        return None
-    sig = types.int32(w_type, w_u8, n_rows, n_cols, row_begin, row_end, x, n_tok, out)
-
-    def codegen(context, builder, signature, args):
-        return _lower_extern_call(builder, context, "lmengine_matmul_f32", signature.args, args)
-    return sig, codegen
+    return _extern("lmengine_matmul_f32", (w_type, w_u8, n_rows, n_cols, row_begin, row_end, x, n_tok, out),
+                   (INT, U8_1D, INT, INT, INT, INT, F32_2D, INT, F32_2D))
 
 
 @intrinsic
@@ -205,17 +202,9 @@ def c_matmul_packed(typingctx, w_type, p_u8, n_rows, n_cols, row_begin, row_end,
     """lme_matmul_packed on rows [row_begin, row_end) (row_begin a multiple of PACK_ROWS) of a
     matrix packed by `pack_q8`; returns its status (0 = ok). Arrays must be contiguous (the
     caller checks): p_u8 uint8 1-D, xq int8 2-D, xd/xs/out float32 2-D."""
-    ints = (w_type, n_rows, n_cols, row_begin, row_end, n_tok, n_terms)
-    if not all(isinstance(t, types.Integer) for t in ints):
-        return None
-    if not (_is_array_of(p_u8, types.uint8, 1) and _is_array_of(xq, types.int8, 2)
-            and all(_is_array_of(a, types.float32, 2) for a in (xd, xs, out))):
-        return None
-    sig = types.int32(w_type, p_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out)
-
-    def codegen(context, builder, signature, args):
-        return _lower_extern_call(builder, context, "lmengine_matmul_packed", signature.args, args)
-    return sig, codegen
+    return _extern("lmengine_matmul_packed",
+                   (w_type, p_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out),
+                   (INT, U8_1D, INT, INT, INT, INT, I8_2D, F32_2D, F32_2D, INT, INT, F32_2D))
 
 
 @intrinsic
@@ -224,43 +213,23 @@ def c_attention(typingctx, q, group, head_dim, keys, values, n_pos, scores, out)
     (0 = ok; negative, e.g. LME_ERR_ISA, when the caller must compute it). Arrays contiguous
     float32: q [group * head_dim] pre-scaled, keys (tiles) and values of the slot's kv head,
     scores scratch, out [group * head_dim]."""
-    if not all(isinstance(t, types.Integer) for t in (group, head_dim, n_pos)):
-        return None
-    if not all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (q, keys, values, scores, out)):
-        return None
-    sig = types.int32(q, group, head_dim, keys, values, n_pos, scores, out)
-
-    def codegen(context, builder, signature, args):
-        return _lower_extern_call(builder, context, "lmengine_attention", signature.args, args)
-    return sig, codegen
+    return _extern("lmengine_attention", (q, group, head_dim, keys, values, n_pos, scores, out),
+                   (F32_ANY, INT, INT, F32_ANY, F32_ANY, INT, F32_ANY, F32_ANY))
 
 
 @intrinsic
 def c_swiglu(typingctx, gate, up, out):
     """lme_swiglu on three float32 1-D arrays (contiguous: the caller checks); 0 = done, else the
     caller computes it."""
-    if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 for a in (gate, up, out)):
-        return None
-    sig = types.int32(gate, up, out)
-
-    def codegen(context, builder, signature, args):
-        return _lower_extern_call(builder, context, "lmengine_swiglu", signature.args, args)
-    return sig, codegen
+    return _extern("lmengine_swiglu", (gate, up, out), (F32_1D, F32_1D, F32_1D))
 
 
 @intrinsic
 def c_quantize_row(typingctx, x, xq, xd, xs, rq, rd, rs):
     """lme_quantize_row on contiguous 1-D arrays (the caller checks): x float32, xq/rq int8,
     xd/xs/rd/rs float32; rq empty for one term. 0 = done, else the caller computes it."""
-    kinds = ((x, types.float32), (xq, types.int8), (xd, types.float32), (xs, types.float32),
-             (rq, types.int8), (rd, types.float32), (rs, types.float32))
-    if not all(isinstance(a, types.Array) and a.dtype == dt and a.ndim == 1 for a, dt in kinds):
-        return None
-    sig = types.int32(x, xq, xd, xs, rq, rd, rs)
-
-    def codegen(context, builder, signature, args):
-        return _lower_extern_call(builder, context, "lmengine_quantize_row", signature.args, args)
-    return sig, codegen
+    return _extern("lmengine_quantize_row", (x, xq, xd, xs, rq, rd, rs),
+                   (F32_1D, I8_1D, F32_1D, F32_1D, I8_1D, F32_1D, F32_1D))
 
 
 # -- SIMD path selection ----------------------------------------------------------------------------

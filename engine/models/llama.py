@@ -35,7 +35,7 @@ from kernels.attention import attention, write_kv
 from kernels import native
 from kernels.matmul import matmul, matmul_packed
 from kernels.ops import add_bias, add_inplace, rmsnorm, rope, rope_angles, rope_inv_freq, swiglu
-from kernels.quant import Q4_0, Q4_1, Q8_0, dequantize, dequantize_row_into, row_bytes
+from kernels.quant import dequantize, dequantize_row_into, row_bytes
 
 # Per-layer matrices: rows of `mat_off` / `mat_type` / `mat_bytes`.
 ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT, FFN_GATE, FFN_UP, FFN_DOWN = range(7)
@@ -43,7 +43,6 @@ MATRIX_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 OUTPUT = len(MATRIX_NAMES)  # the output matrix's entry in `acts` (after the 7 per-layer kinds)
 # Per-layer fusions (rows of `fused`): q|k|v and gate|up packed back to back, run as one product.
 FUSED_QKV, FUSED_GATE_UP = range(2)
-PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0)
 # Per-layer vectors, decoded to float32: rows of `vec_off` (offset into `vecs`, -1 when absent).
 ATTN_NORM, FFN_NORM, Q_BIAS, K_BIAS, V_BIAS = range(5)
 VECTOR_NAMES = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
@@ -117,10 +116,10 @@ class LlamaWeights:
         jobs = []          # (where the result goes, raw offset, raw bytes, type, rows, cols)
         for layer in range(c.n_layers):
             for j, (n_rows, n_cols) in enumerate(shapes):
-                if self.mat_type[layer, j] in PACKABLE_TYPES:
+                if self.mat_type[layer, j] in native.Q8_TYPES:
                     jobs.append(((layer, j), self.mat_off[layer, j], self.mat_bytes[layer, j],
                                  self.mat_type[layer, j], n_rows, n_cols))
-        if self.out_type in PACKABLE_TYPES:
+        if self.out_type in native.Q8_TYPES:
             jobs.append((None, self.out_off, self.out_bytes, self.out_type, c.vocab_size, c.dim))
         sizes = [native.packed_bytes(ty, rows, cols) for _, _, _, ty, rows, cols in jobs]
         self.packed = np.empty(sum(sizes), dtype=np.uint8)
