@@ -69,13 +69,13 @@ def _time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_pro
 
 
 def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats, t_process_start,
-                    activations="mixed"):
+                    activations="mixed", kv_cache_dtype="auto"):
     import numpy as np
 
     from .llm import LLM
     from .params import SamplingParams
     llm = LLM(model, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads, backend=backend, max_batch_size=1,
-              activations=activations)
+              activations=activations, kv_cache_dtype=kv_cache_dtype)
     ids = _prompt_ids(llm.tokenizer, prompt_tokens)
     # time to first token of a fresh process (load + compile or cache load + prefill + sample)
     assert llm.generate(ids, SamplingParams(temperature=0, max_tokens=1)).token_ids
@@ -101,14 +101,15 @@ def worker_lmengine(model, backend, threads, prompt_tokens, gen_tokens, repeats,
     return result
 
 
-def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activations="mixed", repeats=1):
+def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activations="mixed", repeats=1,
+                 kv_cache_dtype="auto"):
     """Aggregate decode tok/s of B concurrent sequences (one forward per step for all); the
     median of `repeats` runs per B."""
     import numpy as np
 
     from .llm import LLM
     llm = LLM(model, n_ctx=64 + gen_tokens, n_threads=threads, backend=backend, max_batch_size=max(batch_sizes),
-              activations=activations)
+              activations=activations, kv_cache_dtype=kv_cache_dtype)
     results = {}
     prompts = [llm.tokenizer.encode(f"Story {i}: once upon a time in a land far away,") for i in range(max(batch_sizes))]
     def run(b):
@@ -361,8 +362,9 @@ def run_bench(args) -> dict:
     base = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats}
     results = {"machine": {"cpus": n_cores, "platform": platform.platform(), "python": platform.python_version()},
                "settings": {**base, "threads": threads, "model": args.model or "smollm2",
-                            "backend": args.backend, "activations": args.activations}, "engines": {}}
-    ours = {"activations": args.activations} if args.backend == "numba" else {}
+                            "backend": args.backend, "activations": args.activations,
+                            "kv_cache_dtype": args.kv_cache_dtype}, "engines": {}}
+    ours = {"activations": args.activations, "kv_cache_dtype": args.kv_cache_dtype} if args.backend == "numba" else {}
     model = args.onnx_dir if args.backend == "onnxruntime" else args.model
 
     # cold start: an empty Numba cache, so the first run compiles everything

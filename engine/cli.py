@@ -25,8 +25,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--backend", choices=("numba", "onnxruntime"), default="numba")
     p.add_argument("--activations", choices=("mixed", "int8x2", "int8", "f32"), default="mixed",
-                   help="matrix product arithmetic: mixed (default: int8, two terms for q/k/v/down), int8x2 "
+                   help="matrix product arithmetic: mixed (default: int8, two terms for k/v), int8x2 "
                         "(float accuracy), int8 (llama.cpp's), f32 (exact)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "f16", "f32"), default="auto",
+                   help="KV cache elements: f16 (half the memory), f32, auto (default: f32 with "
+                        "--activations f32, else f16)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +62,8 @@ def _load(args):
     if sys.stderr.isatty() or getattr(args, "verbose", False):
         print("loading the model and its compiled kernels (the very first run compiles them, about a "
               "minute; later runs load them from the disk cache)...", file=sys.stderr, flush=True)
-    llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend, activations=args.activations)
+    llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend, activations=args.activations,
+              kv_cache_dtype=args.kv_cache_dtype)
     if getattr(args, "verbose", False):
         print(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return llm
@@ -217,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lstm", action="store_true", help="also run the LSTM benchmark against torch nn.LSTM")
     p.add_argument("--activations", choices=("mixed", "int8x2", "int8", "f32"), default="mixed",
                    help="our matrix product arithmetic (see `lmengine generate --help`)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "f16", "f32"), default="auto",
+                   help="our KV cache elements (see `lmengine generate --help`)")
     p.add_argument("--ct2-dir", default=None,
                    help="CTranslate2 model dir (default: converted once into ~/.cache/lmengine/ct2)")
     p.add_argument("--json", default="bench_results.json", help="where to write the JSON results")

@@ -40,10 +40,14 @@ class LLM:
     max_batch_size: sequences decoded together; more concurrent requests queue. Each holds a KV
         slot of n_ctx positions (memory is only touched for positions in use).
     activations: arithmetic of the quantized matrix products (integer dot products on activations
-        quantized per 32-value block): "mixed" (default: two int8 terms per block for the q, k, v and
-        ffn_down projections, one elsewhere; three times closer to float32 than llama.cpp),
+        quantized per 32-value block): "mixed" (default: two int8 terms per block for the k and v
+        projections, one elsewhere; half llama.cpp's divergence from float32, as fast),
         "int8x2" (two terms everywhere: float32 accuracy), "int8" (one term, llama.cpp's
         arithmetic), "f32" (float32 activations, the exact path).
+    kv_cache_dtype: element type of the KV cache: "f16" (half the memory, and faster attention over
+        long or many sequences; llama.cpp's default too), "f32", or "auto" (default): "f32" with
+        activations="f32", "f16" otherwise. Llama-family GGUF models only (the ONNX and LSTM
+        backends keep their own state).
     providers: onnxruntime execution providers (backend="onnxruntime" only).
     warmup: run one token at load time, so compiled kernels are loaded (or, on the very first
         run, compiled: about a minute, then cached on disk) before the first request.
@@ -51,14 +55,16 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, seed: int | None = None, backend: str = "numba",
-                 max_batch_size: int = 8, activations: str = "mixed", providers: Sequence[str] | None = None,
-                 verbose: bool = False, warmup: bool = True):
+                 max_batch_size: int = 8, activations: str = "mixed", kv_cache_dtype: str = "auto",
+                 providers: Sequence[str] | None = None, verbose: bool = False, warmup: bool = True):
         _check_positive_int("n_ctx", n_ctx)
         _check_positive_int("max_batch_size", max_batch_size)
         if n_threads is not None:
             _check_positive_int("n_threads", n_threads)
         if backend not in BACKENDS:
             raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if kv_cache_dtype not in ("auto", "f16", "f32"):
+            raise InvalidParameterError(f"kv_cache_dtype must be 'auto', 'f16' or 'f32', got {kv_cache_dtype!r}")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
             raise InvalidParameterError(f"seed must be a non-negative integer or None, got {seed!r}")
         self.seed = seed
@@ -69,7 +75,7 @@ class LLM:
         if backend == "onnxruntime" or os.path.isdir(self.path) or self.path.endswith(".onnx"):
             self._load_onnx(n_ctx, n_slots, n_threads, providers)
         else:
-            self._load_gguf(n_ctx, n_slots, n_threads, activations)
+            self._load_gguf(n_ctx, n_slots, n_threads, activations, kv_cache_dtype)
         self.n_ctx = self.backend.n_ctx
         self.vocab_size = self.backend.vocab_size
         self.max_batch_size = max_batch_size
@@ -87,7 +93,7 @@ class LLM:
         self.load_seconds = time.perf_counter() - t0
 
     # -- loading -----------------------------------------------------------------------------------
-    def _load_gguf(self, n_ctx, n_slots, n_threads, activations):
+    def _load_gguf(self, n_ctx, n_slots, n_threads, activations, kv_cache_dtype):
         self.gguf = GGUFFile(self.path)
         self.config = config_from_gguf(self.gguf)
         self.metadata = self.gguf.metadata
@@ -103,7 +109,8 @@ class LLM:
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.chat_template = ChatTemplate.from_gguf(self.gguf)
-        self.backend = NumbaLlamaBackend(self.gguf, self.config, n_ctx, n_slots, n_threads, activations=activations)
+        self.backend = NumbaLlamaBackend(self.gguf, self.config, n_ctx, n_slots, n_threads, activations=activations,
+                                         kv_cache_dtype=kv_cache_dtype)
 
     def _load_onnx(self, n_ctx, n_slots, n_threads, providers):
         from .chat import ChatTemplate

@@ -1,11 +1,13 @@
 """Causal grouped-query attention over a KV cache, and the cache write.
 
 Cache layout for one layer:
-    k_cache float32 [n_slots, n_kv_heads, n_tiles, head_dim, KEY_TILE]: keys in tiles of KEY_TILE
+    k_cache [n_slots, n_kv_heads, n_tiles, head_dim, KEY_TILE]: keys in tiles of KEY_TILE
             positions, transposed (k_cache[s, h, i, d, p] is dimension d of the key at position
             i * KEY_TILE + p), so that the scores of KEY_TILE positions are one vector operation;
-    v_cache float32 [n_slots, n_kv_heads, n_ctx, head_dim]: one row per position.
-n_ctx is a multiple of KEY_TILE (`cache_shapes` rounds it up).
+    v_cache [n_slots, n_kv_heads, n_ctx, head_dim]: one row per position.
+n_ctx is a multiple of KEY_TILE (`cache_shapes` rounds it up). The elements are float32, or f16
+held as their uint16 bits (KV_DTYPES): half the memory, and half the memory traffic, which is
+what attention over many sequences is bound by. Everything here takes either.
 
 A batch of tokens is described per token: `slots[t]` (which sequence) and `positions[t]` (where
 in it). Token t attends to positions 0..positions[t] of its slot. This one description covers a
@@ -19,11 +21,14 @@ does a job when it can; otherwise the Numba loop below does (the reference).
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from kernels import native
+from kernels.quant import F16, F32, float_to_half_bits, half_bits_to_float
 
 KEY_TILE = 16   # positions per key tile
+KV_DTYPES = {"f32": np.float32, "f16": np.uint16}   # cache element types (f16 as its bits)
 
 
 def cache_shapes(n_layers, n_slots, n_kv_heads, n_ctx, head_dim):
@@ -33,35 +38,71 @@ def cache_shapes(n_layers, n_slots, n_kv_heads, n_ctx, head_dim):
             (n_layers, n_slots, n_kv_heads, n_tiles * KEY_TILE, head_dim))
 
 
+def _store(x, out):
+    """out[:] = x (float32, 1-D) in the element type of out (a cache row): float32, or f16 bits
+    rounded to nearest even (Numba-only; see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(_store)
+def _store_impl(x, out):
+    if out.dtype == types.uint16:
+        def store_f16(x, out):
+            if x.strides[0] == 4 and out.strides[0] == 2 and native.c_to_f16(x, out) == 0:
+                return                                              # the C kernel did it (AVX-512)
+            for i in range(x.shape[0]):
+                out[i] = float_to_half_bits(x[i])
+        return store_f16
+
+    def store_f32(x, out):
+        for i in range(x.shape[0]):
+            out[i] = x[i]
+    return store_f32
+
+
+def _load(value):
+    """A cache element as float32 (Numba-only; see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(_load)
+def _load_impl(value):
+    if value == types.uint16:
+        return lambda value: half_bits_to_float(value)
+    return lambda value: value
+
+
 @njit(cache=True, nogil=True)
 def write_kv(k, v, slots, positions, n_kv_heads, head_dim, k_cache, v_cache):
     """Store k, v [n_tok, n_kv_heads*head_dim] at (slots[t], :, positions[t]) of the caches."""
     n_tok = k.shape[0]
+    key = np.empty(head_dim, dtype=k_cache.dtype)     # one key in the cache's element type
     for t in range(n_tok):
         s = slots[t]
         p = positions[t]
         tile, lane = p // KEY_TILE, p % KEY_TILE
         for h in range(n_kv_heads):
+            _store(k[t, h * head_dim: (h + 1) * head_dim], key)
             for d in range(head_dim):
-                k_cache[s, h, tile, d, lane] = k[t, h * head_dim + d]
-                v_cache[s, h, p, d] = v[t, h * head_dim + d]
+                k_cache[s, h, tile, d, lane] = key[d]
+            _store(v[t, h * head_dim: (h + 1) * head_dim], v_cache[s, h, p])
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _attend_group(q_g, keys, values, n_pos, scores, out_g):
-    """The Numba form of lme_attention: q_g [group, head_dim] (pre-scaled) against keys
-    [n_tiles, head_dim, KEY_TILE] and values [n_ctx, head_dim] up to position n_pos - 1;
-    out_g [group, head_dim]. scores: scratch [n_tiles * KEY_TILE]."""
-    group, head_dim = q_g.shape
+def _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g):
+    """The Numba form of lme_attention: q_g [group * head_dim] (the group's query heads side by
+    side, pre-scaled) against keys [n_tiles, head_dim, KEY_TILE] and values [n_ctx, head_dim] up
+    to position n_pos - 1; out_g [group * head_dim]. scores: scratch of at least n_tiles * KEY_TILE."""
     n_tiles = (n_pos + KEY_TILE - 1) // KEY_TILE
     for g in range(group):
+        first = g * head_dim
         for i in range(n_tiles):
             for p in range(KEY_TILE):
                 scores[i * KEY_TILE + p] = 0.0
             for d in range(head_dim):
-                qd = q_g[g, d]
+                qd = q_g[first + d]
                 for p in range(KEY_TILE):
-                    scores[i * KEY_TILE + p] += qd * keys[i, d, p]
+                    scores[i * KEY_TILE + p] += qd * _load(keys[i, d, p])
         best = np.float32(-np.inf)
         for j in range(n_pos):
             best = max(best, scores[j])
@@ -72,13 +113,13 @@ def _attend_group(q_g, keys, values, n_pos, scores, out_g):
             total += e
         inv_total = np.float32(1.0) / total
         for d in range(head_dim):
-            out_g[g, d] = 0.0
+            out_g[first + d] = 0.0
         for j in range(n_pos):
             w = scores[j]
             for d in range(head_dim):
-                out_g[g, d] += w * values[j, d]
+                out_g[first + d] += w * _load(values[j, d])
         for d in range(head_dim):
-            out_g[g, d] *= inv_total
+            out_g[first + d] *= inv_total
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -90,7 +131,9 @@ def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_d
     """
     n_tok = q.shape[0]
     group = n_heads // n_kv_heads
-    scale = np.float32(1.0 / math.sqrt(head_dim))
+    kv_type = F16 if k_cache.itemsize == 2 else F32
+    scaled = q * np.float32(1.0 / math.sqrt(head_dim))       # a contiguous copy, pre-scaled
+    c_out = out.strides[1] == out.itemsize                   # rows of out are contiguous
     for job in prange(n_tok * n_kv_heads):
         t = job // n_kv_heads
         kv_head = job % n_kv_heads
@@ -98,14 +141,8 @@ def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_d
         values = v_cache[slots[t], kv_head]       # [n_ctx, head_dim]
         n_pos = positions[t] + 1
         first = kv_head * group * head_dim        # the group's columns in q and out
-        q_g = np.empty((group, head_dim), dtype=np.float32)   # contiguous and pre-scaled
-        for g in range(group):
-            for d in range(head_dim):
-                q_g[g, d] = q[t, first + g * head_dim + d] * scale
-        scores = np.empty((n_pos + KEY_TILE - 1) // KEY_TILE * KEY_TILE, dtype=np.float32)
-        out_g = np.empty((group, head_dim), dtype=np.float32)
-        if native.c_attention(q_g, group, head_dim, keys, values, n_pos, scores, out_g) != 0:
-            _attend_group(q_g, keys, values, n_pos, scores, out_g)
-        for g in range(group):
-            for d in range(head_dim):
-                out[t, first + g * head_dim + d] = out_g[g, d]
+        q_g = scaled[t, first: first + group * head_dim]
+        out_g = out[t, first: first + group * head_dim]
+        scores = np.empty(group * ((n_pos + KEY_TILE - 1) // KEY_TILE * KEY_TILE), dtype=np.float32)
+        if not c_out or native.c_attention(kv_type, q_g, group, head_dim, keys, values, n_pos, scores, out_g) != 0:
+            _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g)

@@ -426,12 +426,20 @@ def matmul(w_u8, w_type, n_rows, n_cols, x, out, act):
 # -- packed matrices (kernels/csrc/packed.c: 16 rows interleaved, for AVX-512 VNNI) -------------
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out):
-    """out float32 [n_tok, n_rows] = W x for W packed by `kernels.native.pack_q8` (p_u8 uint8) and
-    x given as n_terms (1 or 2) int8 terms: xq int8 [n_terms * n_tok, n_cols], xd, xs float32
-    [n_terms * n_tok, n_cols // 32], term j of token t in row j * n_tok + t (from
-    `quantize_activations` or `quantize_activations_x2`). Groups of 16 rows over threads.
-    Needs the C extension (packed matrices exist only where it is loaded)."""
+def _packed_groups(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_tok, group_terms, out):
+    """The C product over groups of 16 rows on threads; group g with group_terms[g] terms."""
+    n_groups = (n_rows + native.PACK_ROWS - 1) // native.PACK_ROWS
+    status = np.zeros(n_groups, dtype=np.int32)
+    for group in prange(n_groups):
+        row_begin = group * native.PACK_ROWS
+        status[group] = native.c_matmul_packed(w_type, p_u8, n_rows, n_cols, row_begin,
+                                               min(n_rows, row_begin + native.PACK_ROWS),
+                                               xq, xd, xs, n_tok, group_terms[group], out)
+    _raise_if_failed(status)
+
+
+@njit(cache=True, nogil=True)
+def _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out):
     n_tok = out.shape[0]
     if n_terms != 1 and n_terms != 2:
         raise ValueError("matmul_packed_q8: n_terms must be 1 or 2")
@@ -442,14 +450,49 @@ def matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out):
     if not (_is_contiguous(p_u8) and _is_contiguous(xq) and _is_contiguous(xd) and _is_contiguous(xs)
             and _is_contiguous(out)):
         raise ValueError("matmul_packed_q8: p_u8, xq, xd, xs and out must be C-contiguous")
+
+
+@njit(cache=True, nogil=True)
+def matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out):
+    """out float32 [n_tok, n_rows] = W x for W packed by `kernels.native.pack_q8` (p_u8 uint8) and
+    x given as n_terms (1 or 2) int8 terms: xq int8 [n_terms * n_tok, n_cols], xd, xs float32
+    [n_terms * n_tok, n_cols // 32], term j of token t in row j * n_tok + t (from
+    `quantize_activations` or `quantize_activations_x2`). Groups of 16 rows over threads.
+    Needs the C extension (packed matrices exist only where it is loaded)."""
+    _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out)
     n_groups = (n_rows + native.PACK_ROWS - 1) // native.PACK_ROWS
-    status = np.zeros(n_groups, dtype=np.int32)
-    for group in prange(n_groups):
-        row_begin = group * native.PACK_ROWS
-        status[group] = native.c_matmul_packed(w_type, p_u8, n_rows, n_cols, row_begin,
-                                               min(n_rows, row_begin + native.PACK_ROWS),
-                                               xq, xd, xs, n_tok, n_terms, out)
-    _raise_if_failed(status)
+    _packed_groups(p_u8, w_type, n_rows, n_cols, xq, xd, xs, out.shape[0],
+                   np.full(n_groups, n_terms, dtype=np.int64), out)
+
+
+@njit(cache=True, nogil=True)
+def matmul_packed_parts(p_u8, w_type, part_rows, n_cols, x, out, part_acts):
+    """out float32 [n_tok, sum(part_rows)] = W @ x.T for a packed W made of parts stacked by rows
+    (part i: part_rows[i] rows; every part but the last a whole number of 16-row groups), part i
+    with activation precision part_acts[i] (ACT_INT8 or ACT_INT8X2). x is quantized once, with
+    two terms if any part takes them (the first term is the one-term quantization), so fused
+    products such as q|k|v may mix precisions."""
+    n_rows = 0
+    n_terms = 1
+    for i in range(part_rows.shape[0]):
+        if part_acts[i] != ACT_INT8 and part_acts[i] != ACT_INT8X2:
+            raise ValueError("matmul_packed: act must be ACT_INT8 or ACT_INT8X2")
+        if i + 1 < part_rows.shape[0] and part_rows[i] % native.PACK_ROWS != 0:
+            raise ValueError("matmul_packed_parts: every part but the last must have whole 16-row groups")
+        if part_acts[i] == ACT_INT8X2:
+            n_terms = 2
+        n_rows += part_rows[i]
+    if x.ndim != 2 or x.shape[1] != n_cols or n_cols % QK != 0:
+        raise ValueError("matmul_packed: x must have shape (n_tok, n_cols), n_cols a multiple of 32")
+    xq, xd, xs = quantize_activations_x2(x) if n_terms == 2 else quantize_activations(x)
+    _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out)
+    group_terms = np.empty((n_rows + native.PACK_ROWS - 1) // native.PACK_ROWS, dtype=np.int64)
+    first = 0
+    for i in range(part_rows.shape[0]):
+        end = (first + part_rows[i] + native.PACK_ROWS - 1) // native.PACK_ROWS
+        group_terms[first // native.PACK_ROWS: end] = 2 if part_acts[i] == ACT_INT8X2 else 1
+        first += part_rows[i]
+    _packed_groups(p_u8, w_type, n_rows, n_cols, xq, xd, xs, x.shape[0], group_terms, out)
 
 
 @njit(cache=True, nogil=True)
@@ -457,13 +500,5 @@ def matmul_packed(p_u8, w_type, n_rows, n_cols, x, out, act):
     """out float32 [n_tok, n_rows] = W @ x.T for a packed W (see matmul_packed_q8) and x float32
     [n_tok, n_cols], activations quantized as `act` says (ACT_INT8 or ACT_INT8X2; packed
     matrices have no float path)."""
-    if x.ndim != 2 or x.shape[1] != n_cols or n_cols % QK != 0:
-        raise ValueError("matmul_packed: x must have shape (n_tok, n_cols), n_cols a multiple of 32")
-    if act == ACT_INT8X2:
-        xq, xd, xs = quantize_activations_x2(x)
-        matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, 2, out)
-    elif act == ACT_INT8:
-        xq, xd, xs = quantize_activations(x)
-        matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, 1, out)
-    else:
-        raise ValueError("matmul_packed: act must be ACT_INT8 or ACT_INT8X2")
+    matmul_packed_parts(p_u8, w_type, np.full(1, n_rows, dtype=np.int64), n_cols, x, out,
+                        np.full(1, act, dtype=np.int64))

@@ -11,8 +11,9 @@ nopython mode (`register_module` is done below, so `lib.lme_matmul_q8(ffi.from_b
 works in njit code), but it embeds the function's address in the compiled code, which makes that
 code uncacheable (and every Numba function that calls it). Our kernels instead call the C
 functions through named JIT symbols (`c_matmul_q8`, `c_matmul_f32`, `c_matmul_packed`,
-`c_attention`, `c_swiglu`, `c_quantize_row`, `c_native_available` below): compiled code refers to the name, and this module binds each name to an address when it
-is imported -- to the C function when the extension is loaded, otherwise to a Numba `cfunc`
+`c_attention`, `c_swiglu`, `c_quantize_row`, `c_to_f16`, `c_rope`, `c_native_available` below):
+compiled code refers to the name, and this module binds each name to an address when it is
+imported -- to the C function when the extension is loaded, otherwise to a Numba `cfunc`
 stand-in that returns LME_ERR_NO_NATIVE (the stand-in for `c_native_available` returns 0). So
 code cached on disk can always be loaded and run: it asks `c_native_available()` at run time
 and takes the Numba path in a process without the extension.
@@ -54,6 +55,7 @@ else:
         ffi, lib = _native.ffi, _native.lib
         lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
         lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention, lib.lme_swiglu, lib.lme_quantize_row
+        lib.lme_to_f16, lib.lme_rope
     except (ImportError, AttributeError) as exc:
         ffi = lib = None
         LOAD_ERROR = f"kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
@@ -95,11 +97,11 @@ def _stub_matmul_packed(w_type, p, p_len, n_rows, n_cols, row_begin, row_end, xq
     return ERR_NO_NATIVE
 
 
-_SIG_ATTENTION = types.int32(_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64)
+_SIG_ATTENTION = types.int32(_i64, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64)
 
 
 @cfunc(_SIG_ATTENTION, cache=True)
-def _stub_attention(q, q_len, group, head_dim, keys, keys_len, values, values_len, n_pos, scores,
+def _stub_attention(kv_type, q, q_len, group, head_dim, keys, keys_len, values, values_len, n_pos, scores,
                     scores_len, out, out_len):
     return ERR_NO_NATIVE
 
@@ -120,6 +122,22 @@ def _stub_quantize_row(x, x_len, xq, xq_len, xd, xd_len, xs, xs_len, rq, rq_len,
     return ERR_NO_NATIVE
 
 
+_SIG_TO_F16 = types.int32(_p, _i64, _p, _i64)
+
+
+@cfunc(_SIG_TO_F16, cache=True)
+def _stub_to_f16(x, x_len, out, out_len):
+    return ERR_NO_NATIVE
+
+
+_SIG_ROPE = types.int32(_p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _p, _i64)
+
+
+@cfunc(_SIG_ROPE, cache=True)
+def _stub_rope(x, x_len, n_heads, head_dim, rope_dim, neox, cos, cos_len, sin, sin_len):
+    return ERR_NO_NATIVE
+
+
 _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_native_available": ("lme_native_available", _stub_available),
     "lmengine_matmul_q8": ("lme_matmul_q8", _stub_matmul_q8),
@@ -128,6 +146,8 @@ _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_attention": ("lme_attention", _stub_attention),
     "lmengine_swiglu": ("lme_swiglu", _stub_swiglu),
     "lmengine_quantize_row": ("lme_quantize_row", _stub_quantize_row),
+    "lmengine_to_f16": ("lme_to_f16", _stub_to_f16),
+    "lmengine_rope": ("lme_rope", _stub_rope),
 }
 for _symbol, (_c_name, _stub) in _SYMBOLS.items():
     if HAVE_NATIVE:
@@ -154,19 +174,22 @@ def _lower_extern_call(builder, context, symbol, arg_types, args):
 
 
 INT = "int"                                      # an integer argument (passed as int64)
-U8_1D, I8_1D, I8_2D = (types.uint8, 1), (types.int8, 1), (types.int8, 2)
+U8_1D, I8_1D, I8_2D, U16_1D = (types.uint8, 1), (types.int8, 1), (types.int8, 2), (types.uint16, 1)
 F32_1D, F32_2D, F32_ANY = (types.float32, 1), (types.float32, 2), (types.float32, None)
+KV_ANY = ((types.float32, types.uint16), None)   # a KV cache array: float32, or f16 bits as uint16
 
 
 def _extern(symbol, arg_types, kinds):
     """(signature, codegen) of an intrinsic that calls the JIT symbol `symbol` with these
-    arguments, when their types match `kinds` (INT, or (dtype, ndim) for an array, ndim None for
-    any); None (no match: Numba reports a typing error) otherwise."""
+    arguments, when their types match `kinds` (INT, or (dtype, ndim) for an array, dtype a tuple
+    for several, ndim None for any); None (no match: Numba reports a typing error) otherwise."""
     for ty, kind in zip(arg_types, kinds, strict=True):
         if kind == INT:
             if not isinstance(ty, types.Integer):
                 return None
-        elif not (isinstance(ty, types.Array) and ty.dtype == kind[0] and kind[1] in (None, ty.ndim)):
+            continue
+        dtypes = kind[0] if isinstance(kind[0], tuple) else (kind[0],)
+        if not (isinstance(ty, types.Array) and ty.dtype in dtypes and kind[1] in (None, ty.ndim)):
             return None
 
     def codegen(context, builder, signature, args):
@@ -208,13 +231,28 @@ def c_matmul_packed(typingctx, w_type, p_u8, n_rows, n_cols, row_begin, row_end,
 
 
 @intrinsic
-def c_attention(typingctx, q, group, head_dim, keys, values, n_pos, scores, out):
+def c_attention(typingctx, kv_type, q, group, head_dim, keys, values, n_pos, scores, out):
     """lme_attention for one token and one kv head's group of query heads; returns its status
-    (0 = ok; negative, e.g. LME_ERR_ISA, when the caller must compute it). Arrays contiguous
-    float32: q [group * head_dim] pre-scaled, keys (tiles) and values of the slot's kv head,
-    scores scratch, out [group * head_dim]."""
-    return _extern("lmengine_attention", (q, group, head_dim, keys, values, n_pos, scores, out),
-                   (F32_ANY, INT, INT, F32_ANY, F32_ANY, INT, F32_ANY, F32_ANY))
+    (0 = ok; negative, e.g. LME_ERR_ISA, when the caller must compute it). Arrays contiguous: q
+    [group * head_dim] pre-scaled, scores scratch, out [group * head_dim] float32; keys (tiles)
+    and values of the slot's kv head, float32 (kv_type F32) or f16 bits as uint16 (kv_type F16)."""
+    return _extern("lmengine_attention", (kv_type, q, group, head_dim, keys, values, n_pos, scores, out),
+                   (INT, F32_ANY, INT, INT, KV_ANY, KV_ANY, INT, F32_ANY, F32_ANY))
+
+
+@intrinsic
+def c_to_f16(typingctx, x, out):
+    """lme_to_f16: float32 x -> f16 bits in uint16 out, both contiguous 1-D (the caller checks);
+    0 = done, else the caller converts."""
+    return _extern("lmengine_to_f16", (x, out), (F32_1D, U16_1D))
+
+
+@intrinsic
+def c_rope(typingctx, x, n_heads, head_dim, rope_dim, neox, cos, sin):
+    """lme_rope on one token's row x (float32 1-D, contiguous: the caller checks) with its cos,
+    sin (float32 1-D, contiguous); 0 = done, else the caller rotates."""
+    return _extern("lmengine_rope", (x, n_heads, head_dim, rope_dim, neox, cos, sin),
+                   (F32_1D, INT, INT, INT, INT, F32_1D, F32_1D))
 
 
 @intrinsic

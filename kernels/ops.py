@@ -61,10 +61,16 @@ def rope(x, cos, sin, n_heads, head_dim, rope_dim, neox):
 
     neox=False (ggml "normal", llama GGUFs): pairs (2i, 2i+1).
     neox=True  (qwen2, HF rotate_half):      pairs (i, i + rope_dim/2).
+    The C kernel (lme_rope, AVX-512) does a token when it can, with the same roundings as the
+    loop below (the reference).
     """
     n_tok = x.shape[0]
     half = rope_dim // 2
     for t in range(n_tok):
+        row, cos_t, sin_t = x[t], cos[t], sin[t]
+        if (row.strides[0] == 4 and cos_t.strides[0] == 4 and sin_t.strides[0] == 4
+                and native.c_rope(row, n_heads, head_dim, rope_dim, 1 if neox else 0, cos_t, sin_t) == 0):
+            continue
         for h in range(n_heads):
             base = h * head_dim
             for i in range(half):

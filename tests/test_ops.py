@@ -66,3 +66,41 @@ def test_activation_quantization_is_the_same_on_every_path(n_tok, n_cols):
                 native.set_isa(None)
         for other in results[1:]:
             assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_heads,head_dim,rope_dim", [(9, 64, 64), (3, 64, 64), (2, 128, 128), (4, 48, 32),
+                                                       (2, 80, 36)])
+def test_rope_matches_float64_and_is_the_same_on_every_path(neox, n_heads, head_dim, rope_dim):
+    """rope against a float64 rotation (1e-6 relative to the row's scale: one rounded product
+    pair and sum per value), and bit-identical on every path (the C kernel keeps the loop's
+    roundings), on a strided view as the forward passes it (q inside the q|k|v array)."""
+    from kernels.ops import rope, rope_angles, rope_inv_freq
+    rng = np.random.default_rng(n_heads * head_dim + rope_dim)
+    n_tok, width = 5, n_heads * head_dim
+    positions = np.array([0, 1, 17, 300, 4095])
+    cos, sin = rope_angles(positions, rope_inv_freq(rope_dim, 10000.0))
+    qkv = rng.standard_normal((n_tok, width + 24)).astype(np.float32) * 4
+    results = []
+    for isa in isas():
+        x = qkv.copy()[:, :width]
+        if isa is not None:
+            native.set_isa(isa)
+        try:
+            rope(x, cos, sin, n_heads, head_dim, rope_dim, neox)
+        finally:
+            if isa is not None:
+                native.set_isa(None)
+        results.append(x)
+    for other in results[1:]:
+        assert np.array_equal(other, results[0])
+    x64 = qkv[:, :width].astype(np.float64).reshape(n_tok, n_heads, head_dim)
+    angles = positions[:, None] * rope_inv_freq(rope_dim, 10000.0)[None, :]       # [n_tok, rope_dim/2]
+    c, s = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    half = rope_dim // 2
+    a = np.arange(half) if neox else 2 * np.arange(half)
+    b = a + half if neox else a + 1
+    expected = x64.copy()
+    expected[:, :, a] = x64[:, :, a] * c - x64[:, :, b] * s
+    expected[:, :, b] = x64[:, :, a] * s + x64[:, :, b] * c
+    assert np.abs(results[0].reshape(n_tok, n_heads, head_dim) - expected).max() <= 1e-6 * np.abs(x64).max()

@@ -294,6 +294,35 @@ def test_numba_entry_points_equal_one_c_call(n_terms):
         mm.matmul_packed_q8(p, w_type, n_rows, n_cols, xq, xd, xs, 3, threaded)
 
 
+def test_parts_of_mixed_precision_equal_separate_products():
+    """matmul_packed_parts on stacked matrices (q|k|v-like: 48, 16 and 16 rows, or a last part
+    with a partial group) gives each part exactly the product of that matrix alone at its own
+    precision (one term where ACT_INT8, two where ACT_INT8X2); a part boundary off a 16-row group
+    and a float precision are refused."""
+    n_cols, n_tok = 576, 5
+    x = make_x(n_tok, n_cols, seed=4)
+    for w_type in Q8_TYPES:
+        for part_rows, part_acts in (((48, 16, 16), (mm.ACT_INT8, mm.ACT_INT8X2, mm.ACT_INT8X2)),
+                                     ((32, 21), (mm.ACT_INT8X2, mm.ACT_INT8)),
+                                     ((16, 16), (mm.ACT_INT8, mm.ACT_INT8))):
+            raws = [make_raw(w_type, rows, n_cols, seed=w_type + i) for i, rows in enumerate(part_rows)]
+            stacked = native.pack_q8(np.concatenate(raws), w_type, sum(part_rows), n_cols)
+            out = np.full((n_tok, sum(part_rows)), np.nan, dtype=np.float32)
+            mm.matmul_packed_parts(stacked, w_type, np.array(part_rows), n_cols, x, out, np.array(part_acts))
+            first = 0
+            for raw, rows, act in zip(raws, part_rows, part_acts):
+                alone = np.full((n_tok, rows), np.nan, dtype=np.float32)
+                mm.matmul_packed(native.pack_q8(raw, w_type, rows, n_cols), w_type, rows, n_cols, x, alone, act)
+                np.testing.assert_array_equal(out[:, first: first + rows], alone)
+                first += rows
+    out = np.empty((n_tok, 40), dtype=np.float32)
+    p = native.pack_q8(make_raw(Q4_1, 40, n_cols, seed=1), Q4_1, 40, n_cols)
+    with pytest.raises(ValueError, match="16-row"):
+        mm.matmul_packed_parts(p, Q4_1, np.array([20, 20]), n_cols, x, out, np.array([mm.ACT_INT8] * 2))
+    with pytest.raises(ValueError, match="act"):
+        mm.matmul_packed_parts(p, Q4_1, np.array([16, 24]), n_cols, x, out, np.array([mm.ACT_INT8, mm.ACT_F32]))
+
+
 # -- 3. batch invariance ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_terms", (1, 2))

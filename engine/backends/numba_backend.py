@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import ContextLengthError, InvalidParameterError, TokenIdError
 from kernels import native
-from kernels.attention import KEY_TILE, cache_shapes
+from kernels.attention import KEY_TILE, KV_DTYPES, cache_shapes
 from kernels.matmul import ACT_F32, ACT_INT8, ACT_INT8X2
 
 from ..models.llama import LlamaWeights, llama_forward
@@ -20,34 +20,47 @@ PREFILL_CHUNK = 256
 
 # activations= choices: the activation precision of each matrix kind, in the order of
 # `llama_forward`'s `acts` (q, k, v, attn_output, ffn_gate, ffn_up, ffn_down, output).
-# "mixed": two int8 terms where rounding hurts most, one elsewhere: the q, k, v projections
-# (their errors go through the attention softmax, which amplifies them) and ffn_down (its input,
-# silu(gate) * up, has the largest outliers, so one 8-bit scale per block rounds the rest
-# coarsely). On zen.txt against float32, over four float summation orders: mean KL 0.0064-0.0071,
-# top-1 95.6-97.5%; "int8" 0.021-0.023 and 92-95%; llama.cpp 0.023 and 93.1%. It costs about 1.3x
-# "int8" in prompts and batched decode; single-stream decode (bound by reading the weights) is
-# as fast as "int8".
+# "mixed": two int8 terms for the k and v projections, one elsewhere. Measured on zen.txt against
+# float32 (f16 KV cache, three float summation orders: packed AVX-512, row-major AVX-512 and
+# AVX2), with the two-term choice made per matrix kind:
+#     two terms for           mean KL               top-1 (of 203)     multiply-adds over int8
+#     k, v ("mixed")          0.011-0.013           94.1-95.6%         +2%
+#     q, k, v, ffn_down       0.0056-0.0060         96.6-97.5%         +11%
+#     k, v, ffn_down          0.0079-0.0086         96.6-98.0%         +8%
+#     v                       0.011-0.012           94.1-95.6%         +1%
+#     none ("int8")           0.022-0.034           91.6-93.6%
+#     llama.cpp               0.023                 93.1%
+# Values carry most of the gain: their rounding goes straight into every later position's
+# attention output; keys' through the softmax. q, k, v, ffn_down was the default before; it costs
+# about 10% of batched-decode and prompt throughput (those are bound by the multiply-adds) for
+# half the KL of "mixed". Top-1 moves by a few tokens with any change of rounding in every mode. Single-stream decode (bound by reading the weights) is as fast in every
+# int8 mode. "int8x2" is float32-accurate (KL < 1e-4).
 ACTIVATIONS = {
-    "mixed": (ACT_INT8X2,) * 3 + (ACT_INT8,) * 3 + (ACT_INT8X2, ACT_INT8),
+    "mixed": (ACT_INT8, ACT_INT8X2, ACT_INT8X2) + (ACT_INT8,) * 5,
     "int8x2": (ACT_INT8X2,) * 8,
     "int8": (ACT_INT8,) * 8,
     "f32": (ACT_F32,) * 8,
 }
 
 
-def _lazy_zeros(shape):
-    """A float32 array of zeros whose memory is only taken as it is written, 4 KB at a time: an
+def _lazy_zeros(shape, dtype):
+    """An array of zeros whose memory is only taken as it is written, 4 KB at a time: an
     anonymous memory map. (np.zeros would do the same, but NumPy asks Linux for 2 MB huge pages
     on large arrays, so the first token of each (layer, slot, head) would take a whole 2 MB.)"""
-    n_bytes = max(int(np.prod(shape)) * 4, 1)
-    return np.frombuffer(mmap.mmap(-1, n_bytes), dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+    count = int(np.prod(shape))
+    n_bytes = max(count * np.dtype(dtype).itemsize, 1)
+    return np.frombuffer(mmap.mmap(-1, n_bytes), dtype=dtype, count=count).reshape(shape)
 
 
 class NumbaLlamaBackend(Backend):
     """KV-cached llama forward. `activations` picks the matrix products' arithmetic (see
-    ACTIVATIONS): "mixed" (default) two int8 terms per activation block for q, k, v and ffn_down,
-    one elsewhere; "int8x2" two terms everywhere (float32 accuracy); "int8" one term as llama.cpp does;
+    ACTIVATIONS): "mixed" (default) two int8 terms per activation block for k and v, one
+    elsewhere; "int8x2" two terms everywhere (float32 accuracy); "int8" one term as llama.cpp does;
     "f32" float32 activations against blocks decoded on the fly (the exact path).
+
+    `kv_cache_dtype`: the element type of the KV cache, "f16" (as llama.cpp's default: half the
+    memory, and half the memory traffic of attention, which dominates a batch of long sequences)
+    or "f32"; "auto" (default) is "f32" on the exact path (activations="f32") and "f16" elsewhere.
 
     `pack`: whether the int8 paths read the matrices in the 16-row packed layout (built at load,
     kernels/csrc/packed.c); None (default) packs where it pays, on CPUs with AVX-512 VNNI and the
@@ -56,7 +69,7 @@ class NumbaLlamaBackend(Backend):
     supports_rewind = True
 
     def __init__(self, gguf_file, config, n_ctx: int, n_slots: int = 1, n_threads: int | None = None,
-                 activations: str = "mixed", pack: bool | None = None):
+                 activations: str = "mixed", pack: bool | None = None, kv_cache_dtype: str = "auto"):
         self.config = config
         self.vocab_size = config.vocab_size
         self.n_ctx = int(n_ctx)
@@ -65,6 +78,11 @@ class NumbaLlamaBackend(Backend):
             raise InvalidParameterError(f"activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
         self.activations = activations
         self.acts = np.array(ACTIVATIONS[activations], dtype=np.int64)
+        if kv_cache_dtype == "auto":
+            kv_cache_dtype = "f32" if activations == "f32" else "f16"
+        if kv_cache_dtype not in KV_DTYPES:
+            raise InvalidParameterError(f"kv_cache_dtype must be one of {['auto', *KV_DTYPES]}, got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_cache_dtype
         if pack is None:
             pack = native.packs_well()
         self.packed = bool(pack) and ACT_F32 not in ACTIVATIONS[activations]
@@ -77,8 +95,8 @@ class NumbaLlamaBackend(Backend):
         # memory grows with the positions actually used (see _lazy_zeros).
         k_shape, v_shape = cache_shapes(config.n_layers, self.n_slots, config.n_kv_heads, self.n_ctx,
                                         config.head_dim)
-        self.k_cache = _lazy_zeros(k_shape)
-        self.v_cache = _lazy_zeros(v_shape)
+        self.k_cache = _lazy_zeros(k_shape, KV_DTYPES[kv_cache_dtype])
+        self.v_cache = _lazy_zeros(v_shape, KV_DTYPES[kv_cache_dtype])
         self.n_threads = None
         self.set_threads(n_threads)
 

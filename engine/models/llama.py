@@ -33,7 +33,7 @@ from numba import njit
 
 from kernels.attention import attention, write_kv
 from kernels import native
-from kernels.matmul import matmul, matmul_packed
+from kernels.matmul import matmul, matmul_packed, matmul_packed_parts
 from kernels.ops import add_bias, add_inplace, rmsnorm, rope, rope_angles, rope_inv_freq, swiglu
 from kernels.quant import dequantize, dequantize_row_into, row_bytes
 
@@ -217,6 +217,8 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
     gate_up = np.empty((n, 2 * ffn_dim), dtype=np.float32)
     hidden = np.empty((n, ffn_dim), dtype=np.float32)
     cos, sin = rope_angles(positions, inv_freq)   # [n, rope_dim // 2] each
+    qkv_rows = np.array([q_dim, kv_dim, kv_dim], dtype=np.int64)         # parts of the fused products
+    gate_up_rows = np.array([ffn_dim, ffn_dim], dtype=np.int64)
 
     # token embedding: one row of token_embd per token, decoded from its blocks
     for t in range(n):
@@ -229,8 +231,8 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
 
         # attention: x += W_o @ attention(rope(W_q xb), rope(W_k xb), W_v xb)
         rmsnorm(x, vecs[vo[ATTN_NORM]: vo[ATTN_NORM] + dim], norm_eps, xb)
-        if fused[layer, FUSED_QKV] and acts[ATTN_K] == acts[ATTN_Q] and acts[ATTN_V] == acts[ATTN_Q]:
-            matmul_packed(packed[pk[ATTN_Q]:], ty[ATTN_Q], q_dim + 2 * kv_dim, dim, xb, qkv, acts[ATTN_Q])
+        if fused[layer, FUSED_QKV]:
+            matmul_packed_parts(packed[pk[ATTN_Q]:], ty[ATTN_Q], qkv_rows, dim, xb, qkv, acts[ATTN_Q: ATTN_V + 1])
         else:
             _project_into(data, off[ATTN_Q], nb[ATTN_Q], packed, pk[ATTN_Q], ty[ATTN_Q], q_dim, dim, xb, q, acts[ATTN_Q])
             _project_into(data, off[ATTN_K], nb[ATTN_K], packed, pk[ATTN_K], ty[ATTN_K], kv_dim, dim, xb, k, acts[ATTN_K])
@@ -251,8 +253,9 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
         rmsnorm(x, vecs[vo[FFN_NORM]: vo[FFN_NORM] + dim], norm_eps, xb)
         gate = gate_up[:, :ffn_dim]
         up = gate_up[:, ffn_dim:]
-        if fused[layer, FUSED_GATE_UP] and acts[FFN_UP] == acts[FFN_GATE]:
-            matmul_packed(packed[pk[FFN_GATE]:], ty[FFN_GATE], 2 * ffn_dim, dim, xb, gate_up, acts[FFN_GATE])
+        if fused[layer, FUSED_GATE_UP]:
+            matmul_packed_parts(packed[pk[FFN_GATE]:], ty[FFN_GATE], gate_up_rows, dim, xb, gate_up,
+                                acts[FFN_GATE: FFN_UP + 1])
         else:
             _project_into(data, off[FFN_GATE], nb[FFN_GATE], packed, pk[FFN_GATE], ty[FFN_GATE],
                           ffn_dim, dim, xb, gate, acts[FFN_GATE])

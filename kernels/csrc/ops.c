@@ -8,8 +8,17 @@
  * `_quantize_row`, bit for bit): d = max|x| / 127, q = round-half-even(x * (1 / d)) (0 when
  * d = 0), s = d * sum(q); with a second term (r_len > 0), the same of the residual
  * x - d * q. No fused multiply-adds (-ffp-contract=off), so the float results equal Numba's.
+ *
+ * lme_to_f16: float32 -> f16 bits, rounded to nearest even (F16C's vcvtps2ph; kernels/quant.py's
+ * `float_to_half_bits`, bit for bit): the store of an f16 KV cache.
+ *
+ * lme_rope: rotary embedding of one token's heads in place (kernels/ops.py `rope`, bit for bit:
+ * x0 * c - x1 * s and x0 * s + x1 * c, each a rounded product and a rounded sum). Pairs
+ * (2i, 2i + 1) of each head ("normal", llama) or (i, i + rope_dim / 2) ("neox", qwen2).
  */
 #include "common.h"
+
+#define MAX_ROPE_DIM 512          /* lme_rope's SIMD path: rotated dims per head, at most */
 
 #if LME_X86
 TARGET_AVX512 static void swiglu_avx512(const float *gate, const float *up, float *out, int64_t n) {
@@ -85,6 +94,93 @@ int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_
 #if LME_X86
     if (lme_get_isa() == LME_ISA_AVX512) {
         swiglu_avx512(gate, up, out, gate_len);
+        return LME_OK;
+    }
+#endif
+    return LME_ERR_ISA;           /* the caller's loop does it */
+}
+
+#if LME_X86
+TARGET_AVX512 static void to_f16_avx512(const float *x, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 lanes = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m256i half = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(lanes, x + i),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16(out + i, lanes, half);
+    }
+}
+#endif
+
+int lme_to_f16(const float *x, int64_t x_len, uint16_t *out, int64_t out_len) {
+    if (x == NULL || out == NULL)
+        return LME_ERR_NULL;
+    if (out_len < x_len)
+        return LME_ERR_LENGTH;
+#if LME_X86
+    if (lme_get_isa() == LME_ISA_AVX512) {
+        to_f16_avx512(x, x_len, out);
+        return LME_OK;
+    }
+#endif
+    return LME_ERR_ISA;           /* the caller's loop does it */
+}
+
+#if LME_X86
+/* rope of one token, pairs (2i, 2i + 1): 16 floats = 8 pairs; with c2 = (c0 c0 c1 c1 ...) and
+ * s2 = (-s0 s0 -s1 s1 ...), x' = x * c2 + swap_pairs(x) * s2 */
+TARGET_AVX512 static void rope_normal_avx512(float *x, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
+                                             const float *cos, const float *sin) {
+    float c2[MAX_ROPE_DIM] ALIGN64, s2[MAX_ROPE_DIM] ALIGN64;
+    for (int64_t i = 0; i < rope_dim / 2; i++) {
+        c2[2 * i] = c2[2 * i + 1] = cos[i];
+        s2[2 * i] = -sin[i];
+        s2[2 * i + 1] = sin[i];
+    }
+    for (int64_t h = 0; h < n_heads; h++) {
+        float *head = x + h * head_dim;
+        for (int64_t i = 0; i < rope_dim; i += 16) {
+            const __mmask16 lanes = rope_dim - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (rope_dim - i)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(lanes, head + i);
+            const __m512 swapped = _mm512_permute_ps(v, 0xB1);                /* (x1 x0 x3 x2 ...) */
+            const __m512 out = _mm512_add_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, c2 + i)),
+                                             _mm512_mul_ps(swapped, _mm512_maskz_loadu_ps(lanes, s2 + i)));
+            _mm512_mask_storeu_ps(head + i, lanes, out);
+        }
+    }
+}
+
+/* rope of one token, pairs (i, i + half) */
+TARGET_AVX512 static void rope_neox_avx512(float *x, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
+                                           const float *cos, const float *sin) {
+    const int64_t half = rope_dim / 2;
+    for (int64_t h = 0; h < n_heads; h++) {
+        float *head = x + h * head_dim;
+        for (int64_t i = 0; i < half; i += 16) {
+            const __mmask16 lanes = half - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (half - i)) - 1);
+            const __m512 x0 = _mm512_maskz_loadu_ps(lanes, head + i), x1 = _mm512_maskz_loadu_ps(lanes, head + half + i);
+            const __m512 c = _mm512_maskz_loadu_ps(lanes, cos + i), s = _mm512_maskz_loadu_ps(lanes, sin + i);
+            _mm512_mask_storeu_ps(head + i, lanes, _mm512_sub_ps(_mm512_mul_ps(x0, c), _mm512_mul_ps(x1, s)));
+            _mm512_mask_storeu_ps(head + half + i, lanes, _mm512_add_ps(_mm512_mul_ps(x0, s), _mm512_mul_ps(x1, c)));
+        }
+    }
+}
+#endif
+
+int lme_rope(float *x, int64_t x_len, int64_t n_heads, int64_t head_dim, int64_t rope_dim, int64_t neox,
+             const float *cos, int64_t cos_len, const float *sin, int64_t sin_len) {
+    if (n_heads < 0 || head_dim <= 0 || rope_dim < 0 || rope_dim > head_dim || rope_dim % 2 != 0
+        || n_heads > INT64_MAX / head_dim)
+        return LME_ERR_SHAPE;
+    if (x == NULL || cos == NULL || sin == NULL)
+        return LME_ERR_NULL;
+    if (x_len < n_heads * head_dim || cos_len < rope_dim / 2 || sin_len < rope_dim / 2)
+        return LME_ERR_LENGTH;
+#if LME_X86
+    if (lme_get_isa() == LME_ISA_AVX512 && rope_dim <= MAX_ROPE_DIM) {
+        if (neox)
+            rope_neox_avx512(x, n_heads, head_dim, rope_dim, cos, sin);
+        else
+            rope_normal_avx512(x, n_heads, head_dim, rope_dim, cos, sin);
         return LME_OK;
     }
 #endif

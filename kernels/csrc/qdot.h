@@ -83,11 +83,12 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
 
 /* Attention of one token for the `group` query heads sharing one kv head (attention.c):
  * q [group * head_dim] (pre-scaled by 1/sqrt(head_dim)), keys [ceil(n_pos/16) tiles][head_dim][16]
- * (transposed tiles of 16 positions), values [n_pos][head_dim], scores: scratch of
- * ceil(n_pos/16)*16 floats; out [group * head_dim]. LME_ERR_ISA when this CPU or head_dim has no
- * SIMD path (AVX-512 with head_dim 32, 64 or 128): the caller computes it itself. */
-int lme_attention(const float *q, int64_t q_len, int64_t group, int64_t head_dim,
-                  const float *keys, int64_t keys_len, const float *values, int64_t values_len,
+ * (transposed tiles of 16 positions), values [n_pos][head_dim], both of kv_type LME_TYPE_F32 or
+ * LME_TYPE_F16 (lengths in elements), scores: scratch of group * ceil(n_pos/16)*16 floats;
+ * out [group * head_dim]. LME_ERR_ISA when this CPU or head_dim has no SIMD path (AVX-512 with
+ * head_dim 32, 64 or 128): the caller computes it itself. */
+int lme_attention(int64_t kv_type, const float *q, int64_t q_len, int64_t group, int64_t head_dim,
+                  const void *keys, int64_t keys_len, const void *values, int64_t values_len,
                   int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len);
 
 /* out[i] = silu(gate[i]) * up[i] for i < gate_len (ops.c); LME_ERR_ISA without AVX-512. */
@@ -100,5 +101,16 @@ int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_
 int lme_quantize_row(const float *x, int64_t x_len, int8_t *xq, int64_t xq_len, float *xd, int64_t xd_len,
                      float *xs, int64_t xs_len, int8_t *rq, int64_t rq_len, float *rd, int64_t rd_len,
                      float *rs, int64_t rs_len);
+
+/* out[i] = the f16 bits of x[i] for i < x_len, rounded to nearest even (ops.c); LME_ERR_ISA
+ * without AVX-512. */
+int lme_to_f16(const float *x, int64_t x_len, uint16_t *out, int64_t out_len);
+
+/* Rotary embedding of one token in place (ops.c; kernels/ops.py `rope`, bit for bit): x
+ * [n_heads * head_dim], the first rope_dim dims of each head rotated by the angles whose cos, sin
+ * [rope_dim / 2] are given; pairs (2i, 2i + 1), or (i, i + rope_dim / 2) with neox != 0.
+ * LME_ERR_ISA without AVX-512 (or rope_dim > 512). */
+int lme_rope(float *x, int64_t x_len, int64_t n_heads, int64_t head_dim, int64_t rope_dim, int64_t neox,
+             const float *cos, int64_t cos_len, const float *sin, int64_t sin_len);
 
 #endif
