@@ -14,9 +14,10 @@
  * The exponential is common.h's exp512 (a polynomial, relative error ~2e-7, as expf).
  *
  * Memory: in a batch of many sequences the caches are far larger than the CPU caches, so reading
- * them is what costs. Each tile of keys, and each run of 16 value rows, is read from memory
- * once for all the group's heads (f16 values are converted as they are loaded). Software
- * prefetching, of the next tiles or of the next job's, measured no faster (or slower).
+ * them is what costs. Each key tile and each value row is loaded once for up to 4 heads of the
+ * group (2 with head_dim 128: the accumulators must fit in registers), f16 values converted as
+ * they are loaded. Software prefetching, of the next tiles or of the next job's, measured no
+ * faster (or slower).
  */
 #include "common.h"
 
