@@ -11,7 +11,7 @@ Steps:
     already holds one (model.onnx + genai_config.json).
  3. Run a fixed prompt (prefill, every position's logits) and --steps greedy decode steps on
     CPUExecutionProvider and on the device provider (CUDAExecutionProvider), both through
-    engine.backends.ort_backend.OrtBackend (KV cache kept on the device with IO binding), and
+    lmengine.backends.ort_backend.OrtBackend (KV cache kept on the device with IO binding), and
     compare the logits: relative error (max |a - b| / max |b|) against --tol.
  4. Decode throughput on the device for each --batch size (default 1 and 16): every sequence
     prefilled with the prompt, then --steps decode steps of the whole batch, tok/s = batch * steps
@@ -75,7 +75,7 @@ def install(args) -> int:
 
 
 def export(args, weights: str, contrib: int) -> str:
-    from engine.export import export_onnx_model
+    from lmengine.export import export_onnx_model
     out = os.path.join(args.out, f"{weights}_{'contrib' if contrib else 'standard'}")
     if not os.path.isfile(os.path.join(out, "genai_config.json")):
         t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def export(args, weights: str, contrib: int) -> str:
 def prompt_tokens(model_dir: str) -> list:
     """PROMPT through the export's tokenizer; 40 fixed ids when the export has none."""
     if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-        from engine.tokenizer import Tokenizer
+        from lmengine.tokenizer import Tokenizer
         return Tokenizer.from_pretrained_dir(model_dir).encode(PROMPT)
     with open(os.path.join(model_dir, "genai_config.json"), encoding="utf-8") as f:
         vocab_size = json.load(f)["model"]["vocab_size"]
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
         return install(args)
     import onnxruntime as ort
 
-    from engine.backends.ort_backend import OrtBackend
-    from engine.errors import LMEngineError
+    from lmengine.backends.ort_backend import OrtBackend
+    from lmengine.errors import LMEngineError
     device = "CPUExecutionProvider" if args.cpu_only else args.provider
     available = ort.get_available_providers()
     print(f"onnxruntime {ort.__version__}, providers: {', '.join(available)}", flush=True)

@@ -27,9 +27,9 @@ import numba
 import numpy as np
 import pytest
 
-from kernels import matmul as mm
-from kernels import native
-from kernels.quant import Q4_1, Q8_0, quantize
+from lmengine.kernels import matmul as mm
+from lmengine.kernels import native
+from lmengine.kernels.quant import Q4_1, Q8_0, quantize
 
 MATRICES = {"small": (Q4_1, 576, 1536), "vocab": (Q8_0, 49152, 576), "big": (Q4_1, 110592, 1536)}
 PATHS = ("c_packed", "c_q8", "numba_q8", "c_f32", "numba_f32")
@@ -120,7 +120,7 @@ def _time_once(kernel, args):
 @pytest.mark.parametrize("position", [128, 1024])
 @pytest.mark.parametrize("n_seqs", [1, 16])
 def test_attention_throughput(benchmark, n_seqs, position, n_threads):
-    from kernels.attention import attention, cache_shapes
+    from lmengine.kernels.attention import attention, cache_shapes
     n_heads, n_kv_heads, head_dim = 9, 3, 64
     rng = np.random.default_rng(2)
     k_shape, v_shape = cache_shapes(1, n_seqs, n_kv_heads, position + 1, head_dim)

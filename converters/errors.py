@@ -1,7 +1,7 @@
 """Exceptions for model files and conversions.
 
-They live here because `converters` must not import `engine`; `engine.errors` re-exports them,
-so users import everything from `engine.errors`.
+They live here because `converters` must not import `engine`; `lmengine.errors` re-exports them,
+so users import everything from `lmengine.errors`.
 """
 
 
@@ -37,9 +37,33 @@ class TensorShapeError(ModelFileError):
     """A tensor whose shape disagrees with the model config, or a missing tensor."""
 
 
+class CorruptTensorError(ModelFileError):
+    """A tensor whose blocks hold values no model has: NaN or inf scales."""
+
+
 class MetadataError(ModelFileError):
     """A metadata key that is missing or holds a value of the wrong type."""
 
 
 class ConversionError(LMEngineError, ValueError):
     """A source model (Keras, PyTorch, HF) that cannot be converted."""
+
+
+class QuantizeError(ConversionError):
+    """`lmengine quantize` cannot do what was asked."""
+
+
+class UnknownFileTypeError(QuantizeError):
+    """An output type name `lmengine quantize` does not write."""
+
+
+class RequantizeError(QuantizeError):
+    """A source tensor in a lossy (block) type would be quantized again without allow_requantize."""
+
+
+class DestinationExistsError(QuantizeError):
+    """DST exists and force was not given."""
+
+
+class DiskFullError(QuantizeError):
+    """The destination's file system has no room for the output."""

@@ -1,7 +1,7 @@
 """Read a GGUF file through a memory map: metadata, tensor infos, zero-copy views of tensor blocks.
 
 Every length, offset and count is checked against the file size before it is used, and every
-failure is a `converters.errors` exception that names the file and the field or tensor. Type ids
+failure is a `lmengine.converters.errors` exception that names the file and the field or tensor. Type ids
 and block sizes come from the `gguf` package (the format's own library).
 
 Shapes are given in NumPy order (rows first): a ggml tensor with ne = [576, 49152] (576 values per

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from kernels.quant import quantize
+from lmengine.kernels.quant import quantize
 
 from .errors import ConversionError
 

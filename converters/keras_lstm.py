@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConversionError
-from .lstm_gguf import LSTMLayerWeights, LSTMWeights, _stderr, load_description, load_vocabulary, write_lstm_gguf
+from .lstm_gguf import LSTMLayerWeights, LSTMWeights, load_description, load_vocabulary, print_progress, write_lstm_gguf
 
 NO_OP_LAYERS = ("InputLayer", "Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout")
 HEAD_ACTIVATIONS = {None: "linear", "linear": "linear", "softmax": "softmax", "log_softmax": "log_softmax"}
@@ -255,9 +255,9 @@ def _plan_from_arrays(arrays: dict, desc: dict, say):
 
 
 def convert_keras(path, out_path, vocab=None, description=None, out_type: str = "F32", name: str = "",
-                  progress: Callable | None = _stderr) -> dict:
+                  progress: Callable | None = print_progress) -> dict:
     """Convert a Keras LSTM LM file (.keras, .h5, .weights.h5) to GGUF. `vocab`: the vocabulary
-    (JSON path, list, dict or Vocabulary; see converters.lstm_gguf.load_vocabulary), or "vocab" in
+    (JSON path, list, dict or Vocabulary; see lmengine.converters.lstm_gguf.load_vocabulary), or "vocab" in
     the description (a dict or JSON path: {"output_activation": ..., "vocab": ...})."""
     say = progress or (lambda msg: None)
     desc = load_description(description)

@@ -382,7 +382,8 @@ def load_description(description) -> dict:
 
 # --- writer -----------------------------------------------------------------------------------
 
-def _stderr(msg: str) -> None:
+def print_progress(msg: str) -> None:
+    """The converters' default progress callback: one line on stderr."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -399,7 +400,7 @@ def encode_tensor(a: np.ndarray, out_type: str):
 
 
 def write_lstm_gguf(path, weights: LSTMWeights, vocab: Vocabulary, out_type: str = "F32", name: str = "",
-                    progress: Callable | None = _stderr) -> dict:
+                    progress: Callable | None = print_progress) -> dict:
     """Write `weights` and `vocab` as a GGUF file of architecture `lstm`. Returns a summary dict
     (tensor name -> ggml type, bytes written). `progress` receives one line per step (None: silent)."""
     import gguf
@@ -460,24 +461,17 @@ def _add_vocabulary(writer, vocab: Vocabulary) -> None:
 
 # --- one entry point for the CLI ----------------------------------------------------------------
 
-KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-
-def is_lstm_source(path) -> bool:
-    """Whether `lmengine convert` should hand this file to the LSTM converters."""
-    return os.fspath(path).lower().endswith(KERAS_SUFFIXES + TORCH_SUFFIXES)
-
-
-def convert_lstm_model(src, dst, vocab=None, description=None, out_type: str = "F32", name: str = "",
-                       progress: Callable | None = _stderr) -> dict:
-    """Convert a Keras file (.keras, .h5, .weights.h5) or a PyTorch state_dict (.pt, .pth, .bin, .ckpt)
-    of an LSTM language model to GGUF `dst`. See converters/keras_lstm.py and converters/torch_lstm.py."""
-    path = os.fspath(src)
-    if path.lower().endswith(KERAS_SUFFIXES):
-        from .keras_lstm import convert_keras
-        return convert_keras(path, dst, vocab, description, out_type, name, progress)
-    if path.lower().endswith(TORCH_SUFFIXES):
-        from .torch_lstm import convert_torch_lstm
-        return convert_torch_lstm(path, dst, vocab, description, out_type, name, progress)
-    raise ConversionError(f"{path}: not a Keras (.keras, .h5) or PyTorch (.pt, .pth, .bin, .ckpt) LSTM model file")
+def dequantized_tensor(f, name: str) -> np.ndarray:
+    """Tensor `name` of an open GGUFFile as float32 in its NumPy shape (decoded by the gguf
+    package), for exporters that re-encode the weights."""
+    import gguf
+    info = f.tensors.get(name)
+    if info is None:
+        raise ConversionError(f"{f.path}: tensor {name!r} is missing")
+    raw = np.asarray(f.tensor_bytes(name))
+    if info.type_name == "F32":
+        return raw.view(np.float32).reshape(info.shape).copy()
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+    values = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType(info.type_id))
+    return np.asarray(values, dtype=np.float32).reshape(info.shape)

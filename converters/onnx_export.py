@@ -65,8 +65,8 @@ def export_onnx(gguf_file, config, out_dir: str, weights: str = "f32", use_contr
                 accuracy_level: int = 0, max_positions: int | None = None,
                 progress: Callable[[str], None] | None = None) -> str:
     """Write `out_dir`/model.onnx (+ model.onnx.data when the weights pass 2 GiB) and
-    `out_dir`/genai_config.json for the GGUF `gguf_file` (a converters.gguf_file.GGUFFile) whose
-    decoder is described by `config` (engine.config.TransformerConfig or anything with its fields).
+    `out_dir`/genai_config.json for the GGUF `gguf_file` (a lmengine.converters.gguf_file.GGUFFile) whose
+    decoder is described by `config` (lmengine.config.TransformerConfig or anything with its fields).
 
     weights: "f32" or "int4". accuracy_level: MatMulNBits' activation precision for 4-bit blocks
     (0: float32, the same numbers as dequantizing the GGUF; 4: activations quantized to int8 per

@@ -31,25 +31,12 @@ import numpy as np
 from . import lstm_gguf as layout
 from .errors import ConversionError
 from .gguf_file import GGUFFile
-from .lstm_gguf import _stderr
+from .lstm_gguf import dequantized_tensor, print_progress
 
 OPSET = 17
 META_CONFIG = "lmengine.lstm"
 META_TOKENIZER = "lmengine.tokenizer"
 MODEL_FILE = "model.onnx"
-
-
-def _dequantized(f: GGUFFile, name: str) -> np.ndarray:
-    import gguf
-    info = f.tensors.get(name)
-    if info is None:
-        raise ConversionError(f"{f.path}: tensor {name!r} is missing")
-    raw = np.asarray(f.tensor_bytes(name))
-    if info.type_name == "F32":
-        return raw.view(np.float32).reshape(info.shape).copy()
-    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
-    values = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType(info.type_id))
-    return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
 
 def _lstm_metadata(f: GGUFFile) -> tuple:
@@ -79,14 +66,14 @@ def build_lstm_onnx(f: GGUFFile, progress: Callable | None = None):
     def init(name, array):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
 
-    init("token_embd", _dequantized(f, layout.TOKEN_EMBD))
+    init("token_embd", dequantized_tensor(f, layout.TOKEN_EMBD))
     nodes.append(helper.make_node("Gather", ["token_embd", "input_ids"], ["embedded"], axis=0))   # [b, s, E]
     nodes.append(helper.make_node("Transpose", ["embedded"], ["x.0"], perm=[1, 0, 2]))           # [s, b, E]
     inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "direction_axis"))
     for l, h in enumerate(hidden):
-        w = layout.reorder_gates(_dequantized(f, layout.lstm_ih(l)), "canonical", "onnx")           # [4H, n_in]
-        r = layout.reorder_gates(_dequantized(f, layout.lstm_hh(l)), "canonical", "onnx")           # [4H, H]
-        b = layout.reorder_gates(_dequantized(f, layout.lstm_bias(l)), "canonical", "onnx")         # [4H]
+        w = layout.reorder_gates(dequantized_tensor(f, layout.lstm_ih(l)), "canonical", "onnx")           # [4H, n_in]
+        r = layout.reorder_gates(dequantized_tensor(f, layout.lstm_hh(l)), "canonical", "onnx")           # [4H, H]
+        b = layout.reorder_gates(dequantized_tensor(f, layout.lstm_bias(l)), "canonical", "onnx")         # [4H]
         init(f"lstm.{l}.W", w[None])
         init(f"lstm.{l}.R", r[None])
         init(f"lstm.{l}.B", np.concatenate([b, np.zeros_like(b)])[None])                           # Wb ++ Rb
@@ -97,8 +84,8 @@ def build_lstm_onnx(f: GGUFFile, progress: Callable | None = None):
         nodes.append(helper.make_node("Squeeze", [f"y.{l}", "direction_axis"], [f"x.{l + 1}"]))   # [s, b, H]
         say(f"layer {l}: LSTM hidden {h}")
     top = f"x.{len(hidden)}"
-    init("output.weight_t", _dequantized(f, layout.OUTPUT).T)                                       # [H, V]
-    init("output.bias", _dequantized(f, layout.OUTPUT_BIAS))
+    init("output.weight_t", dequantized_tensor(f, layout.OUTPUT).T)                                       # [H, V]
+    init("output.bias", dequantized_tensor(f, layout.OUTPUT_BIAS))
     nodes.append(helper.make_node("Transpose", [top], ["top"], perm=[1, 0, 2]))                     # [b, s, H]
     nodes.append(helper.make_node("MatMul", ["top", "output.weight_t"], ["logits_nobias"]))
     nodes.append(helper.make_node("Add", ["logits_nobias", "output.bias"], ["logits"]))
@@ -119,7 +106,7 @@ def build_lstm_onnx(f: GGUFFile, progress: Callable | None = None):
     return model
 
 
-def export_lstm_onnx(gguf_path, out_dir, progress: Callable | None = _stderr) -> str:
+def export_lstm_onnx(gguf_path, out_dir, progress: Callable | None = print_progress) -> str:
     """Write `out_dir/model.onnx` for the GGUF `lstm` model; returns its path."""
     import onnx
     say = progress or (lambda msg: None)

@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConversionError
-from .lstm_gguf import LSTMLayerWeights, LSTMWeights, _stderr, load_description, load_vocabulary, write_lstm_gguf
+from .lstm_gguf import (LSTMLayerWeights, LSTMWeights, dequantized_tensor, load_description, load_vocabulary,
+                        print_progress, write_lstm_gguf)
 
 _LSTM_KEY = re.compile(r"^(.*?)(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
 _EMBEDDING_HINTS = ("emb", "encoder", "wte", "token")
@@ -172,9 +173,9 @@ def lstm_weights_from_state_dict(sd: dict, description=None) -> LSTMWeights:
 
 
 def convert_torch_lstm(source, out_path, vocab=None, description=None, out_type: str = "F32", name: str = "",
-                       progress: Callable | None = _stderr) -> dict:
+                       progress: Callable | None = print_progress) -> dict:
     """Convert a PyTorch LSTM LM state_dict (file or dict) to GGUF. `vocab`: a vocabulary (JSON path,
-    list, dict or converters.lstm_gguf.Vocabulary; see load_vocabulary), or inside the description."""
+    list, dict or lmengine.converters.lstm_gguf.Vocabulary; see load_vocabulary), or inside the description."""
     say = progress or (lambda msg: None)
     desc = load_description(description)
     say(f"reading {source if isinstance(source, (str, os.PathLike)) else 'state dict'}")
@@ -194,10 +195,9 @@ def torch_lstm_from_gguf(gguf_path):
     kernels with. `lstm` is a list of single-layer nn.LSTM (hidden sizes may differ per layer)."""
     import torch
     from . import lstm_gguf as layout
-    from .onnx_lstm import _dequantized
     from .gguf_file import GGUFFile
     f = GGUFFile(gguf_path)
-    t = lambda name: torch.from_numpy(_dequantized(f, name))   # noqa: E731
+    t = lambda name: torch.from_numpy(dequantized_tensor(f, name))   # noqa: E731
     embedding = torch.nn.Embedding.from_pretrained(t(layout.TOKEN_EMBD), freeze=True)
     layers = []
     for l in range(int(f.get(layout.KEY_BLOCK_COUNT))):

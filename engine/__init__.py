@@ -1,10 +1,21 @@
 """lmengine: a performance-focused LLM inference engine for CPU-only machines.
 
-    from engine import LLM, SamplingParams
+    from lmengine import LLM, SamplingParams
     llm = LLM("smollm2")
     print(llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=32)).text)
 """
-from .errors import LMEngineError
+import os as _os
+
+from .kernels import jit_cache as _jit_cache
+
+# Compiled code is cached on disk; a cached caller must never keep an old copy of a kernel it
+# inlined. The forward passes in models/ and backends/ compile the kernels into themselves, so
+# their sources are part of the fingerprint. This runs before anything loads a cached function.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_jit_cache.purge_stale_cache([_os.path.dirname(_os.path.abspath(_jit_cache.__file__)),
+                              _os.path.join(_here, "models"), _os.path.join(_here, "backends")])
+
+from .errors import LMEngineError  # noqa: E402
 from .generator import Completion, Generator, StreamChunk
 from .llm import LLM
 from .params import SamplingParams

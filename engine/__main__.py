@@ -1,4 +1,4 @@
-"""`python -m engine ...` is the `lmengine` command line."""
+"""`python -m lmengine ...` is the `lmengine` command line."""
 import sys
 
 from .cli import main

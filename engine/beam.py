@@ -61,7 +61,8 @@ def beam_search(llm, prompt_ids: list[int], params) -> Completion:
                 logprobs = _log_softmax(logits)                        # [n_beams, vocab]
                 candidates = []
                 for b, row in zip(beams, logprobs):
-                    top = np.argpartition(row, -2 * width)[-2 * width:]
+                    k = min(2 * width, row.size)   # candidates per beam (a vocabulary may be smaller)
+                    top = np.argpartition(row, -k)[-k:]
                     candidates += [(b.logprob + row[t], b, int(t)) for t in top]
                 candidates.sort(key=lambda c: -c[0])
                 children, used_parents = [], {}

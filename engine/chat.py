@@ -139,7 +139,7 @@ class ChatTemplate:
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> "ChatTemplate":
-        """The template an `engine.tokenizer.Tokenizer` carries, ChatML when it has none."""
+        """The template an `lmengine.tokenizer.Tokenizer` carries, ChatML when it has none."""
         if tokenizer.chat_template:
             return cls(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
                        name=f"{tokenizer.source}:chat_template")

@@ -126,7 +126,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from converters.gguf_file import GGUFFile
+    from lmengine.converters.gguf_file import GGUFFile
 
     from .config import config_from_gguf
     from .models.registry import resolve_model
@@ -167,8 +167,34 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from lmengine.converters.quantize import quantize_gguf
+    tty = sys.stderr.isatty()
+
+    def show(p) -> None:
+        if tty:     # one line, redrawn: a progress bar
+            print(f"\r{str(p)[:150]:150s}", end="\n" if p.tensor_done and p.index == p.n_tensors else "",
+                  file=sys.stderr, flush=True)
+        elif p.tensor_done:
+            print(p, file=sys.stderr, flush=True)
+
+    def warn(msg: str) -> None:
+        print(("\n" if tty else "") + f"warning: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    types = quantize_gguf(args.source, args.dest, args.type, pure=args.pure,
+                          allow_requantize=args.allow_requantize, force=args.force, progress=show, warn=warn)
+    counts: dict = {}
+    for type_name in types.values():
+        counts[type_name] = counts.get(type_name, 0) + 1
+    summary = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    print(f"wrote {args.dest} ({os.path.getsize(args.dest):,d} bytes; tensors: {summary}) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench.runner import run_bench
     run_bench(args)
     return 0
 
@@ -208,8 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", default=None, help="LSTM vocabulary: a JSON list of tokens, or a text file (one token a line)")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("quantize", help="requantize a GGUF file (F32/F16/BF16 in) to Q4_K_M, Q8_0, IQ4_XS, ...")
+    p.add_argument("source", help="input .gguf file (F32, F16 or BF16; a quantized one with --allow-requantize)")
+    p.add_argument("dest", help="output .gguf file")
+    p.add_argument("type", help="Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, "
+                                "IQ4_NL, IQ4_XS (or F16, BF16, F32); per-tensor types as llama.cpp's quantizer")
+    p.add_argument("--pure", action="store_true", help="every matrix in TYPE (no mix; output and embeddings too)")
+    p.add_argument("--allow-requantize", action="store_true", help="allow tensors already in a quantized type")
+    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("bench", help="measure prefill/decode tok/s, TTFT, start times, RSS; compare with peers")
-    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--model", "-m", nargs="+", default=None,
+                   help="GGUF files (or bundled names) to measure, one row per file and engine (default: smollm2)")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold-start run (empty Numba cache)")
     p.add_argument("--backend", choices=("numba", "onnxruntime"), default="numba")
     p.add_argument("--onnx-dir", default=None, help="ONNX export to use with --backend onnxruntime")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from converters.gguf_file import GGUFFile
+import numpy as np
 
-from .errors import MetadataError, TensorShapeError, UnsupportedArchitectureError
+from lmengine.converters import lstm_gguf as layout
+from lmengine.converters.gguf_file import GGUFFile
+from lmengine.kernels import quant
+from lmengine.kernels.blockcheck import check_finite_scales
+
+from .errors import (CorruptTensorError, MetadataError, TensorShapeError, UnsupportedArchitectureError,
+                     UnsupportedQuantTypeError)
 
 TRANSFORMER_ARCHS = ("llama", "qwen2")
 
@@ -123,6 +129,8 @@ def transformer_config(f: GGUFFile) -> TransformerConfig:
     if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
         raise MetadataError(f"{f.path}: rope.dimension_count {cfg.rope_dim} must be even and <= head_dim {cfg.head_dim}")
     check_shapes(f, cfg.expected_shapes())
+    for name in cfg.expected_shapes():
+        _check_blocks(f, name)      # every weight's type is one the kernels read: fail at load, naming it
     return cfg
 
 
@@ -154,8 +162,106 @@ def config_from_gguf(f: GGUFFile):
         f"{f.path}: architecture {arch!r} is not supported (supported: {', '.join(TRANSFORMER_ARCHS + ('lstm',))})")
 
 
-# --- LSTM language models (section owned by the LSTM work; see engine/models/lstm.py) ---------
+# --- LSTM language models (the layout: converters/lstm_gguf.py; the weights: models/lstm.py) ---
 
-def lstm_config(f: GGUFFile):
-    from .models.lstm import LSTMConfig  # the LSTM module defines its own dataclass
+@dataclass(frozen=True)
+class LSTMConfig:
+    """An LSTM language model: Embedding -> n_layers stacked LSTM layers -> Linear head."""
+
+    vocab_size: int             # lstm.vocab_size (rows of token_embd and output)
+    emb_dim: int                # lstm.embedding_length
+    hidden_sizes: tuple         # lstm.hidden_sizes: H of each layer
+    output_activation: str      # lstm.output_activation of the source model ("softmax", ...)
+    source: str = ""            # lstm.source: "keras" | "pytorch"
+    name: str = ""              # general.name
+    tokenizer_kind: str = ""    # tokenizer.ggml.model: "char" | "word"
+    tensor_types: dict = field(default_factory=dict, compare=False)  # type name -> count
+    arch: str = "lstm"
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.hidden_sizes)
+
+    @property
+    def state_size(self) -> int:
+        """Floats of h (and of c) per sequence: all layers side by side."""
+        return int(sum(self.hidden_sizes))
+
+    @property
+    def state_offsets(self) -> np.ndarray:
+        """int64 [n_layers + 1]: layer l's state is at columns offsets[l] .. offsets[l+1]."""
+        return np.concatenate([[0], np.cumsum(self.hidden_sizes)]).astype(np.int64)
+
+    def layer_inputs(self) -> list:
+        """Input width of each layer."""
+        return [self.emb_dim] + list(self.hidden_sizes[:-1])
+
+    def expected_shapes(self) -> dict:
+        """Tensor name -> NumPy-order shape that the forward pass needs."""
+        shapes = {layout.TOKEN_EMBD: (self.vocab_size, self.emb_dim)}
+        for l, (n_in, hidden) in enumerate(zip(self.layer_inputs(), self.hidden_sizes)):
+            shapes[layout.lstm_ih(l)] = (4 * hidden, n_in)
+            shapes[layout.lstm_hh(l)] = (4 * hidden, hidden)
+            shapes[layout.lstm_bias(l)] = (4 * hidden,)
+        shapes[layout.OUTPUT] = (self.vocab_size, self.hidden_sizes[-1])
+        shapes[layout.OUTPUT_BIAS] = (self.vocab_size,)
+        return shapes
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "LSTMConfig":
+        arch = f.require("general.architecture", str)
+        if arch != layout.ARCH:
+            raise MetadataError(f"{f.path}: architecture is {arch!r}, not {layout.ARCH!r}")
+        n_layers = _int(f, layout.KEY_BLOCK_COUNT)
+        hidden = f.get(layout.KEY_HIDDEN_SIZES)
+        if not isinstance(hidden, list) or len(hidden) != n_layers or n_layers == 0 or \
+                not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise MetadataError(f"{f.path}: {layout.KEY_HIDDEN_SIZES!r} should list {n_layers} positive hidden "
+                                f"sizes (one per layer of {layout.KEY_BLOCK_COUNT}), found {hidden!r}")
+        gate_order = f.get(layout.KEY_GATE_ORDER, layout.CANONICAL_GATE_ORDER)
+        if gate_order != layout.CANONICAL_GATE_ORDER:
+            raise MetadataError(f"{f.path}: {layout.KEY_GATE_ORDER!r} is {gate_order!r}; this engine reads "
+                                f"{layout.CANONICAL_GATE_ORDER!r} (see converters/lstm_gguf.py)")
+        activation = f.get(layout.KEY_OUTPUT_ACTIVATION, "linear")
+        if activation not in layout.OUTPUT_ACTIVATIONS:
+            raise MetadataError(f"{f.path}: {layout.KEY_OUTPUT_ACTIVATION!r} is {activation!r}, "
+                                f"expected one of {layout.OUTPUT_ACTIVATIONS}")
+        cfg = cls(
+            vocab_size=_int(f, layout.KEY_VOCAB_SIZE),
+            emb_dim=_int(f, layout.KEY_EMBEDDING_LENGTH),
+            hidden_sizes=tuple(int(h) for h in hidden),
+            output_activation=activation,
+            source=str(f.get(layout.KEY_SOURCE, "")),
+            name=str(f.get("general.name", "")),
+            tokenizer_kind=str(f.get("tokenizer.ggml.model", "")),
+            tensor_types=_count_types(f),
+        )
+        check_shapes(f, cfg.expected_shapes())
+        for name in cfg.expected_shapes():
+            _check_blocks(f, name)
+        return cfg
+
+
+def _check_blocks(f: GGUFFile, name: str) -> None:
+    """The tensor's type is one the kernels decode, its byte count matches its shape, and no block
+    holds a NaN or inf scale (kernels/blockcheck.py: ~0.2 s per GB, once at load)."""
+    info = f.tensors[name]
+    if info.type_id not in quant.TYPE_NAMES:
+        raise UnsupportedQuantTypeError(f"{f.path}: tensor {name!r} has type {info.type_name}, which lmengine's "
+                                        f"kernels do not read (supported: {sorted(quant.TYPE_IDS)})")
+    n_cols = info.shape[-1]
+    if n_cols % quant.BLOCK_SIZE[info.type_id]:
+        raise TensorShapeError(f"{f.path}: tensor {name!r} rows of {n_cols} values are not whole "
+                               f"{info.type_name} blocks")
+    n_rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+    want = n_rows * quant.row_bytes(info.type_id, n_cols)
+    if info.n_bytes != want:
+        raise TensorShapeError(f"{f.path}: tensor {name!r} ({info.type_name}, shape {info.shape}) holds "
+                               f"{info.n_bytes} bytes, expected {want}")
+    problem = check_finite_scales(info.type_id, f.tensor_bytes(name), n_rows, n_cols, name)
+    if problem is not None:      # a NaN or inf scale: every product with that row would be garbage
+        raise CorruptTensorError(f"{f.path}: {problem}")
+
+
+def lstm_config(f: GGUFFile) -> LSTMConfig:
     return LSTMConfig.from_gguf(f)

@@ -15,7 +15,7 @@ from .errors import InvalidParameterError
 def convert(source: str, dest: str, to: str | None = None, weights: str | None = None,
             description: str | None = None, vocab: str | None = None,
             progress: Callable[[str], None] | None = None, accuracy_level: int = 0) -> str:
-    from converters.lstm_gguf import convert_lstm_model, is_lstm_source
+    from lmengine.converters.lstm_import import convert_lstm_model, is_lstm_source
 
     if to is None:
         to = "gguf" if str(dest).endswith(".gguf") else "onnx"
@@ -24,7 +24,7 @@ def convert(source: str, dest: str, to: str | None = None, weights: str | None =
 
     if to == "gguf":
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
-            from converters.hf import convert_hf
+            from lmengine.converters.hf import convert_hf
             convert_hf(source, dest, weights or "f32", progress)
             return dest
         if is_lstm_source(source):
@@ -36,12 +36,12 @@ def convert(source: str, dest: str, to: str | None = None, weights: str | None =
             f"(config.json + weights), a Keras .keras/.h5 file or a PyTorch LSTM state_dict (.pt)")
 
     # to ONNX: the source is anything LLM() loads from GGUF
-    from converters.gguf_file import GGUFFile
+    from lmengine.converters.gguf_file import GGUFFile
 
     from .models.registry import resolve_model
     path = resolve_model(source)
     if GGUFFile(path).get("general.architecture") == "lstm":
-        from converters.onnx_lstm import export_lstm_onnx
+        from lmengine.converters.onnx_lstm import export_lstm_onnx
         if weights not in (None, "f32"):
             raise InvalidParameterError("LSTM models export to ONNX with float32 weights only (--weights f32)")
         return export_lstm_onnx(path, dest, progress=progress)

@@ -7,11 +7,11 @@ a missing file a `FileNotFoundError`), the engine's class inherits from both, so
 
 Messages say what was wrong and where: the file, the field or tensor name, and the numbers.
 
-`converters` and `kernels` never import `engine`; converters raise their own `converters.errors`
+`converters` and `kernels` never import `engine`; converters raise their own `lmengine.converters.errors`
 classes, which are the *same* classes re-exported here (see `converters/errors.py`), so a user
 sees one family whichever layer noticed the problem.
 """
-from converters.errors import (  # noqa: F401  (re-exported: the one family of exceptions)
+from lmengine.converters.errors import (  # noqa: F401  (re-exported: the one family of exceptions)
     LMEngineError,
     ModelFileError,
     TruncatedFileError,
@@ -20,8 +20,14 @@ from converters.errors import (  # noqa: F401  (re-exported: the one family of e
     UnsupportedQuantTypeError,
     UnsupportedArchitectureError,
     TensorShapeError,
+    CorruptTensorError,
     MetadataError,
     ConversionError,
+    QuantizeError,
+    UnknownFileTypeError,
+    RequantizeError,
+    DestinationExistsError,
+    DiskFullError,
 )
 
 
@@ -33,12 +39,14 @@ class ContextLengthError(LMEngineError, ValueError):
     """A prompt (plus requested tokens) longer than the context window `n_ctx`."""
 
 
-class TokenIdError(LMEngineError, ValueError):
-    """A token id outside `[0, vocab_size)`."""
-
-
 class InvalidParameterError(LMEngineError, ValueError):
     """An invalid argument (sampling parameter, thread count, backend name...)."""
+
+
+class TokenIdError(InvalidParameterError):
+    """Something given as a token id that is not one: not an integer (booleans included), or
+    outside `[0, vocab_size)`. Raised by `lmengine.validation.check_token_ids`, wherever ids enter;
+    an invalid argument like any other, so `except InvalidParameterError` catches it too."""
 
 
 class BackendError(LMEngineError, RuntimeError):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from converters.gguf_file import GGUFFile
-from converters.onnx_export import export_onnx
+from lmengine.converters.gguf_file import GGUFFile
+from lmengine.converters.onnx_export import export_onnx
 
 from .config import TransformerConfig, config_from_gguf
 from .errors import ConversionError

@@ -37,7 +37,7 @@ class Completion:
     finish_reason: str | None           # "stop" | "length" | None while running
     prompt_token_ids: list[int] = field(default_factory=list)
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    logprobs: list | None = None        # per generated token: engine.sampler.TokenLogprobs
+    logprobs: list | None = None        # per generated token: lmengine.sampler.TokenLogprobs
     prompt_logprobs: list | None = None  # per prompt token (the first is None)
     outputs: list["Completion"] = field(default_factory=list)  # all n samples of the request
 
@@ -63,26 +63,29 @@ class StreamChunk:
 class Generator:
     def __init__(self, llm, params=None, prompt=None, *, sample_index: int = 0, slot: int | None = None):
         self.llm = llm
+        self.slot: int | None = None
         self.params = llm.resolve_params(params)
-        self.slot = slot if slot is not None else llm.acquire_slot()
         self.tokens: list[int] = []          # the whole sequence: prompt, then generated
         self.n_prompt = 0                    # tokens appended before the first step
         self.generated: list[int] = []
         self.logprobs: list = []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
-        self._sampler_state = llm.sampler.new_state(self.params, (), sample_index)
+        self.sampler_state = llm.sampler.new_state(self.params, (), sample_index)  # penalties, rng, ...
         self._logits: np.ndarray | None = None   # float32 [vocab]: next-token logits, when computed
         self._new_text: list[str] = []
         self._reset_text()
         if prompt is not None:
             self.append_tokens(prompt)
+        # The slot is taken last, once everything above validated: a Generator that fails to
+        # construct holds no slot (a slot handed in stays the caller's to release).
+        self.slot = slot if slot is not None else llm.acquire_slot(or_raise=True)
 
     # -- feeding -----------------------------------------------------------------------------------
     def append_tokens(self, token_ids) -> None:
-        """Add tokens to the sequence (the prompt, or a later turn of a conversation)."""
-        token_ids = [int(t) for t in token_ids]
-        self.llm.check_token_ids(token_ids)
+        """Add tokens to the sequence (the prompt, or a later turn of a conversation). Each must be
+        an integer (not a bool) in [0, vocab_size): TokenIdError otherwise."""
+        token_ids = self.llm.check_token_ids(token_ids)      # list[int]; checked once, here
         if len(self.tokens) + len(token_ids) > self.llm.n_ctx:
             raise ContextLengthError(
                 f"{len(self.tokens) + len(token_ids)} tokens do not fit the context of {self.llm.n_ctx} "
@@ -92,11 +95,17 @@ class Generator:
         self.tokens.extend(token_ids)
         if not self.generated:
             self.n_prompt = len(self.tokens)
-        self._sampler_state.extend_prompt(token_ids)
+        self.sampler_state.extend_prompt(token_ids, checked=True)
         self._logits = None
         self.finish_reason, self.stop_reason = None, None  # more input: the sequence goes on
 
     # -- the cache ---------------------------------------------------------------------------------
+    @property
+    def logits(self) -> np.ndarray | None:
+        """float32 [vocab]: the next-token logits if they are computed already, else None (the
+        scheduler computes them for many generators in one batched forward)."""
+        return self._logits
+
     def uncached(self) -> tuple[int, list[int]]:
         """(start_pos, tokens) that must run through the model before the next logits exist."""
         start = self.llm.slots.plan(self.slot, self.tokens)
@@ -123,7 +132,7 @@ class Generator:
         if self.is_done():
             raise InvalidParameterError(f"the generator is done (finish_reason={self.finish_reason!r})")
         logits = self.next_logits()[None, :].copy()
-        result = self.llm.sampler.sample(logits, [self._sampler_state])
+        result = self.llm.sampler.sample(logits, [self.sampler_state])
         self.accept(int(result.token_ids[0]), result.logprobs[0])
         return self.generated[-1]
 
@@ -174,7 +183,7 @@ class Generator:
         self.n_prompt = min(self.n_prompt, n_tokens)
         self.generated = self.generated[:n_generated]
         self.logprobs = self.logprobs[:n_generated]
-        self._sampler_state.rewind_to(n_generated)
+        self.sampler_state.rewind_to(n_generated)
         self._logits = None
         self.finish_reason, self.stop_reason = None, None
         self._reset_text()

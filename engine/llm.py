@@ -1,6 +1,6 @@
 """`LLM`: the facade users program against. Orchestration only; the math is in the backend.
 
-    from engine import LLM, SamplingParams
+    from lmengine import LLM, SamplingParams
     llm = LLM("smollm2", n_ctx=2048)
     out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=32))
     print(out.text, out.finish_reason)
@@ -15,16 +15,17 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from converters.gguf_file import GGUFFile
+from lmengine.converters.gguf_file import GGUFFile
 
 from .cache import SlotTable
 from .config import config_from_gguf
-from .errors import ContextLengthError, InvalidParameterError, TokenIdError
+from .errors import ContextLengthError, InvalidParameterError
 from .generator import Completion, Generator, StreamChunk
 from .models.registry import resolve_model
 from .params import SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .validation import check_token_ids
 
 BACKENDS = ("numba", "onnxruntime")
 
@@ -76,21 +77,44 @@ class LLM:
             self._load_onnx(n_ctx, n_slots, n_threads, providers)
         else:
             self._load_gguf(n_ctx, n_slots, n_threads, activations, kv_cache_dtype)
+        self._attach(max_batch_size, warmup)
+        self.load_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def from_backend(cls, backend, tokenizer, *, chat_template=None, metadata=None, max_batch_size: int | None = None,
+                     seed: int | None = None, warmup: bool = True) -> "LLM":
+        """An LLM over a backend object that is already built (any `lmengine.backends.base.Backend`
+        with `n_slots` slots) and a tokenizer: requests, sampling and scheduling as for a loaded file.
+        One slot is kept beside the batch for logits()/perplexity(), so max_batch_size defaults to
+        n_slots - 1."""
+        self = cls.__new__(cls)
+        self.seed, self.verbose = seed, False
+        self.path, self.gguf, self.config = None, None, getattr(backend, "config", None)
+        self.metadata = dict(metadata or {})
+        self.backend, self.tokenizer, self.chat_template = backend, tokenizer, chat_template
+        if max_batch_size is None:
+            max_batch_size = max(1, backend.n_slots - 1)
+        _check_positive_int("max_batch_size", max_batch_size)
+        t0 = time.perf_counter()
+        self._attach(max_batch_size, warmup)
+        self.load_seconds = time.perf_counter() - t0
+        return self
+
+    def _attach(self, max_batch_size: int, warmup: bool) -> None:
+        """Slots, sampler and scheduler around self.backend and self.tokenizer."""
         self.n_ctx = self.backend.n_ctx
         self.vocab_size = self.backend.vocab_size
         self.max_batch_size = max_batch_size
-        self.slots = SlotTable(n_slots, self.n_ctx, self.backend.supports_rewind)
+        self.slots = SlotTable(self.backend.n_slots, self.n_ctx, self.backend.supports_rewind)
         self._slot_lock = threading.Lock()
         self.eos_token_ids = frozenset(self.tokenizer.eot_ids)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
                                encode=lambda s: self.tokenizer.encode(s, add_bos=False, parse_special=False))
         self.scheduler = Scheduler(self)
         if warmup:
-            if hasattr(self.backend, "warmup"):
-                self.backend.warmup()
+            self.backend.warmup()
             self.sampler.sample(np.zeros((1, self.vocab_size), dtype=np.float32),
                                 [self.sampler.new_state(SamplingParams(temperature=0))])
-        self.load_seconds = time.perf_counter() - t0
 
     # -- loading -----------------------------------------------------------------------------------
     def _load_gguf(self, n_ctx, n_slots, n_threads, activations, kv_cache_dtype):
@@ -126,7 +150,7 @@ class LLM:
             self.tokenizer = Tokenizer.from_pretrained_dir(model_dir)
             self.chat_template = ChatTemplate.for_tokenizer(self.tokenizer)
             return
-        from converters.onnx_lstm import read_lstm_onnx_metadata  # an LSTM export (config in metadata)
+        from lmengine.converters.onnx_lstm import read_lstm_onnx_metadata  # an LSTM export (config in metadata)
 
         from .backends.lstm_backend import OrtLSTMBackend
         from .lstm_tokenizer import VocabTokenizer
@@ -161,9 +185,8 @@ class LLM:
 
     def generator(self, prompt=None, params: SamplingParams | None = None) -> Generator:
         """A low-level Generator holding its own cache slot (see engine/generator.py)."""
-        slot = self.acquire_slot(None, or_raise=True)
         ids = self._prompt_ids(prompt) if prompt is not None else None
-        return Generator(self, params, ids, slot=slot)
+        return Generator(self, params, ids)
 
     # -- parameters and input checks ---------------------------------------------------------------
     def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
@@ -176,22 +199,23 @@ class LLM:
             params = params.replace(seed=self.seed)
         return params
 
-    def check_token_ids(self, token_ids: Sequence[int]) -> None:
-        for t in token_ids:
-            if not 0 <= t < self.vocab_size:
-                raise TokenIdError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+    def check_token_ids(self, token_ids: Sequence[int], what: str = "token id") -> list[int]:
+        """token_ids as a list of ints, each checked to be an integer (not a bool) in
+        [0, vocab_size); TokenIdError naming `what`, the first bad id and the range otherwise.
+        Ids entering the engine (prompts, Generator.append_tokens) go through here."""
+        return check_token_ids(token_ids, self.vocab_size, what).tolist()
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            ids = [int(t) for t in prompt]
+            ids = self.tokenizer.encode(prompt)   # checked below: a tokenizer may know more ids than the model
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
+            ids = prompt
         else:
             raise InvalidParameterError(
                 f"a prompt is a str or a list of token ids, got {type(prompt).__name__}")
+        ids = self.check_token_ids(ids, "prompt token id")
         if not ids:
             raise InvalidParameterError("the prompt is empty (no tokens)")
-        self.check_token_ids(ids)
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
@@ -243,10 +267,12 @@ class LLM:
         ids = self._prompt_ids(prompt)
         if params.beam_width > 1:
             raise InvalidParameterError("beam search (beam_width > 1) cannot stream; use generate")
-        requests = [self.scheduler.submit(ids, params, i) for i in range(params.n)]
-        return self._stream_chunks(requests)
+        return self._stream_chunks(ids, params)
 
-    def _stream_chunks(self, requests):
+    def _stream_chunks(self, ids, params):
+        # Submitted at the first next(): a stream that is never iterated holds nothing and
+        # delays nobody.
+        requests = [self.scheduler.submit(ids, params, i) for i in range(params.n)]
         try:
             while True:
                 pending = [r for r in requests if r.chunks or not r.done]
@@ -313,7 +339,7 @@ class LLM:
 
     def _prompt_logprobs(self, ids, n_top) -> list:
         """[None, TokenLogprobs of ids[1] given ids[:1], ...] under the raw model distribution."""
-        from kernels.sampling import token_logprobs, top_logprobs
+        from lmengine.kernels.sampling import token_logprobs, top_logprobs
 
         from .sampler import TokenLogprobs
         logits = self.logits(ids)[:-1]                       # row j predicts ids[j + 1]

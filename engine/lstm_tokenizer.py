@@ -11,56 +11,50 @@
 
 Special tokens (token types 2 unknown, 3 control) are matched in text when `parse_special=True`.
 A character or word missing from the vocabulary becomes the unknown token when there is one, and
-is a TokenizerError naming it otherwise. The methods mirror engine.tokenizer.Tokenizer.
+is a TokenizerError naming it otherwise. The methods mirror lmengine.tokenizer.Tokenizer; the
+vocabulary lookups (vocab_size, bos_id, eot_ids, id_to_token, ...) are lmengine.vocab.Vocabulary's.
 """
 from __future__ import annotations
 
 import re
 from typing import Iterable, Mapping, Sequence
 
-from .errors import TokenIdError, TokenizerError
+from .errors import TokenizerError
+from .vocab import (  # noqa: F401  (the token types are part of this module's interface)
+    SPECIAL_TYPES,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_UNUSED,
+    TOKEN_USER_DEFINED,
+    Vocabulary,
+    special_token_id,
+)
 
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 2, 3, 4, 5
-SPECIAL_TYPES = (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_UNUSED)   # dropped by skip_special_tokens
 MATCHED_TYPES = (TOKEN_UNKNOWN, TOKEN_CONTROL)                 # matched in text by parse_special
 MODELS = ("char", "word")
 
 
-class VocabTokenizer:
-    """Shared part of the char and word tokenizers: the vocabulary, special tokens, ids."""
+class VocabTokenizer(Vocabulary):
+    """Shared part of the char and word tokenizers: special-token matching, unknown-token
+    lookup, encode and decode over `_encode_plain` and `_piece`. EOS is the only end of turn."""
 
     model = ""
 
     def __init__(self, tokens: Sequence[str], token_types: Sequence[int] | None = None, *,
                  bos_id: int | None = None, eos_id: int | None = None, unk_id: int | None = None,
                  pad_id: int | None = None, add_bos: bool = False, source: str = "<vocabulary>"):
-        self.tokens = list(tokens)
-        self.token_types = list(token_types) if token_types is not None else [TOKEN_NORMAL] * len(self.tokens)
-        self.source = source
-        if len(self.token_types) != len(self.tokens):
-            raise TokenizerError(f"{source}: {len(self.tokens)} tokens but {len(self.token_types)} token types")
-        self._token_to_id = {}
-        for i, t in enumerate(self.tokens):
+        tokens = list(tokens)
+        for i, t in enumerate(tokens):
             if not isinstance(t, str) or not t:
                 raise TokenizerError(f"{source}: token {i} is {t!r}; tokens must be non-empty strings")
-            self._token_to_id.setdefault(t, i)
-        for name, value in (("bos", bos_id), ("eos", eos_id), ("unknown", unk_id), ("padding", pad_id)):
-            if value is not None and not 0 <= value < len(self.tokens):
-                raise TokenizerError(f"{source}: {name} token id {value} is outside the vocab [0, {len(self.tokens)})")
-        self._bos_id, self._eos_id, self._unk_id, self._pad_id = bos_id, eos_id, unk_id, pad_id
-        self.add_bos = bool(add_bos)
-        if self.add_bos and bos_id is None:
-            raise TokenizerError(f"{source}: add_bos_token is set but the vocab has no BOS token")
-        self._eot_ids = frozenset([eos_id] if eos_id is not None else [])
+        super().__init__(tokens, token_types, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, pad_id=pad_id,
+                         add_bos=add_bos, source=source)
         matched = sorted((t for t, k in zip(self.tokens, self.token_types) if k in MATCHED_TYPES),
                          key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, matched))) if matched else None
 
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_gguf(cls, f) -> "VocabTokenizer":
-        return cls.from_metadata(f.metadata, f.path)
-
+    # -- construction (from_gguf is Vocabulary's) ------------------------------------------------
     @classmethod
     def from_metadata(cls, meta: Mapping, source: str = "<metadata>") -> "VocabTokenizer":
         """The char or word tokenizer that `tokenizer.ggml.model` names."""
@@ -74,73 +68,17 @@ class VocabTokenizer:
         if types is not None and (not isinstance(types, list) or len(types) != len(tokens)):
             raise TokenizerError(f"{source}: tokenizer.ggml.token_type should list {len(tokens)} types")
 
-        def token_id(key):
-            value = meta.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TokenizerError(f"{source}: {key} should be an integer, found {value!r}")
-            return value
+        def token_id(name):
+            return special_token_id(meta, f"tokenizer.ggml.{name}_token_id", len(tokens), source)
 
-        common = dict(bos_id=token_id("tokenizer.ggml.bos_token_id"), eos_id=token_id("tokenizer.ggml.eos_token_id"),
-                      unk_id=token_id("tokenizer.ggml.unknown_token_id"),
-                      pad_id=token_id("tokenizer.ggml.padding_token_id"),
-                      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), source=source)
+        common = dict(bos_id=token_id("bos"), eos_id=token_id("eos"), unk_id=token_id("unknown"),
+                      pad_id=token_id("padding"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                      source=source)
         if model == "char":
             return CharTokenizer(tokens, types, **common)
         return WordTokenizer(tokens, types, lowercase=bool(meta.get("tokenizer.word.lowercase", False)),
                              pattern=meta.get("tokenizer.word.pattern", r"\S+"),
                              separator=meta.get("tokenizer.word.separator", " "), **common)
-
-    # -- properties -----------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._unk_id
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad_id
-
-    @property
-    def eot_ids(self) -> frozenset:
-        """Ids that end generation: the EOS token, when the vocabulary has one."""
-        return self._eot_ids
-
-    @property
-    def bos_token(self) -> str:
-        return self.tokens[self._bos_id] if self._bos_id is not None else ""
-
-    @property
-    def eos_token(self) -> str:
-        return self.tokens[self._eos_id] if self._eos_id is not None else ""
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._token_to_id.get(token)
-
-    def id_to_token(self, token_id: int) -> str:
-        self._check_id(token_id)
-        return self.tokens[token_id]
-
-    def is_special(self, token_id: int) -> bool:
-        """Control, unknown and unused tokens: the ones `skip_special_tokens` drops."""
-        self._check_id(token_id)
-        return self.token_types[token_id] in SPECIAL_TYPES
-
-    def _check_id(self, token_id) -> None:
-        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
-            raise TokenIdError(f"token id {token_id!r} is not an integer")
-        if not 0 <= token_id < len(self.tokens):
-            raise TokenIdError(f"token id {int(token_id)} is outside the vocab [0, {len(self.tokens)})")
 
     # -- encode ---------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
@@ -156,11 +94,7 @@ class VocabTokenizer:
                 ids.append(self._token_to_id[m.group()])
                 pos = m.end()
         ids += self._encode_plain(text[pos:], pos)
-        if self.add_bos if add_bos is None else add_bos:
-            if self._bos_id is None:
-                raise TokenizerError(f"{self.source}: add_bos requested but the vocab has no BOS token")
-            ids.insert(0, self._bos_id)
-        return ids
+        return self._wrap(ids, add_bos)
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
                      parse_special: bool = True) -> list[list[int]]:
@@ -186,7 +120,7 @@ class VocabTokenizer:
                strip_leading_space: bool | None = None) -> str:
         """Text of token ids (special tokens as written unless skip_special_tokens)."""
         decoder = self.incremental_decoder(skip_special_tokens, strip_leading_space)
-        return "".join([decoder.add(i) for i in ids]) + decoder.flush()
+        return "".join([decoder.add_checked(i) for i in self._check_ids(ids)]) + decoder.flush()
 
     def incremental_decoder(self, skip_special_tokens: bool = False,
                             strip_leading_space: bool | None = None) -> "IncrementalDecoder":
@@ -251,8 +185,11 @@ class IncrementalDecoder:
         self._first = strip_leading_space is None or bool(strip_leading_space)
 
     def add(self, token_id: int) -> str:
+        return self.add_checked(self._tokenizer._check_id(token_id))
+
+    def add_checked(self, token_id: int) -> str:
+        """`add` for an id already checked against the vocabulary (an int in range)."""
         tok = self._tokenizer
-        tok._check_id(token_id)
         if self._skip_special and tok.token_types[token_id] in SPECIAL_TYPES:
             return ""
         text = tok._piece(token_id, self._first)

@@ -5,7 +5,7 @@ Names and neutral defaults follow vLLM, so code written for vLLM reads the same 
     SamplingParams(temperature=0.7, top_p=0.9, max_tokens=128, stop=["\\n\\n"], seed=1)
 
 The object is frozen and hashable: sequences are stored as tuples and `logit_bias` as a read-only
-mapping. Invalid values raise `engine.errors.InvalidParameterError` (a ValueError) whose message
+mapping. Invalid values raise `lmengine.errors.InvalidParameterError` (a ValueError) whose message
 names the field and the value, e.g. "top_p must be in (0, 1], got 1.5".
 
 Which fields did the caller set? A model file may carry recommended sampling values (GGUF
@@ -26,7 +26,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from engine.errors import InvalidParameterError
+from lmengine.errors import InvalidParameterError
+from lmengine.validation import check_token_ids
 
 
 class _Unset:
@@ -127,7 +128,7 @@ class SamplingParams:
         allowed_token_ids: if given, only these token ids can be sampled (non-empty).
         bad_words: strings that must not be generated. The sampler bans the last token of a bad
             word's token sequence whenever the tokens generated so far end with the rest of it
-            (the caller tokenizes them: `engine.sampler.bad_words_token_ids`).
+            (the caller tokenizes them: `lmengine.sampler.bad_words_token_ids`).
         seed: seeds this request's own random generator (int >= 0): the same seed gives the
             same tokens whatever else is batched with the request. None = fresh entropy.
         stop: strings that end generation when the output text contains them; the output is cut
@@ -309,20 +310,11 @@ def _top_k(name, value):
 
 
 def _token_id_tuple(name, value, allow_empty=True):
+    """Distinct token ids in their first order. Ids are checked for type and sign here (a
+    TokenIdError, which is an InvalidParameterError); against the vocabulary by the sampler."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InvalidParameterError(f"{name} must be a sequence of token ids, got {value!r}")
-    ids = []
-    for item in value:
-        if isinstance(item, bool):
-            raise InvalidParameterError(f"{name} must hold token ids (ints >= 0), got {item!r}")
-        try:
-            token_id = operator.index(item)
-        except TypeError:
-            raise InvalidParameterError(f"{name} must hold token ids (ints >= 0), got {item!r}") from None
-        if token_id < 0:
-            raise InvalidParameterError(f"{name} must hold token ids (ints >= 0), got {item!r}")
-        if token_id not in ids:
-            ids.append(token_id)
+    ids = list(dict.fromkeys(check_token_ids(value, None, f"{name} token id").tolist()))
     if not ids and not allow_empty:
         raise InvalidParameterError(f"{name} must not be empty (use None for no restriction), got {value!r}")
     return tuple(ids)
@@ -351,18 +343,9 @@ def _string_tuple(name, value):
 def _logit_bias(name, value):
     if not isinstance(value, Mapping):
         raise InvalidParameterError(f"{name} must be a mapping of token id -> float, got {value!r}")
-    bias = {}
-    for key, amount in value.items():
-        if isinstance(key, bool):
-            raise InvalidParameterError(f"{name} keys must be token ids (ints >= 0), got {key!r}")
-        try:
-            token_id = operator.index(key)
-        except TypeError:
-            raise InvalidParameterError(f"{name} keys must be token ids (ints >= 0), got {key!r}") from None
-        if token_id < 0:
-            raise InvalidParameterError(f"{name} keys must be token ids (ints >= 0), got {key!r}")
-        bias[token_id] = _as_float(f"{name}[{token_id}]", amount)
-    return FrozenMap(bias)
+    token_ids = check_token_ids(list(value.keys()), None, f"{name} token id").tolist()   # type and sign
+    return FrozenMap({token_id: _as_float(f"{name}[{token_id}]", amount)
+                      for token_id, amount in zip(token_ids, value.values())})
 
 
 def _seed(name, value):

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.errors import InvalidParameterError, TokenIdError
-from engine.params import SamplingParams
-from kernels import sampling as K
+from lmengine.errors import InvalidParameterError
+from lmengine.params import SamplingParams
+from lmengine.kernels import sampling as K
+from lmengine.validation import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,14 @@ class SamplerState:
                  sample_index: int = 0) -> None:
         self.params = params
         self.vocab_size = vocab_size
-        _check_ids("logit_bias", params.logit_bias.keys(), vocab_size)
-        _check_ids("allowed_token_ids", params.allowed_token_ids or (), vocab_size)
-        _check_ids("stop_token_ids", params.stop_token_ids, vocab_size)
-        for seq in bad_words_ids:
-            _check_ids("bad_words token ids", seq, vocab_size)
+        # The ids the kernels will index the logits with are checked here, once: SamplingParams
+        # knows no vocabulary; eos_token_ids were checked by the Sampler.
+        self.bias_ids = check_token_ids(list(params.logit_bias), vocab_size, "logit_bias token id").astype(np.int32)
+        self.allowed_ids = check_token_ids(params.allowed_token_ids or (), vocab_size,
+                                           "allowed_token_ids token id").astype(np.int32)
+        stop_ids = check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids token id").tolist()
+        self.bad_words_ids = tuple(tuple(check_token_ids(seq, vocab_size, "bad_words token id").tolist())
+                                   for seq in bad_words_ids if len(seq) > 0)
         if params.logprobs is not None and params.logprobs > vocab_size:
             raise InvalidParameterError(f"logprobs must be <= vocab size {vocab_size}, got {params.logprobs}")
 
@@ -113,11 +117,8 @@ class SamplerState:
         greedy = params.is_greedy
         self.temperature = 0.0 if greedy else params.temperature
         self.top_k = 0 if greedy else params.top_k
-        self.bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int32, count=len(params.logit_bias))
         self.bias_values = np.fromiter(params.logit_bias.values(), dtype=np.float32, count=len(params.logit_bias))
-        self.allowed_ids = np.asarray(params.allowed_token_ids or (), dtype=np.int32)
-        self.min_tokens_bans = np.asarray(sorted(set(eos_token_ids) | set(params.stop_token_ids)), dtype=np.int32)
-        self.bad_words_ids = tuple(tuple(int(t) for t in seq) for seq in bad_words_ids if len(seq) > 0)
+        self.min_tokens_bans = np.asarray(sorted(set(eos_token_ids) | set(stop_ids)), dtype=np.int32)
         self.has_penalties = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                               or params.frequency_penalty != 0.0)
 
@@ -139,10 +140,12 @@ class SamplerState:
     def n_generated(self) -> int:
         return len(self.generated_token_ids)
 
-    def extend_prompt(self, token_ids: Iterable[int]) -> None:
-        """Tokens that are part of the context but were not sampled (count for repetition only)."""
-        token_ids = [int(t) for t in token_ids]
-        _check_ids("prompt", token_ids, self.vocab_size)
+    def extend_prompt(self, token_ids: Iterable[int], *, checked: bool = False) -> None:
+        """Tokens that are part of the context but were not sampled (count for repetition only).
+        checked=True: token_ids is a list of ints its caller already checked against this
+        vocabulary (`Generator.append_tokens` does), so they are not checked again."""
+        if not checked:
+            token_ids = check_token_ids(token_ids, self.vocab_size, "prompt token id").tolist()
         self.prompt_token_ids.extend(token_ids)
         if self.has_penalties:
             for t in token_ids:
@@ -163,7 +166,7 @@ class SamplerState:
         prompt = self.prompt_token_ids
         self.prompt_token_ids, self.generated_token_ids = [], []
         self._seen_position, self._seen_ids, self._output_counts = {}, _GrowableInt32(), _GrowableInt32()
-        self.extend_prompt(prompt)
+        self.extend_prompt(prompt, checked=True)
         for t in kept:
             self.record(t)
         self._reset_rng(n_generated)
@@ -223,8 +226,8 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: Iterable[int] = (),
                  encode: Callable[[str], Sequence[int]] | None = None) -> None:
         self.vocab_size = int(vocab_size)
-        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
-        _check_ids("eos_token_ids", self.eos_token_ids, self.vocab_size)
+        self.eos_token_ids = tuple(
+            check_token_ids(list(eos_token_ids), self.vocab_size, "eos_token_ids token id").tolist())
         self.encode = encode
 
     def new_state(self, params: SamplingParams, prompt_token_ids: Sequence[int] = (),
@@ -342,10 +345,3 @@ def _csr(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def _per_row(states: Sequence[SamplerState], value: Callable[[SamplerState], float]) -> np.ndarray:
     """float32 [b] of one value per state (penalty factors: float32 like the logits they scale)."""
     return np.array([value(s) for s in states], dtype=np.float32)
-
-
-def _check_ids(what: str, token_ids: Iterable[int], vocab_size: int) -> None:
-    ids = np.fromiter((int(t) for t in token_ids), dtype=np.int64)
-    bad = ids[(ids < 0) | (ids >= vocab_size)]
-    if bad.size:
-        raise TokenIdError(f"{what}: token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")

@@ -122,7 +122,7 @@ class Scheduler:
         gens = [r.generator for r in self.running]
         decode = []
         for g in gens:
-            if g._logits is not None:
+            if g.logits is not None:
                 continue
             self._share_prefix(g)
             start, new = g.uncached()
@@ -139,8 +139,8 @@ class Scheduler:
             for i, (g, start, _) in enumerate(decode):
                 g.set_logits(logits[i], start)
 
-        batch_logits = np.stack([g._logits for g in gens])  # [b, vocab], a copy the sampler may edit
-        result = self.llm.sampler.sample(batch_logits, [g._sampler_state for g in gens])
+        batch_logits = np.stack([g.logits for g in gens])  # [b, vocab], a copy the sampler may edit
+        result = self.llm.sampler.sample(batch_logits, [g.sampler_state for g in gens])
         for i, r in enumerate(self.running):
             g = r.generator
             token_id = int(result.token_ids[i])

@@ -34,16 +34,18 @@ from typing import Iterable, Mapping, Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import TokenIdError, TokenizerError
-
-# -- token types (llama.cpp's llama_token_type) ------------------------------------------------
-TOKEN_NORMAL = 1
-TOKEN_UNKNOWN = 2
-TOKEN_CONTROL = 3
-TOKEN_USER_DEFINED = 4
-TOKEN_UNUSED = 5
-TOKEN_BYTE = 6
-SPECIAL_TYPES = (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_UNUSED)  # skipped by skip_special_tokens
+from .errors import TokenizerError
+from .vocab import (  # noqa: F401  (the token types are part of this module's interface)
+    SPECIAL_TYPES,
+    TOKEN_BYTE,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_UNUSED,
+    TOKEN_USER_DEFINED,
+    Vocabulary,
+    special_token_id,
+)
 
 SPIECE_SPACE = "\u2581"  # "▁": SentencePiece's visible space
 
@@ -97,8 +99,9 @@ _BYTE_TO_CHAR = _gpt2_byte_to_char()
 _CHAR_TO_LATIN1 = {ord(c): chr(b) for b, c in _BYTE_TO_CHAR.items()}
 
 
-class Tokenizer:
-    """Text <-> token ids for one model. Build with `from_gguf`, `from_metadata` or `from_pretrained_dir`."""
+class Tokenizer(Vocabulary):
+    """Text <-> token ids for one model. Build with `from_gguf`, `from_metadata` or `from_pretrained_dir`.
+    The vocabulary lookups (vocab_size, bos_id, eot_ids, id_to_token, ...) are `Vocabulary`'s."""
 
     def __init__(self, hf: HFTokenizer, *, tokens: Sequence[str], token_types: Sequence[int],
                  model: str, pre: str | None, bos_id: int | None, eos_id: int | None,
@@ -106,38 +109,23 @@ class Tokenizer:
                  add_eos: bool = False, add_space_prefix: bool = False,
                  extra_eot_ids: Iterable[int] = (), chat_template: str | None = None,
                  source: str = "<tokenizer>"):
+        super().__init__(tokens, token_types, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, pad_id=pad_id,
+                         add_bos=add_bos, add_eos=add_eos, extra_eot_ids=extra_eot_ids, source=source)
+        # A turn also ends at the chat formats' end-of-turn control tokens (<|im_end|>, <|eot_id|>...).
+        self._eot_ids |= {i for i in map(self.token_to_id, END_OF_TURN_TOKENS)
+                          if i is not None and self.token_types[i] == TOKEN_CONTROL}
         self._hf = hf
         self._hf_literal = None           # clone that treats control tokens as text (parse_special=False)
         self._literal_lock = threading.Lock()
-        self.tokens = list(tokens)        # id -> token text as stored in the vocab
-        self.token_types = list(token_types)
         self.model = model                # "gpt2" (byte-level BPE) | "llama" (SentencePiece-style)
         self.pre = pre                    # tokenizer.ggml.pre, when known
-        self.add_bos = bool(add_bos)
-        self.add_eos = bool(add_eos)
         self.add_space_prefix = bool(add_space_prefix)
         self.chat_template = chat_template
-        self.source = source
-        self._bos_id, self._eos_id, self._unk_id, self._pad_id = bos_id, eos_id, unk_id, pad_id
-        self._token_to_id = {t: i for i, t in enumerate(self.tokens)}
-        eot = {i for i in extra_eot_ids if i is not None and 0 <= i < len(self.tokens)}
-        if eos_id is not None:
-            eot.add(eos_id)
-        for name in END_OF_TURN_TOKENS:
-            i = self._token_to_id.get(name)
-            if i is not None and self.token_types[i] == TOKEN_CONTROL:
-                eot.add(i)
-        self._eot_ids = frozenset(eot)
         self._pieces = self._piece_bytes()                       # id -> bytes it decodes to
         self._pieces_no_special = [b"" if t in SPECIAL_TYPES else p
                                    for p, t in zip(self._pieces, self.token_types)]
 
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_gguf(cls, f) -> "Tokenizer":
-        """The tokenizer of an open `converters.gguf_file.GGUFFile`."""
-        return cls.from_metadata(f.metadata, source=getattr(f, "path", "<gguf>"))
-
+    # -- construction (from_gguf is Vocabulary's) ------------------------------------------------
     @classmethod
     def from_metadata(cls, meta: Mapping, source: str = "<metadata>") -> "Tokenizer":
         """The tokenizer described by GGUF `tokenizer.ggml.*` keys in `meta` (key -> value)."""
@@ -169,29 +157,15 @@ class Tokenizer:
         else:
             types = [TOKEN_NORMAL] * n_vocab
 
-        def token_id(key):
-            value = meta.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TokenizerError(f"{source}: {key} should be an integer, found {value!r}")
-            if value is None or value < 0 or value == 0xFFFFFFFF:
-                return None
-            if int(value) >= n_vocab:
-                raise TokenizerError(f"{source}: {key} = {value} is outside the vocab (size {n_vocab})")
-            return int(value)
+        def token_id(name):
+            return special_token_id(meta, f"tokenizer.ggml.{name}_token_id", n_vocab, source)
 
-        bos_id = token_id("tokenizer.ggml.bos_token_id")
-        eos_id = token_id("tokenizer.ggml.eos_token_id")
-        unk_id = token_id("tokenizer.ggml.unknown_token_id")
-        pad_id = token_id("tokenizer.ggml.padding_token_id")
-        extra_eot = [token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")]
+        bos_id, eos_id, unk_id, pad_id = (token_id(name) for name in ("bos", "eos", "unknown", "padding"))
+        extra_eot = [token_id("eot"), token_id("eom")]
         default_bos = model == "llama"  # llama.cpp's defaults when the file does not say
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
         add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", model == "llama"))
-        if add_bos and bos_id is None:
-            raise TokenizerError(f"{source}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
-        if add_eos and eos_id is None:
-            raise TokenizerError(f"{source}: tokenizer.ggml.add_eos_token is set but there is no eos_token_id")
 
         pre = None
         if model == "gpt2":
@@ -318,60 +292,6 @@ class Tokenizer:
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
             json.dump(config, fh, ensure_ascii=False, indent=2)
 
-    # -- properties -----------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._unk_id
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad_id
-
-    @property
-    def eot_ids(self) -> frozenset:
-        """Ids that end a turn: EOS plus end-of-turn control tokens (<|im_end|>, <|eot_id|>...)."""
-        return self._eot_ids
-
-    @property
-    def bos_token(self) -> str:
-        return self.tokens[self._bos_id] if self._bos_id is not None else ""
-
-    @property
-    def eos_token(self) -> str:
-        return self.tokens[self._eos_id] if self._eos_id is not None else ""
-
-    def token_to_id(self, token: str) -> int | None:
-        """The id of a vocab entry (exact text as stored, e.g. "Ġthe" or "▁the"); None if absent."""
-        return self._token_to_id.get(token)
-
-    def id_to_token(self, token_id: int) -> str:
-        """The vocab entry of an id, as stored."""
-        self._check_id(token_id)
-        return self.tokens[token_id]
-
-    def is_special(self, token_id: int) -> bool:
-        """Control, unknown and unused tokens: the ones `skip_special_tokens` drops."""
-        self._check_id(token_id)
-        return self.token_types[token_id] in SPECIAL_TYPES
-
-    def _check_id(self, token_id) -> None:
-        if not isinstance(token_id, int) and not hasattr(token_id, "__index__"):
-            raise TokenIdError(f"token id {token_id!r} is not an integer")
-        if not 0 <= token_id < len(self.tokens):
-            raise TokenIdError(f"token id {int(token_id)} is outside the vocab [0, {len(self.tokens)})")
-
     # -- encode ---------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Token ids of `text`. `add_bos=None` follows the model (tokenizer.ggml.add_bos_token);
@@ -390,15 +310,6 @@ class Tokenizer:
                 raise TokenizerError(f"encode_batch(): item {i} is a {type(text).__name__}, not a str")
         hf = self._hf if parse_special else self._literal_hf()
         return [self._wrap(e.ids, add_bos) for e in hf.encode_batch(list(texts), add_special_tokens=False)]
-
-    def _wrap(self, ids: list[int], add_bos: bool | None) -> list[int]:
-        if self.add_bos if add_bos is None else add_bos:
-            if self._bos_id is None:
-                raise TokenizerError(f"{self.source}: add_bos requested but the vocab has no BOS token")
-            ids = [self._bos_id] + ids
-        if self.add_eos:
-            ids = ids + [self._eos_id]
-        return ids
 
     def _literal_hf(self) -> HFTokenizer:
         """A copy of the pipeline that leaves control tokens' text as text (built on first use)."""
@@ -419,15 +330,7 @@ class Tokenizer:
         encoding drop one leading space (as HF does). Pass False when decoding a continuation.
         """
         pieces = self._pieces_no_special if skip_special_tokens else self._pieces
-        ids = list(ids)
-        try:
-            if ids and (min(ids) < 0 or max(ids) >= len(pieces)):
-                raise IndexError
-            data = b"".join([pieces[i] for i in ids])
-        except (IndexError, TypeError):
-            for i in ids:
-                self._check_id(i)
-            raise
+        data = b"".join([pieces[i] for i in self._check_ids(ids)])
         text = data.decode("utf-8", errors="replace")
         if self._strips(strip_leading_space) and text.startswith(" "):
             text = text[1:]
@@ -485,12 +388,7 @@ class IncrementalDecoder:
 
     def add(self, token_id: int) -> str:
         """Text completed by this token ("" while a character is still incomplete)."""
-        try:
-            piece = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else None
-        except TypeError:
-            piece = None
-        if piece is None:
-            self._tokenizer._check_id(token_id)
+        piece = self._pieces[self._tokenizer._check_id(token_id)]
         return self._emit(self._utf8.decode(piece, final=False))
 
     def flush(self) -> str:

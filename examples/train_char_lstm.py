@@ -122,10 +122,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "description.json"), "w", encoding="utf-8") as fh:
         json.dump({"vocab": "vocab.json", "batch_first": True}, fh)
 
-    from converters.lstm_gguf import convert_lstm_model     # what `lmengine convert` runs
+    from lmengine.converters.lstm_import import convert_lstm_model    # what `lmengine convert` runs
     convert_lstm_model(state_path, gguf_path, description=os.path.join(args.out, "description.json"))
 
-    from engine import LLM, SamplingParams
+    from lmengine import LLM, SamplingParams
     llm = LLM(gguf_path, n_threads=args.threads)
     greedy = llm.generate(args.prompt, SamplingParams(temperature=0, max_tokens=120))
     expected = "".join(chars[i] for i in torch_greedy(model, [index[c] for c in args.prompt], 120))

@@ -24,8 +24,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels import native
-from kernels.quant import F16, F32, float_to_half_bits, half_bits_to_float
+from . import native
+from .quant import F16, F32, float_to_half_bits, half_bits_to_float
 
 KEY_TILE = 16   # positions per key tile
 KV_DTYPES = {"f32": np.float32, "f16": np.uint16}   # cache element types (f16 as its bits)

@@ -1,5 +1,5 @@
-"""cffi build script of the C kernels: module `kernels._native` from kernels/csrc/ (qdot.c,
-packed.c, attention.c, ops.c).
+"""cffi build script of the C kernels: module `lmengine.kernels._native` from kernels/csrc/ (SOURCES
+below; csrc/lmengine.h declares the API).
 
 setup.py names it (`cffi_modules=["kernels/build_native.py:ffibuilder"]`), so `pip install .`
 and `pip install -e .` compile it. To build in place by hand (writes kernels/_native*.so):
@@ -8,7 +8,8 @@ and `pip install -e .` compile it. To build in place by hand (writes kernels/_na
 
 Compiler flags: -O3, and no -march: the SIMD functions carry their own target attributes and are
 picked by CPUID at run time, so the built module runs on any x86-64 (and on other CPUs with the
-scalar path only). -ffp-contract=off keeps the float decode bit-exact with ggml (no implicit FMA).
+scalar path only). -ffp-contract=off (no implicit FMA) keeps the float decode bit-exact with ggml
+and the portable paths bit-exact with the Numba references they mirror.
 """
 import glob
 import importlib.machinery
@@ -20,11 +21,14 @@ import tempfile
 
 import cffi
 
-HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "qdot.h")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+HEADER = os.path.join(CSRC, "lmengine.h")
+SOURCES = ("cpu.c", "qdot.c", "kquants.c", "packed.c", "attention.c", "ops.c")    # in kernels/csrc/
+HEADERS = ("lmengine.h", "common.h")                                     # rebuild when they change
 
 
 def declarations(header=HEADER):
-    """The C API for cffi's cdef: qdot.h without its comments and preprocessor lines (so the
+    """The C API for cffi's cdef: lmengine.h without its comments and preprocessor lines (so the
     header stays the one place the functions are declared)."""
     with open(header, encoding="utf-8") as fh:
         text = re.sub(r"/\*.*?\*/", "", fh.read(), flags=re.S)
@@ -32,10 +36,9 @@ def declarations(header=HEADER):
 
 
 if sys.platform == "win32":
-    COMPILE_ARGS = ["/O2"]
+    COMPILE_ARGS, LIBRARIES = ["/O2"], []
 else:
-    COMPILE_ARGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden"]
-
+    COMPILE_ARGS, LIBRARIES = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden"], ["m"]
 
 
 def make_builder(root=""):
@@ -44,12 +47,13 @@ def make_builder(root=""):
     builder = cffi.FFI()
     builder.cdef(declarations())
     builder.set_source(
-        "kernels._native",
-        '#include "qdot.h"',
-        sources=[os.path.join(csrc, name) for name in ("qdot.c", "packed.c", "attention.c", "ops.c")],
+        "lmengine.kernels._native",
+        '#include "lmengine.h"',
+        sources=[os.path.join(csrc, name) for name in SOURCES],
         include_dirs=[csrc],
-        depends=[os.path.join(csrc, name) for name in ("qdot.h", "common.h")],
+        depends=[os.path.join(csrc, name) for name in HEADERS],
         extra_compile_args=COMPILE_ARGS,
+        libraries=LIBRARIES,                              # expf of the portable paths
     )
     return builder
 

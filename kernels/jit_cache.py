@@ -1,7 +1,7 @@
 """Keep Numba's on-disk cache consistent with the source.
 
 Numba keys a cached function on its own source file's timestamp only. A function that calls a
-kernel from another file (the model forward calls `kernels.matmul.matmul`, which is compiled
+kernel from another file (the model forward calls `lmengine.kernels.matmul.matmul`, which is compiled
 into it) keeps the old callee after that file changes, or after an upgrade: silently stale code.
 `purge_stale_cache` fingerprints every source file whose compiled code can end up inside
 another's, and deletes the cached objects (*.nbi, *.nbc) when the fingerprint changes.

@@ -2,7 +2,7 @@
 and the output layer, in one compiled call.
 
 Layout and gate order are those of converters/lstm_gguf.py (gates i, f, g, o in blocks of H rows).
-Weights are raw ggml blocks (F32, F16, Q8_0, or any type kernels.quant decodes) inside one uint8
+Weights are raw ggml blocks (F32, F16, Q8_0, or any type lmengine.kernels.quant decodes) inside one uint8
 buffer, normally the GGUF file's memory map, described by a table of (byte offset, type, rows,
 cols) per tensor; nothing is expanded to float32 as a whole.
 
@@ -12,7 +12,7 @@ Work per layer, for b sequences of up to n tokens:
         R = H @ W_hh^T                one matrix-matrix product over the b sequences    [b, 4H]
         (h, c) = cell(G[:, t] + R, c) for the sequences that have a token at t
 A decode step is the case n = 1: one product per matrix for the whole batch, so weights are read
-once per step. Large products use kernels.matmul.matmul (threads over output rows, int8
+once per step. Large products use lmengine.kernels.matmul.matmul (threads over output rows, int8
 activations for quantized weights when asked); the small ones of a decode step, and every float
 product when one thread is in use, run on the calling thread (`matmul_serial`), since starting
 threads would cost more than the work. The cell's sigmoid and tanh are computed with a
@@ -21,12 +21,12 @@ branch-free float32 exp (`exp_f32`) so that the cell loops vectorize.
 import numpy as np
 from numba import njit
 
-from kernels.matmul import matmul, row_bytes_of
-from kernels.quant import F32 as F32_TYPE
-from kernels.quant import Q4_0 as Q4_0_TYPE
-from kernels.quant import Q4_1 as Q4_1_TYPE
-from kernels.quant import Q8_0 as Q8_0_TYPE
-from kernels.quant import _bits_as_f32, dequantize_row_into
+from .matmul import matmul, row_bytes_of
+from .quant import F32 as F32_TYPE
+from .quant import Q4_0 as Q4_0_TYPE
+from .quant import Q4_1 as Q4_1_TYPE
+from .quant import Q8_0 as Q8_0_TYPE
+from .quant import _bits_as_f32, dequantize_row_into
 
 # Rows of the tensor table (see lstm_forward).
 T_EMBD, T_OUTPUT, T_OUTPUT_BIAS = 0, 1, 2
@@ -106,7 +106,7 @@ def _dot_rows(w_rows, x, out, r0):
 
 @njit(cache=True, nogil=True)
 def matmul_serial(w_u8, w_type, n_rows, n_cols, x, out):
-    """kernels.matmul.matmul's float path on the calling thread: out [n_tok, n_rows] = x @ W^T.
+    """lmengine.kernels.matmul.matmul's float path on the calling thread: out [n_tok, n_rows] = x @ W^T.
     For the small products of an LSTM step, where starting threads costs more than the work.
     F32 rows are read in place; other types are decoded ROW_BLOCK rows at a time."""
     bytes_per_row = row_bytes_of(w_type, n_cols)
@@ -131,7 +131,7 @@ def matmul_serial(w_u8, w_type, n_rows, n_cols, x, out):
 @njit(cache=True, nogil=True)
 def _project(blob, tensors, k, x, out, act_q8, one_thread):
     """out [n_tok, n_rows] = x [n_tok, n_cols] @ W_k^T: `matmul_serial` when the product is small
-    or one_thread (float path), else kernels.matmul.matmul (threads, and int8
+    or one_thread (float path), else lmengine.kernels.matmul.matmul (threads, and int8
     activations for Q8_0/Q4 weights when act_q8)."""
     w, w_type, n_rows, n_cols = _tensor_bytes(blob, tensors, k)
     if x.shape[1] != n_cols or out.shape[1] != n_rows:
@@ -268,7 +268,7 @@ def lstm_forward(blob, tensors, state_h, state_c, state_offsets, slots, tokens, 
     lengths       int64 [b]               1 <= lengths[i] <= n
     logits        float32 [b, n, V]       all_logits: logits at every position (rows past
                   or [b, 1, V]            lengths[i] are unspecified); else at position lengths[i]-1
-    act_q8        bool                    int8 activations for Q8_0/Q4 weights (kernels.matmul)
+    act_q8        bool                    int8 activations for Q8_0/Q4 weights (lmengine.kernels.matmul)
     one_thread    bool                    the caller runs one thread: float products stay serial
     """
     n_seq, n_pos = tokens.shape

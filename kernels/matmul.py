@@ -10,7 +10,7 @@ Two kinds of arithmetic:
 
 * float path (`act_q8=False`, `matmul_f32`): blocks are decoded to float32 on the fly and dotted
   with float32 activations. Equals NumPy's `dequantize(W) @ x.T` up to float32 summation order.
-  Works for every type `kernels.quant` can decode (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K formats).
+  Works for every type `lmengine.kernels.quant` can decode (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K formats).
 * int8 path (`act_q8=True`, `quantize_activations` + `matmul_q8`): each 32-value block of x is
   quantized to int8 with one float32 scale, as ggml's Q8_0/Q8_1 do, and each block product is an
   exact integer dot product of the weight's 4/8-bit values with those int8 values:
@@ -27,13 +27,13 @@ Two kinds of arithmetic:
 
 Each path has a Numba implementation (`matmul_f32_numba`, `matmul_q8_numba`, the reference) and a
 C implementation in `kernels/csrc/qdot.c` (SIMD, selected by CPUID), reached through
-`kernels.native`. `matmul`, `matmul_f32`, `matmul_q8` use the C kernels when the extension is
+`lmengine.kernels.native`. `matmul`, `matmul_f32`, `matmul_q8` use the C kernels when the extension is
 loaded in this process and the Numba ones otherwise; that choice is made at run time on every
 call (`use_native()`), so code compiled and cached on disk stays correct in a process where the
 extension is missing (see kernels/native.py). Non-contiguous arrays also take the Numba path.
 
 Packed matrices (`matmul_packed`, `matmul_packed_q8`): on AVX-512 VNNI CPUs models re-lay their
-Q8_0/Q4_0/Q4_1 matrices 16 rows at a time (`kernels.native.pack_q8`, kernels/csrc/packed.c) and
+Q8_0/Q4_0/Q4_1 matrices 16 rows at a time (`lmengine.kernels.native.pack_q8`, kernels/csrc/packed.c) and
 use these products instead: same integer sums, ~3x the multiply-adds per second of the row-major
 kernel, and decode at the memory bandwidth even with two activation terms.
 
@@ -47,13 +47,14 @@ rows (packed: groups of 16), so results do not depend on the thread count.
 import numpy as np
 from numba import njit, prange
 
-from kernels import native
-from kernels.ops import PARALLEL_MIN_TOKENS   # row-wise work goes over threads from this many tokens on
-from kernels.quant import BF16, BLOCK_BYTES_BY_ID, BLOCK_SIZE_BY_ID, F16, F32, N_TYPE_IDS, Q4_0, Q4_1, Q8_0, QK
-from kernels.quant import dequantize_row_into, half_bits_to_float
+from . import native
+from .kquant import QK_K, k_block_bytes, matmul_k_numba, quantize_q8k_into
+from .ops import PARALLEL_MIN_TOKENS   # row-wise work goes over threads from this many tokens on
+from .quant import BF16, BLOCK_BYTES_BY_ID, BLOCK_SIZE_BY_ID, F16, F32, N_TYPE_IDS, Q4_0, Q4_1, Q8_0, QK
+from .quant import dequantize_row_into, half_bits_to_float
 
 ROW_TILE = 16          # rows of W per unit of thread work (one C call per tile)
-Q8_TYPES = (Q8_0, Q4_0, Q4_1)   # weight types with an int8 path
+Q8_TYPES = (Q8_0, Q4_0, Q4_1)   # weight types with an int8 path on 32-value activation blocks
 
 # Block tables indexed by type id, for Numba (0 = unsupported type).
 _N_TYPE_IDS = N_TYPE_IDS
@@ -351,7 +352,7 @@ def use_native():
 @njit(cache=True, nogil=True)
 def matmul_f32(w_u8, w_type, n_rows, n_cols, x, out):
     """Float path: out[t, r] = dot(dequantize(W[r]), x[t]); x float32 [n_tok, n_cols],
-    out float32 [n_tok, n_rows]. Any ggml type `kernels.quant` decodes (C: F32, F16, BF16, Q8_0,
+    out float32 [n_tok, n_rows]. Any ggml type `lmengine.kernels.quant` decodes (C: F32, F16, BF16, Q8_0,
     Q4_0, Q4_1; others and non-contiguous arrays go to the Numba kernel)."""
     c_type = (w_type == F32 or w_type == F16 or w_type == BF16 or w_type == Q8_0
               or w_type == Q4_0 or w_type == Q4_1)
@@ -397,28 +398,104 @@ def quantize_activations_x2(x):
     return xq, xd, xs
 
 
+# -- K-quant weights (Q2_K .. Q6_K, IQ4_XS) with Q8_K activations (kernels/kquant.py, kquants.c) ----
+
+@njit(cache=True, nogil=True)
+def is_k_type(w_type):
+    return k_block_bytes(w_type) > 0
+
+
+@njit(cache=True, nogil=True)
+def quantize_q8k_terms(x, n_terms):
+    """x float32 [n_tok, n_cols] as Q8_K activations in n_terms (1 or 2) terms, 256-value blocks
+    (see kernels/kquant.py): rows t of (xq, xd, xsum) are x's blocks; with two terms rows
+    n_tok + t quantize the residual x - xd * xq, as quantize_activations_x2 does for 32-blocks."""
+    n_tok, n_cols = x.shape
+    xq = np.empty((n_terms * n_tok, n_cols), dtype=np.int8)
+    xd = np.empty((n_terms * n_tok, n_cols // QK_K), dtype=np.float32)
+    xsum = np.empty((n_terms * n_tok, n_cols // 16), dtype=np.int16)
+    _quantize_q8k_rows(x, xq[:n_tok], xd[:n_tok], xsum[:n_tok])
+    if n_terms == 2:
+        residual = np.empty_like(x)
+        for t in range(n_tok):
+            for i in range(n_cols):
+                residual[t, i] = x[t, i] - xd[t, i // QK_K] * np.float32(xq[t, i])
+        _quantize_q8k_rows(residual, xq[n_tok:], xd[n_tok:], xsum[n_tok:])
+    return xq, xd, xsum
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q8k_rows(x, xq, xd, xsum):
+    """The C quantizer when loaded (same bits as the Numba loop), else the Numba loop."""
+    if use_native() and _is_contiguous(x) and _is_contiguous(xq) and _is_contiguous(xd) and _is_contiguous(xsum):
+        if native.c_quantize_q8k(x, xq, xd, xsum) == 0:
+            return
+    quantize_q8k_into(x, xq, xd, xsum)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_k_native(w_u8, w_type, n_rows, n_cols, xq, xd, xsum, out):
+    """C K-quant path (`lme_matmul_k`), row tiles over threads. Arrays must be C-contiguous."""
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE
+    status = np.zeros(n_tiles, dtype=np.int32)
+    for tile in prange(n_tiles):
+        status[tile] = native.c_matmul_k(w_type, w_u8, n_rows, n_cols, tile * ROW_TILE,
+                                         min(n_rows, (tile + 1) * ROW_TILE), xq, xd, xsum, xq.shape[0], out)
+    _raise_if_failed(status)
+
+
+@njit(cache=True, nogil=True)
+def matmul_k(w_u8, w_type, n_rows, n_cols, xq, xd, xsum, out):
+    """K-quant weights times Q8_K activations (from quantize_q8k_terms): out float32
+    [n_tok, n_rows]. C when loaded (and arrays contiguous), else the Numba reference."""
+    if (use_native() and _is_contiguous(w_u8) and _is_contiguous(xq) and _is_contiguous(xd)
+            and _is_contiguous(xsum) and _is_contiguous(out)):
+        _check_weights(w_u8, w_type, n_rows, n_cols)
+        if xq.shape[1] != n_cols or out.shape[0] != xq.shape[0] or out.shape[1] != n_rows:
+            raise ValueError("matmul_k: xq/out shapes do not match the matrix")
+        matmul_k_native(w_u8, w_type, n_rows, n_cols, xq, xd, xsum, out)
+    else:
+        matmul_k_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xsum, out)
+
+
+@njit(cache=True, nogil=True)
+def _matmul_int_terms(w_u8, w_type, n_rows, n_cols, x, out, n_terms):
+    """The integer path of `matmul`: x quantized in n_terms terms (32-value blocks for
+    Q8_0/Q4_0/Q4_1, Q8_K's 256-value blocks for the K types), one product over all terms' rows
+    (each weight block read once), then the terms summed in a fixed order."""
+    _check_weights(w_u8, w_type, n_rows, n_cols)
+    if x.ndim != 2 or x.shape[1] != n_cols:
+        raise ValueError("matmul: x must have shape (n_tok, n_cols)")
+    n_tok = x.shape[0]
+    _check_out(n_tok, n_rows, out)
+    target = out if n_terms == 1 else np.empty((n_terms * n_tok, n_rows), dtype=np.float32)
+    if is_k_type(w_type):
+        xq, xd, xsum = quantize_q8k_terms(x, n_terms)
+        matmul_k(w_u8, w_type, n_rows, n_cols, xq, xd, xsum, target)
+    else:
+        xq, xd, xs = quantize_activations_x2(x) if n_terms == 2 else quantize_activations(x)
+        matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, target)
+    if n_terms == 2:
+        for t in range(n_tok):
+            for r in range(n_rows):
+                out[t, r] = target[t, r] + target[n_tok + t, r]
+
+
+@njit(cache=True, nogil=True)
+def has_int_path(w_type, n_cols):
+    """Whether `matmul` has an integer path for this type (K types need whole superblocks)."""
+    return w_type == Q8_0 or w_type == Q4_0 or w_type == Q4_1 or (is_k_type(w_type) and n_cols % QK_K == 0)
+
+
 @njit(cache=True, nogil=True)
 def matmul(w_u8, w_type, n_rows, n_cols, x, out, act):
     """out float32 [n_tok, n_rows] = W @ x.T for W raw ggml blocks (n_rows, n_cols) of w_type and
     x float32 [n_tok, n_cols]. act: ACT_F32 (or False) float path (exact); ACT_INT8 (or True)
-    int8 activations for Q8_0/Q4_0/Q4_1 weights (fast path); ACT_INT8X2 two int8 terms (see
+    integer dot products on int8 activations (32-value blocks for Q8_0/Q4_0/Q4_1, Q8_K's
+    256-value blocks for the K types and IQ4_XS: the fast path); ACT_INT8X2 two int8 terms (see
     quantize_activations_x2). F32/F16/BF16 weights always take the float path."""
-    if act != ACT_F32 and (w_type == Q8_0 or w_type == Q4_0 or w_type == Q4_1):
-        _check_weights(w_u8, w_type, n_rows, n_cols)
-        if x.ndim != 2 or x.shape[1] != n_cols:
-            raise ValueError("matmul: x must have shape (n_tok, n_cols)")
-        if act == ACT_INT8X2:
-            n_tok = x.shape[0]
-            _check_out(n_tok, n_rows, out)
-            xq, xd, xs = quantize_activations_x2(x)
-            both = np.empty((2 * n_tok, n_rows), dtype=np.float32)
-            matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, both)
-            for t in range(n_tok):
-                for r in range(n_rows):
-                    out[t, r] = both[t, r] + both[n_tok + t, r]
-        else:
-            xq, xd, xs = quantize_activations(x)
-            matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+    if act != ACT_F32 and has_int_path(w_type, n_cols):
+        _matmul_int_terms(w_u8, w_type, n_rows, n_cols, x, out, 2 if act == ACT_INT8X2 else 1)
     else:
         matmul_f32(w_u8, w_type, n_rows, n_cols, x, out)
 
@@ -454,7 +531,7 @@ def _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out):
 
 @njit(cache=True, nogil=True)
 def matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out):
-    """out float32 [n_tok, n_rows] = W x for W packed by `kernels.native.pack_q8` (p_u8 uint8) and
+    """out float32 [n_tok, n_rows] = W x for W packed by `lmengine.kernels.native.pack_q8` (p_u8 uint8) and
     x given as n_terms (1 or 2) int8 terms: xq int8 [n_terms * n_tok, n_cols], xd, xs float32
     [n_terms * n_tok, n_cols // 32], term j of token t in row j * n_tok + t (from
     `quantize_activations` or `quantize_activations_x2`). Groups of 16 rows over threads.

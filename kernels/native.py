@@ -1,6 +1,7 @@
-"""The C kernels (kernels/csrc/: qdot.c row-major quantized products, packed.c the 16-row packed
-layout and its product, attention.c, ops.c swiglu and activation quantization; built by cffi as
-`kernels._native`, API in qdot.h) for Python and Numba.
+"""The C kernels (kernels/csrc/, API in lmengine.h: cpu.c the SIMD path, qdot.c row-major quantized
+products, packed.c the 16-row packed layout and its product, attention.c, ops.c swiglu, activation
+quantization, f16 conversion and rope; built by cffi as `lmengine.kernels._native`) for Python and
+Numba. Every C function has a portable path beside its SIMD ones, so it runs on any CPU.
 
 Loading: `HAVE_NATIVE` says whether the extension was found and loaded (`LOAD_ERROR` says why
 not). Setting the environment variable LMENGINE_NO_NATIVE=1 before the first import makes this
@@ -15,8 +16,8 @@ functions through named JIT symbols (`c_matmul_q8`, `c_matmul_f32`, `c_matmul_pa
 compiled code refers to the name, and this module binds each name to an address when it is
 imported -- to the C function when the extension is loaded, otherwise to a Numba `cfunc`
 stand-in that returns LME_ERR_NO_NATIVE (the stand-in for `c_native_available` returns 0). So
-code cached on disk can always be loaded and run: it asks `c_native_available()` at run time
-and takes the Numba path in a process without the extension.
+code cached on disk can always be loaded and run: it asks `c_native_available()` at run time, or
+sees the stand-in's nonzero status, and takes the Numba path in a process without the extension.
 
 Python wrappers (`matmul_q8_rows`, `matmul_f32_rows`, `pack_q8`, `packed_bytes`) call one C
 function with full argument checks (ValueError naming the problem); `set_isa` / `get_isa` / `best_isa` /
@@ -31,7 +32,7 @@ from numba import cfunc, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.quant import BF16, F16, F32, Q4_0, Q4_1, Q8_0, QK, TYPE_NAMES, row_bytes
+from .quant import BF16, F16, F32, Q4_0, Q4_1, Q8_0, QK, TYPE_NAMES, row_bytes
 
 ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
 ISA_NAMES = {ISA_SCALAR: "scalar", ISA_AVX2: "avx2", ISA_AVX512: "avx512-vnni"}
@@ -51,14 +52,14 @@ if os.environ.get("LMENGINE_NO_NATIVE", "") not in ("", "0"):
     LOAD_ERROR = "disabled by LMENGINE_NO_NATIVE"
 else:
     try:
-        from kernels import _native
+        from . import _native
         ffi, lib = _native.ffi, _native.lib
         lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
         lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention, lib.lme_swiglu, lib.lme_quantize_row
-        lib.lme_to_f16, lib.lme_rope
+        lib.lme_to_f16, lib.lme_rope, lib.lme_matmul_k, lib.lme_quantize_q8k
     except (ImportError, AttributeError) as exc:
         ffi = lib = None
-        LOAD_ERROR = f"kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
+        LOAD_ERROR = f"lmengine.kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
 HAVE_NATIVE = lib is not None
 
 if HAVE_NATIVE:
@@ -138,6 +139,23 @@ def _stub_rope(x, x_len, n_heads, head_dim, rope_dim, neox, cos, cos_len, sin, s
     return ERR_NO_NATIVE
 
 
+_SIG_MATMUL_K = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64)
+
+
+@cfunc(_SIG_MATMUL_K, cache=True)
+def _stub_matmul_k(w_type, w, w_len, n_rows, n_cols, row_begin, row_end, xq, xq_len, xd, xd_len,
+                   xsum, xsum_len, n_tok, out, out_len):
+    return ERR_NO_NATIVE
+
+
+_SIG_QUANTIZE_Q8K = types.int32(_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64)
+
+
+@cfunc(_SIG_QUANTIZE_Q8K, cache=True)
+def _stub_quantize_q8k(x, x_len, n_tok, n_cols, xq, xq_len, xd, xd_len, xsum, xsum_len):
+    return ERR_NO_NATIVE
+
+
 _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_native_available": ("lme_native_available", _stub_available),
     "lmengine_matmul_q8": ("lme_matmul_q8", _stub_matmul_q8),
@@ -148,6 +166,8 @@ _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_quantize_row": ("lme_quantize_row", _stub_quantize_row),
     "lmengine_to_f16": ("lme_to_f16", _stub_to_f16),
     "lmengine_rope": ("lme_rope", _stub_rope),
+    "lmengine_matmul_k": ("lme_matmul_k", _stub_matmul_k),
+    "lmengine_quantize_q8k": ("lme_quantize_q8k", _stub_quantize_q8k),
 }
 for _symbol, (_c_name, _stub) in _SYMBOLS.items():
     if HAVE_NATIVE:
@@ -175,6 +195,7 @@ def _lower_extern_call(builder, context, symbol, arg_types, args):
 
 INT = "int"                                      # an integer argument (passed as int64)
 U8_1D, I8_1D, I8_2D, U16_1D = (types.uint8, 1), (types.int8, 1), (types.int8, 2), (types.uint16, 1)
+I16_2D = (types.int16, 2)
 F32_1D, F32_2D, F32_ANY = (types.float32, 1), (types.float32, 2), (types.float32, None)
 KV_ANY = ((types.float32, types.uint16), None)   # a KV cache array: float32, or f16 bits as uint16
 
@@ -212,6 +233,32 @@ def c_matmul_q8(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq,
 
 
 @intrinsic
+def c_matmul_k(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xsum, n_tok, out):
+    """lme_matmul_k (K-quant weights, Q8_K activations) on rows [row_begin, row_end); returns its
+    status. Contiguous arrays: w_u8 uint8 1-D, xq int8 2-D, xd float32 2-D, xsum int16 2-D, out
+    float32 2-D."""
+    return _extern("lmengine_matmul_k", (w_type, w_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xsum, n_tok, out),
+                   (INT, U8_1D, INT, INT, INT, INT, I8_2D, F32_2D, I16_2D, INT, F32_2D))
+
+
+@intrinsic
+def c_quantize_q8k(typingctx, x, xq, xd, xsum):
+    """lme_quantize_q8k: x float32 [n_tok, n_cols] -> Q8_K activations xq int8, xd float32, xsum
+    int16 (2-D, contiguous); returns its status. n_tok and n_cols are read from xq's shape."""
+    def codegen(context, builder, signature, args):
+        x_a, xq_a, xd_a, xsum_a = args
+        shape = cgutils.unpack_tuple(builder, context.make_array(signature.args[1])(context, builder, xq_a).shape)
+        full = [x_a, shape[0], shape[1], xq_a, xd_a, xsum_a]
+        return _lower_extern_call(builder, context, "lmengine_quantize_q8k",
+                                  (signature.args[0], types.int64, types.int64) + signature.args[1:], full)
+    kinds = ((types.float32, 2), (types.int8, 2), (types.float32, 2), (types.int16, 2))
+    for ty, (dtype, ndim) in zip((x, xq, xd, xsum), kinds):
+        if not (isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim):
+            return None
+    return types.int32(x, xq, xd, xsum), codegen
+
+
+@intrinsic
 def c_matmul_f32(typingctx, w_type, w_u8, n_rows, n_cols, row_begin, row_end, x, n_tok, out):
     """lme_matmul_f32 on rows [row_begin, row_end); returns its status (0 = ok). Arrays must be
     contiguous (the caller checks): w_u8 uint8 1-D, x and out float32 2-D."""
@@ -233,7 +280,7 @@ def c_matmul_packed(typingctx, w_type, p_u8, n_rows, n_cols, row_begin, row_end,
 @intrinsic
 def c_attention(typingctx, kv_type, q, group, head_dim, keys, values, n_pos, scores, out):
     """lme_attention for one token and one kv head's group of query heads; returns its status
-    (0 = ok; negative, e.g. LME_ERR_ISA, when the caller must compute it). Arrays contiguous: q
+    (0 = ok; else, e.g. without the extension, the caller computes it). Arrays contiguous: q
     [group * head_dim] pre-scaled, scores scratch, out [group * head_dim] float32; keys (tiles)
     and values of the slot's kv head, float32 (kv_type F32) or f16 bits as uint16 (kv_type F16)."""
     return _extern("lmengine_attention", (kv_type, q, group, head_dim, keys, values, n_pos, scores, out),
@@ -346,7 +393,7 @@ def _raise_on_status(status, what):
 
 def matmul_q8_rows(w_u8, w_type, n_rows, n_cols, row_begin, row_end, xq, xd, xs, out) -> None:
     """out[:, row_begin:row_end] = W[row_begin:row_end] . x (int8 activations) with one C call
-    in this thread. Shapes as in `kernels.matmul.matmul_q8`."""
+    in this thread. Shapes as in `lmengine.kernels.matmul.matmul_q8`."""
     _require_native()
     w_u8 = _contiguous("w_u8", w_u8, np.uint8, 1)
     xq = _contiguous("xq", xq, np.int8, 2)

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels import native
+from . import native
 
 PARALLEL_MIN_TOKENS = 8   # swiglu's rows go over threads from this many tokens on
 

@@ -1,10 +1,18 @@
 """Shared pytest fixtures."""
 import importlib.util
 import os
+import sys
 
 import pytest
 
-from kernels import native
+# `python -m pytest` puts the working directory on sys.path. From the repository root that makes
+# the source folders importable under their folder names (`kernels`, `engine`, ...), which would
+# shadow other packages of those names (transformers imports PyPI's `kernels`). Everything here
+# imports the installed package, `lmengine`.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
+
+from lmengine.kernels import native
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

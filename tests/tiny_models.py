@@ -11,7 +11,7 @@ BYTE_VOCAB_SIZE = 256
 
 def byte_level_vocab(vocab_size: int) -> dict:
     """A gpt2-style vocab: the 256 byte tokens (no merges), then control tokens up to vocab_size."""
-    from engine.tokenizer import _gpt2_byte_to_char  # GPT-2's byte -> printable character table
+    from lmengine.tokenizer import _gpt2_byte_to_char  # GPT-2's byte -> printable character table
     byte_chars = _gpt2_byte_to_char()
     tokens = [byte_chars[b] for b in range(min(vocab_size, BYTE_VOCAB_SIZE))]
     types = [1] * len(tokens)
@@ -34,7 +34,7 @@ def make_tiny_model(path, *, arch="llama", n_layers=2, dim=64, n_heads=4, n_kv_h
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from converters.hf import hf_to_gguf_tensors, hparams_from_hf, write_llama_gguf
+    from lmengine.converters.hf import hf_to_gguf_tensors, hparams_from_hf, write_llama_gguf
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=dim, intermediate_size=ffn_dim,
@@ -68,7 +68,7 @@ def _load_back(model, path, arch, n_heads, n_kv_heads, n_layers, tied):
     import gguf
     import torch
 
-    from converters.hf import GLOBAL_NAMES, LAYER_NAMES
+    from lmengine.converters.hf import GLOBAL_NAMES, LAYER_NAMES
 
     reader = gguf.GGUFReader(path)
     values = {}

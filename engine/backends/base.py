@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from ..errors import InvalidParameterError
+
 
 class Backend(ABC):
     vocab_size: int          # logits width
@@ -40,8 +42,27 @@ class Backend(ABC):
         (prefix sharing, n > 1 samples, beam search). Recurrent backends copy the whole state and
         require `n_tokens` to equal the source length."""
 
-    def set_threads(self, n_threads: int) -> None:
-        """Threads used by the next forward calls (default: leave as is)."""
+    n_threads: int | None = None
+    max_threads: int | None = None   # the most threads this backend can run (None: no limit of its own)
+
+    def set_threads(self, n_threads: int | None) -> None:
+        """Threads used by the next forward calls: a positive int (above max_threads it is
+        clamped to max_threads), or None for max_threads (or the runtime's default)."""
+        self.n_threads = checked_thread_count(n_threads, self.max_threads)
+
+    def warmup(self) -> None:
+        """Load (or compile) whatever the first forward needs, before the first request. The
+        default does nothing; a backend that warms up leaves no state the engine relies on."""
 
     def close(self) -> None:
         """Release memory maps and native resources."""
+
+
+def checked_thread_count(n_threads, max_threads: int | None) -> int | None:
+    """n_threads validated (a positive int, not a bool) and clamped to max_threads; None ->
+    max_threads."""
+    if n_threads is None:
+        return max_threads
+    if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, (bool, np.bool_)) or n_threads < 1:
+        raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
+    return int(n_threads) if max_threads is None else min(int(n_threads), max_threads)

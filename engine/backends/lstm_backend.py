@@ -19,11 +19,13 @@ import numba
 import numpy as np
 from numba import njit
 
-from converters.gguf_file import GGUFFile
-from kernels.lstm import lstm_forward
+from lmengine.converters.gguf_file import GGUFFile
+from lmengine.kernels.lstm import lstm_forward
 
-from ..errors import BackendError, ContextLengthError, InvalidParameterError, TokenIdError
-from ..models.lstm import LSTMConfig, LSTMWeights
+from ..errors import BackendError, ContextLengthError, InvalidParameterError
+from ..config import LSTMConfig
+from ..models.lstm import LSTMWeights
+from ..validation import check_token_ids
 from .base import Backend
 
 
@@ -63,7 +65,7 @@ class RecurrentBackend(Backend):
         slots = self._check_slots(slots)
         if len(token_lists) != slots.size or len(start_positions) != slots.size:
             raise InvalidParameterError("slots, token lists and start positions must have the same length")
-        seqs = [self._check_tokens(t) for t in token_lists]
+        seqs = [check_token_ids(t, self.vocab_size) for t in token_lists]
         for seq, start in zip(seqs, start_positions):
             if seq.size == 0:
                 raise InvalidParameterError("forward needs at least one token")
@@ -110,7 +112,7 @@ class RecurrentBackend(Backend):
 
     def forward_batch(self, slots, token_ids, positions):
         slots = self._check_slots(slots)
-        token_ids = self._check_tokens(token_ids)
+        token_ids = check_token_ids(token_ids, self.vocab_size)
         positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
         if not (slots.shape == token_ids.shape == positions.shape):
             raise InvalidParameterError("slots, token_ids and positions must have the same length")
@@ -164,13 +166,6 @@ class RecurrentBackend(Backend):
             f"slot {slot} holds the state after {length} tokens; a recurrent model can only extend it "
             f"(start_pos {length}) or restart (start_pos 0), not start at {start}")
 
-    def _check_tokens(self, token_ids) -> np.ndarray:
-        token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
-        bad = (token_ids < 0) | (token_ids >= self.vocab_size)
-        if bad.any():
-            raise TokenIdError(f"token id {token_ids[bad][0]} is outside the vocabulary [0, {self.vocab_size})")
-        return token_ids
-
     def _check_slots(self, slots) -> np.ndarray:
         slots = np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
         if slots.size and (slots.min() < 0 or slots.max() >= self.n_slots):
@@ -182,7 +177,7 @@ class RecurrentBackend(Backend):
 
 class LSTMBackend(RecurrentBackend):
     """LSTM language model run by the Numba kernels (kernels/lstm.py) from the GGUF's pages.
-    `fast=True` uses 8-bit activations for Q8_0 weights (kernels.matmul's int8 path); F32/F16
+    `fast=True` uses 8-bit activations for Q8_0 weights (lmengine.kernels.matmul's int8 path); F32/F16
     weights always compute in float32."""
 
     def __init__(self, gguf_file, config: LSTMConfig | None = None, n_ctx: int = 4096, n_slots: int = 1,
@@ -194,23 +189,18 @@ class LSTMBackend(RecurrentBackend):
         self.weights = LSTMWeights(gguf_file, self.config)
         self._gguf_file = gguf_file   # keeps the memory map alive
         self.fast = bool(fast)
-        self.n_threads = None
         self.set_threads(n_threads)
 
-    def set_threads(self, n_threads: int | None) -> None:
-        max_threads = numba.config.NUMBA_NUM_THREADS
-        if n_threads is None:
-            n_threads = max_threads
-        if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool) or n_threads < 1:
-            raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
-        self.n_threads = min(int(n_threads), max_threads)
+    @property
+    def max_threads(self) -> int:
+        return numba.config.NUMBA_NUM_THREADS   # Numba's pool: its size is fixed at start
 
     def forward_batch(self, slots, token_ids, positions):
         """The decode step in one compiled call (`_decode_step`: checks, resets, forward, lengths):
-        the Python work per step is a few conversions. A batch it refuses goes through the general
-        path, which names the problem."""
+        the Python work per step is the token check and a few conversions. A batch it refuses
+        goes through the general path, which names the problem."""
+        token_ids = check_token_ids(token_ids, self.vocab_size)   # int64 [b]: the kernel reads E[token]
         slots = np.asarray(slots, dtype=np.int64)
-        token_ids = np.asarray(token_ids, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
         if slots.ndim == token_ids.ndim == positions.ndim == 1 and slots.size == token_ids.size == positions.size:
             logits = np.empty((slots.size, self.vocab_size), dtype=np.float32)
@@ -236,14 +226,14 @@ class LSTMBackend(RecurrentBackend):
 def _decode_step(blob, table, state_offsets, state_h, state_c, lengths, last_token, last_logits, slots, tokens,
                  positions, n_ctx, fast, one_thread, logits):
     """RecurrentBackend.forward_batch for the Numba kernels, compiled: False (nothing changed) when
-    a slot, token or position breaks the rules; else resets the slots at position 0, advances every
-    slot by its token, records lengths / last token / last logits and fills logits [b, V]."""
+    a slot or position breaks the rules; else resets the slots at position 0, advances every
+    slot by its token, records lengths / last token / last logits and fills logits [b, V].
+    The tokens must be checked already (check_token_ids, in LSTMBackend.forward_batch)."""
     n_slots, vocab, n_seq = state_h.shape[0], last_logits.shape[1], slots.size
     seen = np.zeros(n_slots, dtype=np.bool_)
     for i in range(n_seq):
-        slot, pos, token = slots[i], positions[i], tokens[i]
-        if slot < 0 or slot >= n_slots or seen[slot] or token < 0 or token >= vocab or pos >= n_ctx \
-                or (pos != 0 and pos != lengths[slot]):
+        slot, pos = slots[i], positions[i]
+        if slot < 0 or slot >= n_slots or seen[slot] or pos >= n_ctx or (pos != 0 and pos != lengths[slot]):
             return False
         seen[slot] = True
     step_tokens = np.empty((n_seq, 1), dtype=np.int64)
@@ -269,7 +259,7 @@ class OrtLSTMBackend(RecurrentBackend):
     def __init__(self, onnx_path, n_ctx: int = 4096, n_slots: int = 1, n_threads: int | None = None,
                  providers=None):
         import onnxruntime as ort
-        from converters.onnx_lstm import META_CONFIG, MODEL_FILE
+        from lmengine.converters.onnx_lstm import META_CONFIG, MODEL_FILE
         onnx_path = os.fspath(onnx_path)
         if os.path.isdir(onnx_path):
             onnx_path = os.path.join(onnx_path, MODEL_FILE)

@@ -1,4 +1,4 @@
-"""The default backend: llama-family models run by Numba (and the C kernels behind kernels.matmul)."""
+"""The default backend: llama-family models run by Numba (and the C kernels behind lmengine.kernels.matmul)."""
 from __future__ import annotations
 
 import mmap
@@ -6,12 +6,13 @@ import mmap
 import numba
 import numpy as np
 
-from ..errors import ContextLengthError, InvalidParameterError, TokenIdError
-from kernels import native
-from kernels.attention import KEY_TILE, KV_DTYPES, cache_shapes
-from kernels.matmul import ACT_F32, ACT_INT8, ACT_INT8X2
+from ..errors import ContextLengthError, InvalidParameterError
+from lmengine.kernels import native
+from lmengine.kernels.attention import KEY_TILE, KV_DTYPES, cache_shapes
+from lmengine.kernels.matmul import ACT_F32, ACT_INT8, ACT_INT8X2
 
 from ..models.llama import LlamaWeights, llama_forward
+from ..validation import check_token_ids
 from .base import Backend
 
 # Prompt tokens per compiled call: bounds the scratch memory of a long prefill
@@ -97,20 +98,15 @@ class NumbaLlamaBackend(Backend):
                                         config.head_dim)
         self.k_cache = _lazy_zeros(k_shape, KV_DTYPES[kv_cache_dtype])
         self.v_cache = _lazy_zeros(v_shape, KV_DTYPES[kv_cache_dtype])
-        self.n_threads = None
         self.set_threads(n_threads)
 
-    def set_threads(self, n_threads: int | None) -> None:
-        max_threads = numba.config.NUMBA_NUM_THREADS
-        if n_threads is None:
-            n_threads = max_threads
-        if not isinstance(n_threads, int) or n_threads < 1:
-            raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
-        self.n_threads = min(n_threads, max_threads)
+    @property
+    def max_threads(self) -> int:
+        return numba.config.NUMBA_NUM_THREADS   # Numba's pool: its size is fixed at start
 
     # -- Backend -------------------------------------------------------------------------------
     def forward(self, slot, token_ids, start_pos, all_logits=False):
-        token_ids = self._check_tokens(token_ids)
+        token_ids = check_token_ids(token_ids, self.vocab_size)   # bounds checked before compiled code reads
         n = token_ids.shape[0]
         if n == 0:
             raise InvalidParameterError("forward needs at least one token")
@@ -132,7 +128,7 @@ class NumbaLlamaBackend(Backend):
         return np.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
     def forward_batch(self, slots, token_ids, positions):
-        token_ids = self._check_tokens(token_ids)
+        token_ids = check_token_ids(token_ids, self.vocab_size)   # bounds checked before compiled code reads
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         if not (slots.shape == positions.shape == token_ids.shape):
@@ -164,16 +160,9 @@ class NumbaLlamaBackend(Backend):
         self._gguf_file = None
 
     # -- internals -----------------------------------------------------------------------------
-    def _check_tokens(self, token_ids):
-        token_ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
-        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
-            bad = token_ids[(token_ids < 0) | (token_ids >= self.vocab_size)][0]
-            raise TokenIdError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        return token_ids
-
     def _run(self, tokens, slots, positions, rows):
         logits = np.empty((rows.shape[0], self.vocab_size), dtype=np.float32)
         numba.set_num_threads(self.n_threads)
-        llama_forward(*self.weights.forward_args(), tokens, slots, positions, rows,
-                      self.k_cache, self.v_cache, logits, self.acts)
+        llama_forward(self.weights.model, tokens, slots, positions, rows, self.k_cache, self.v_cache, logits,
+                      self.acts)
         return logits

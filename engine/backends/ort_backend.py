@@ -24,8 +24,9 @@ import os
 
 import numpy as np
 
-from ..errors import BackendError, ContextLengthError, InvalidParameterError, TokenIdError
-from .base import Backend
+from ..errors import BackendError, ContextLengthError, InvalidParameterError
+from ..validation import check_token_ids
+from .base import Backend, checked_thread_count
 
 GENAI_CONFIG = "genai_config.json"
 PREFILL_CHUNK = 256   # prompt tokens per run: bounds the [chunk, vocab] logits and attention scores
@@ -229,8 +230,7 @@ class OrtBackend(Backend):
         self._kv_dtype = self._dtypes[n["past"][0]]
 
     def set_threads(self, n_threads: int | None) -> None:
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-            raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
+        n_threads = checked_thread_count(n_threads, self.max_threads)
         if n_threads != self.n_threads:
             self._threads_wanted = n_threads
             self._open_session()   # a session's thread pool is fixed when it is made
@@ -246,20 +246,10 @@ class OrtBackend(Backend):
             raise InvalidParameterError(f"slot {slot!r} out of range [0, {self.n_slots})")
         return int(slot)
 
-    def _check_tokens(self, token_ids) -> np.ndarray:
-        token_ids = np.asarray(token_ids)
-        if token_ids.dtype.kind not in "iu":
-            raise TokenIdError(f"token ids must be integers, got dtype {token_ids.dtype}")
-        token_ids = token_ids.astype(np.int64).reshape(-1)
-        bad = (token_ids < 0) | (token_ids >= self.vocab_size)
-        if bad.any():
-            raise TokenIdError(f"token id {int(token_ids[bad][0])} is outside the vocabulary [0, {self.vocab_size})")
-        return token_ids
-
     # -- Backend ---------------------------------------------------------------------------------
     def forward(self, slot, token_ids, start_pos, all_logits=False):
         slot = self._check_slot(slot)
-        tokens = self._check_tokens(token_ids)
+        tokens = check_token_ids(token_ids, self.vocab_size)
         n = tokens.shape[0]
         if n == 0:
             raise InvalidParameterError("forward needs at least one token")
@@ -288,7 +278,7 @@ class OrtBackend(Backend):
         return np.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
     def forward_batch(self, slots, token_ids, positions):
-        tokens = self._check_tokens(token_ids)
+        tokens = check_token_ids(token_ids, self.vocab_size)
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         b = tokens.shape[0]

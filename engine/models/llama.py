@@ -8,11 +8,16 @@ One call of `llama_forward` runs a batch of tokens through every layer. Each tok
 own slot (sequence) and position, so the same call serves a prompt, one decode step of many
 sequences, or a mix (see kernels/attention.py).
 
+The weights reach compiled code as one record, `LlamaModel` (a NamedTuple Numba compiles
+against), with a field per GGUF matrix kind (`attn_q`, ..., `output`, each a `Matrix`: where its
+blocks are for every layer) and per vector kind. Every product in the layer loop is one call of
+`project` (one matrix) or `project_parts` (q|k|v, gate|up), whatever the matrix's layout.
+
 Packed matrices: on CPUs with AVX-512 VNNI the int8 paths read the Q8_0/Q4_0/Q4_1 matrices in the
-16-row packed layout of kernels/csrc/packed.c (made once at load, `LlamaWeights(pack=True)`; the
-file's pages of those matrices are then dropped from memory). A layer whose q, k, v (and gate, up)
-matrices are packed back to back runs them as one product over the concatenated rows, quantizing
-its input once.
+16-row packed layout of kernels/csrc/packed.c (made once at load by lmengine.kernels.packing,
+`LlamaWeights(pack=True)`; the file's pages of those matrices are then given back). A layer whose
+q, k, v (and gate, up) matrices are packed back to back runs them as one product over the
+concatenated rows, quantizing its input once.
 
 Shapes (n = tokens in the call):
     x        [n, dim]        residual stream
@@ -26,185 +31,202 @@ Shapes (n = tokens in the call):
 """
 from __future__ import annotations
 
-import mmap
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
-from kernels.attention import attention, write_kv
-from kernels import native
-from kernels.matmul import matmul, matmul_packed, matmul_packed_parts
-from kernels.ops import add_bias, add_inplace, rmsnorm, rope, rope_angles, rope_inv_freq, swiglu
-from kernels.quant import dequantize, dequantize_row_into, row_bytes
+from lmengine.kernels import packing
+from lmengine.kernels.attention import attention, write_kv
+from lmengine.kernels.matmul import matmul, matmul_packed, matmul_packed_parts
+from lmengine.kernels.ops import add_bias, add_inplace, rmsnorm, rope, rope_angles, rope_inv_freq, swiglu
+from lmengine.kernels.quant import dequantize, dequantize_row_into
 
-# Per-layer matrices: rows of `mat_off` / `mat_type` / `mat_bytes`.
-ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT, FFN_GATE, FFN_UP, FFN_DOWN = range(7)
+# The matrix kinds of a layer, in the order of `acts` (the activation precision of each kind,
+# lmengine.kernels.matmul.ACT_*), then the output matrix.
 MATRIX_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-OUTPUT = len(MATRIX_NAMES)  # the output matrix's entry in `acts` (after the 7 per-layer kinds)
-# Per-layer fusions (rows of `fused`): q|k|v and gate|up packed back to back, run as one product.
-FUSED_QKV, FUSED_GATE_UP = range(2)
-# Per-layer vectors, decoded to float32: rows of `vec_off` (offset into `vecs`, -1 when absent).
-ATTN_NORM, FFN_NORM, Q_BIAS, K_BIAS, V_BIAS = range(5)
-VECTOR_NAMES = ("attn_norm.weight", "ffn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias")
+ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT, FFN_GATE, FFN_UP, FFN_DOWN = range(7)
+OUTPUT = len(MATRIX_NAMES)
+
+
+class Matrix(NamedTuple):
+    """One GGUF matrix kind in every layer (the embedding and output matrices: one "layer").
+    Matrix `layer` is n_rows x n_cols of type w_type[layer]: raw ggml blocks at
+    data[offset[layer] : offset[layer] + n_bytes[layer]], or, when packed_at[layer] >= 0, its
+    16-row packed copy at packed[packed_at[layer]:]."""
+    offset: np.ndarray       # int64 [n_layers]
+    n_bytes: np.ndarray      # int64 [n_layers]
+    w_type: np.ndarray       # int64 [n_layers]: ggml type id
+    packed_at: np.ndarray    # int64 [n_layers]: offset into LlamaModel.packed, -1: read raw
+    n_rows: int
+    n_cols: int
+
+
+class LlamaModel(NamedTuple):
+    """Everything the compiled forward pass reads of the weights."""
+    data: np.ndarray         # uint8 [file size]: the GGUF file's memory map
+    packed: np.ndarray       # uint8: packed copies of some matrices (empty when none)
+    token_embd: Matrix       # [vocab, dim], read by rows
+    attn_q: Matrix           # [q_dim, dim]
+    attn_k: Matrix           # [kv_dim, dim]
+    attn_v: Matrix           # [kv_dim, dim]
+    attn_output: Matrix      # [dim, q_dim]
+    ffn_gate: Matrix         # [ffn_dim, dim]
+    ffn_up: Matrix           # [ffn_dim, dim]
+    ffn_down: Matrix         # [dim, ffn_dim]
+    output: Matrix           # [vocab, dim] (token_embd's blocks when the output is tied)
+    attn_norm: np.ndarray    # float32 [n_layers, dim]
+    ffn_norm: np.ndarray     # float32 [n_layers, dim]
+    output_norm: np.ndarray  # float32 [dim]
+    has_qkv_bias: bool       # qwen2
+    q_bias: np.ndarray       # float32 [n_layers, q_dim] ([n_layers, 0] without biases)
+    k_bias: np.ndarray       # float32 [n_layers, kv_dim]
+    v_bias: np.ndarray       # float32 [n_layers, kv_dim]
+    fused_qkv: np.ndarray    # bool [n_layers]: q|k|v packed back to back (one product)
+    fused_gate_up: np.ndarray  # bool [n_layers]: gate|up likewise
+    n_layers: int
+    dim: int
+    ffn_dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_dim: int
+    vocab_size: int
+    norm_eps: float
+    inv_freq: np.ndarray     # float32 [rope_dim // 2]
+    neox: bool               # rotate pairs (i, i + rope_dim/2) (qwen2), else (2i, 2i + 1)
 
 
 class LlamaWeights:
-    """Where each weight lives: byte ranges of the GGUF map for matrices (and, with pack=True,
-    offsets into one array of packed matrices), float32 for vectors."""
+    """Builds the `LlamaModel` record of a GGUF file (`.model`): byte ranges of the file's map
+    for matrices, packed copies with pack=True, float32 for the vectors."""
 
     def __init__(self, gguf_file, config, pack=False):
         f, c = gguf_file, config
-        self.data = np.asarray(f.data)  # uint8 [file_size], read-only memory map
-        self.mat_off = np.zeros((c.n_layers, len(MATRIX_NAMES)), dtype=np.int64)
-        self.mat_bytes = np.zeros((c.n_layers, len(MATRIX_NAMES)), dtype=np.int64)
-        self.mat_type = np.zeros((c.n_layers, len(MATRIX_NAMES)), dtype=np.int64)
-        for layer in range(c.n_layers):
-            for j, name in enumerate(MATRIX_NAMES):
-                info = f.tensors[f"blk.{layer}.{name}.weight"]
-                self.mat_off[layer, j], self.mat_bytes[layer, j], self.mat_type[layer, j] = \
-                    info.offset, info.n_bytes, info.type_id
-
-        vectors = []  # float32 pieces, concatenated into self.vecs
-        self.vec_off = np.full((c.n_layers, len(VECTOR_NAMES)), -1, dtype=np.int64)
-        n_floats = 0
-        for layer in range(c.n_layers):
-            for j, name in enumerate(VECTOR_NAMES):
-                info = f.tensors.get(f"blk.{layer}.{name}")
-                if info is None:
-                    continue
-                values = dequantize(info.type_id, f.tensor_bytes(info.name), info.shape).ravel()
-                self.vec_off[layer, j] = n_floats
-                vectors.append(values)
-                n_floats += values.size
-        info = f.tensors["output_norm.weight"]
-        self.output_norm_off = n_floats
-        vectors.append(dequantize(info.type_id, f.tensor_bytes(info.name), info.shape).ravel())
-        self.vecs = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
-
-        embd = f.tensors["token_embd.weight"]
-        self.embd_off, self.embd_type = embd.offset, embd.type_id
-        self.embd_row_bytes = row_bytes(embd.type_id, c.dim)
-        out = embd if c.tied_output else f.tensors["output.weight"]
-        self.out_off, self.out_bytes, self.out_type = out.offset, out.n_bytes, out.type_id
-
-        # Sizes as one int64 vector, so the compiled forward gets them in one argument.
-        self.dims = np.array([c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim,
-                              c.rope_dim, c.vocab_size], dtype=np.int64)
-        self.norm_eps = float(c.norm_eps)
-        self.inv_freq = rope_inv_freq(c.rope_dim, float(c.rope_base))
-        self.neox = c.arch == "qwen2"  # qwen2 rotates (i, i + rope_dim/2); llama GGUFs adjacent pairs
-
-        # packed matrices: pk_off[layer, j] offset into self.packed (-1: not packed), out_pk_off
-        self.pk_off = np.full((c.n_layers, len(MATRIX_NAMES)), -1, dtype=np.int64)
-        self.fused = np.zeros((c.n_layers, 2), dtype=np.int64)
-        self.out_pk_off = -1
-        self.packed = np.zeros(0, dtype=np.uint8)
-        if pack:
-            self._pack(gguf_file, config)
-
-    def _matrix_shapes(self, config):
-        c = config
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        return ((q_dim, c.dim), (kv_dim, c.dim), (kv_dim, c.dim), (c.dim, q_dim),
-                (c.ffn_dim, c.dim), (c.ffn_dim, c.dim), (c.dim, c.ffn_dim))
+        shapes = {"attn_q": (q_dim, c.dim), "attn_k": (kv_dim, c.dim), "attn_v": (kv_dim, c.dim),
+                  "attn_output": (c.dim, q_dim), "ffn_gate": (c.ffn_dim, c.dim), "ffn_up": (c.ffn_dim, c.dim),
+                  "ffn_down": (c.dim, c.ffn_dim)}
+        self.data = np.asarray(f.data)     # uint8 [file size], read-only memory map
+        matrices = {name: _matrix([f.tensors[f"blk.{layer}.{name}.weight"] for layer in range(c.n_layers)], *shape)
+                    for name, shape in shapes.items()}
+        embd = f.tensors["token_embd.weight"]
+        matrices["token_embd"] = _matrix([embd], c.vocab_size, c.dim)
+        matrices["output"] = _matrix([embd if c.tied_output else f.tensors["output.weight"]], c.vocab_size, c.dim)
 
-    def _pack(self, gguf_file, config):
-        """Pack every Q8_0/Q4_0/Q4_1 matrix (in file order within a layer, so q|k|v and gate|up
-        end up back to back) into one array, then drop the file's pages of those matrices."""
-        c = config
-        shapes = self._matrix_shapes(c)
-        jobs = []          # (where the result goes, raw offset, raw bytes, type, rows, cols)
-        for layer in range(c.n_layers):
-            for j, (n_rows, n_cols) in enumerate(shapes):
-                if self.mat_type[layer, j] in native.Q8_TYPES:
-                    jobs.append(((layer, j), self.mat_off[layer, j], self.mat_bytes[layer, j],
-                                 self.mat_type[layer, j], n_rows, n_cols))
-        if self.out_type in native.Q8_TYPES:
-            jobs.append((None, self.out_off, self.out_bytes, self.out_type, c.vocab_size, c.dim))
-        sizes = [native.packed_bytes(ty, rows, cols) for _, _, _, ty, rows, cols in jobs]
-        self.packed = np.empty(sum(sizes), dtype=np.uint8)
-        offset = 0
-        for (where, raw_off, raw_bytes, ty, rows, cols), size in zip(jobs, sizes):
-            native.pack_q8(self.data[raw_off: raw_off + raw_bytes], ty, rows, cols,
-                           out=self.packed[offset: offset + size])
-            if where is None:
-                self.out_pk_off = offset
-            else:
-                self.pk_off[where] = offset
-            offset += size
-            # (a tied embedding is still read by rows for the token lookup: only the pages of
-            # the tokens seen come back)
-            _drop_pages(gguf_file, raw_off, raw_bytes)
-        for layer in range(c.n_layers):
-            self.fused[layer, FUSED_QKV] = self._back_to_back(layer, (ATTN_Q, ATTN_K, ATTN_V), shapes)
-            self.fused[layer, FUSED_GATE_UP] = self._back_to_back(layer, (FFN_GATE, FFN_UP), shapes)
+        self.packed = np.zeros(0, dtype=np.uint8)
+        fused = {"qkv": np.zeros(c.n_layers, dtype=np.bool_), "gate_up": np.zeros(c.n_layers, dtype=np.bool_)}
+        if pack:
+            self._pack(gguf_file, matrices, fused)
 
-    def _back_to_back(self, layer, matrices, shapes):
-        """Whether the packed matrices follow one another with one type and whole 16-row groups
-        (so together they are the packing of their concatenated rows)."""
-        first = matrices[0]
-        for prev, j in zip(matrices, matrices[1:]):
-            rows, cols = shapes[prev]
-            if (self.pk_off[layer, prev] < 0 or self.pk_off[layer, j] < 0
-                    or self.mat_type[layer, j] != self.mat_type[layer, first] or rows % native.PACK_ROWS
-                    or shapes[j][1] != cols
-                    or self.pk_off[layer, j] != self.pk_off[layer, prev]
-                    + native.packed_bytes(self.mat_type[layer, prev], rows, cols)):
-                return 0
-        return 1
+        def vectors(name, width):
+            """float32 [n_layers, width] of blk.{layer}.{name}, or [n_layers, 0] when absent."""
+            infos = [f.tensors.get(f"blk.{layer}.{name}") for layer in range(c.n_layers)]
+            if infos[0] is None:
+                return np.zeros((c.n_layers, 0), dtype=np.float32)
+            return np.stack([_floats(f, info).reshape(width) for info in infos])
 
-    def forward_args(self):
-        """The weight arguments of `llama_forward`, in order."""
-        return (self.data, self.mat_off, self.mat_bytes, self.mat_type, self.vecs, self.vec_off,
-                self.output_norm_off, self.embd_off, self.embd_type, self.embd_row_bytes,
-                self.out_off, self.out_bytes, self.out_type, self.dims, self.norm_eps,
-                self.inv_freq, self.neox, self.packed, self.pk_off, self.fused, self.out_pk_off)
+        has_bias = "blk.0.attn_q.bias" in f.tensors
+        self.model = LlamaModel(
+            data=self.data, packed=self.packed, **matrices,
+            attn_norm=vectors("attn_norm.weight", c.dim), ffn_norm=vectors("ffn_norm.weight", c.dim),
+            output_norm=_floats(f, f.tensors["output_norm.weight"]).reshape(c.dim),
+            has_qkv_bias=has_bias, q_bias=vectors("attn_q.bias", q_dim), k_bias=vectors("attn_k.bias", kv_dim),
+            v_bias=vectors("attn_v.bias", kv_dim), fused_qkv=fused["qkv"], fused_gate_up=fused["gate_up"],
+            n_layers=int(c.n_layers), dim=int(c.dim), ffn_dim=int(c.ffn_dim), n_heads=int(c.n_heads),
+            n_kv_heads=int(c.n_kv_heads), head_dim=int(c.head_dim), rope_dim=int(c.rope_dim),
+            vocab_size=int(c.vocab_size), norm_eps=float(c.norm_eps),
+            inv_freq=rope_inv_freq(c.rope_dim, float(c.rope_base)),
+            neox=c.arch == "qwen2")   # qwen2 rotates (i, i + rope_dim/2); llama GGUFs adjacent pairs
+
+    @property
+    def n_packed(self) -> int:
+        """How many matrices are read from packed copies (the tied embedding counts once)."""
+        return sum(int((getattr(self.model, name).packed_at >= 0).sum()) for name in MATRIX_NAMES + ("output",))
+
+    def _pack(self, gguf_file, matrices, fused):
+        """Pack every Q8_0/Q4_0/Q4_1 matrix, within a layer in the order q, k, v, attn_output,
+        gate, up, down (so q|k|v and gate|up end up back to back), then the output matrix, and
+        give the file's pages of each one back. (A tied embedding is still read by rows for the
+        token lookup: only the pages of the tokens seen come back.)"""
+        jobs = []     # (matrix name, layer) of each packed matrix, in packing order
+        for layer in range(len(matrices["attn_q"].offset)):
+            jobs += [(name, layer) for name in MATRIX_NAMES
+                     if matrices[name].w_type[layer] in packing.PACKABLE_TYPES]
+        if matrices["output"].w_type[0] in packing.PACKABLE_TYPES:
+            jobs.append(("output", 0))
+        raw = [(matrices[n].offset[l], matrices[n].n_bytes[l], matrices[n].w_type[l], matrices[n].n_rows,
+                matrices[n].n_cols) for n, l in jobs]
+        mapped = getattr(gguf_file.data, "_mmap", None)
+        self.packed, starts = packing.pack_matrices(
+            self.data, raw, release=lambda offset, n_bytes: packing.release_pages(mapped, offset, n_bytes))
+        for (name, layer), start in zip(jobs, starts):
+            matrices[name].packed_at[layer] = start
+        for layer in range(len(fused["qkv"])):
+            for key, names in (("qkv", ("attn_q", "attn_k", "attn_v")), ("gate_up", ("ffn_gate", "ffn_up"))):
+                fused[key][layer] = packing.contiguous_parts(
+                    [(matrices[n].packed_at[layer], matrices[n].w_type[layer], matrices[n].n_rows,
+                      matrices[n].n_cols) for n in names])
 
 
-def _drop_pages(gguf_file, offset, n_bytes):
-    """Tell the OS that this process no longer needs the file's pages in [offset, offset + n_bytes)
-    (whole pages inside it): they leave the resident set; reading them again would reload them."""
-    mm = getattr(gguf_file.data, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    begin = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (offset + n_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > begin:
-        mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+def _matrix(infos, n_rows, n_cols) -> Matrix:
+    """A Matrix over the tensors `infos` (one per layer), none packed yet."""
+    return Matrix(offset=np.array([i.offset for i in infos], dtype=np.int64),
+                  n_bytes=np.array([i.n_bytes for i in infos], dtype=np.int64),
+                  w_type=np.array([i.type_id for i in infos], dtype=np.int64),
+                  packed_at=np.full(len(infos), -1, dtype=np.int64), n_rows=int(n_rows), n_cols=int(n_cols))
 
+
+def _floats(f, info) -> np.ndarray:
+    """A (small) tensor decoded to float32."""
+    return np.ascontiguousarray(dequantize(info.type_id, f.tensor_bytes(info.name), info.shape), dtype=np.float32)
+
+
+# -- the compiled forward pass ------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _project(data, off, n_bytes, packed, pk_off, w_type, n_rows, n_cols, x, out, act):
-    """out [n, n_rows] = x [n, n_cols] @ W.T: W packed at packed[pk_off:] when pk_off >= 0, else
-    the raw blocks at data[off : off + n_bytes]. out must be contiguous."""
-    if pk_off >= 0:
-        matmul_packed(packed[pk_off:], w_type, n_rows, n_cols, x, out, act)
+def project(model, m, layer, x, out, act):
+    """out [n, m.n_rows] = x [n, m.n_cols] @ W.T for matrix kind `m` of `layer`, from its packed
+    copy when it has one, else from its raw blocks in the file. out must be contiguous."""
+    if m.packed_at[layer] >= 0:
+        matmul_packed(model.packed[m.packed_at[layer]:], m.w_type[layer], m.n_rows, m.n_cols, x, out, act)
     else:
-        matmul(data[off: off + n_bytes], w_type, n_rows, n_cols, x, out, act)
+        begin = m.offset[layer]
+        matmul(model.data[begin: begin + m.n_bytes[layer]], m.w_type[layer], m.n_rows, m.n_cols, x, out, act)
 
 
 @njit(cache=True, nogil=True)
-def _project_into(data, off, n_bytes, packed, pk_off, w_type, n_rows, n_cols, x, out_view, act):
-    """_project into a column range of a wider array (through a contiguous scratch)."""
-    scratch = np.empty((x.shape[0], n_rows), dtype=np.float32)
-    _project(data, off, n_bytes, packed, pk_off, w_type, n_rows, n_cols, x, scratch, act)
-    out_view[:, :] = scratch
+def project_parts(model, parts, fused, layer, x, out, acts):
+    """out [n, sum of the parts' rows] = the products of x with each matrix of `parts` (q, k, v or
+    gate, up), side by side; acts[i] is part i's precision. `fused`: the parts are packed back to
+    back, so one product over their concatenated rows computes all of them, quantizing x once."""
+    if fused:
+        part_rows = np.empty(len(parts), dtype=np.int64)
+        for i in range(len(parts)):
+            part_rows[i] = parts[i].n_rows
+        first = parts[0]
+        matmul_packed_parts(model.packed[first.packed_at[layer]:], first.w_type[layer], part_rows, first.n_cols,
+                            x, out, acts)
+        return
+    column = 0
+    for i in range(len(parts)):
+        m = parts[i]
+        scratch = np.empty((x.shape[0], m.n_rows), dtype=np.float32)   # project wants a contiguous out
+        project(model, m, layer, x, scratch, acts[i])
+        out[:, column: column + m.n_rows] = scratch
+        column += m.n_rows
 
 
 @njit(cache=True, nogil=True)
-def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm_off,
-                  embd_off, embd_type, embd_row_bytes, out_off, out_bytes, out_type,
-                  dims, norm_eps, inv_freq, neox, packed, pk_off, fused, out_pk_off,
-                  tokens, slots, positions, logit_rows, k_cache, v_cache, logits, acts):
+def llama_forward(model, tokens, slots, positions, logit_rows, k_cache, v_cache, logits, acts):
     """Run tokens [n] (at slots[n], positions[n]) through the model; write their K/V into the
     caches and the logits of rows `logit_rows` [m] into logits [m, vocab]. `acts` [8] is the
-    activation precision (kernels.matmul.ACT_*) of each matrix kind: the 7 per-layer matrices in
-    MATRIX_NAMES order, then OUTPUT. Packed matrices need ACT_INT8 or ACT_INT8X2.
+    activation precision (lmengine.kernels.matmul.ACT_*) of each matrix kind: the 7 per-layer
+    matrices in MATRIX_NAMES order, then OUTPUT. Packed matrices need ACT_INT8 or ACT_INT8X2.
     """
-    n_layers, dim, ffn_dim, n_heads, n_kv_heads, head_dim, rope_dim, vocab = \
-        dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]
-    q_dim = n_heads * head_dim
-    kv_dim = n_kv_heads * head_dim
+    w = model
+    dim, ffn_dim = w.dim, w.ffn_dim
+    q_dim, kv_dim = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
     n = tokens.shape[0]
 
     x = np.empty((n, dim), dtype=np.float32)
@@ -215,55 +237,37 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
     v = qkv[:, q_dim + kv_dim:]
     att = np.empty((n, q_dim), dtype=np.float32)
     gate_up = np.empty((n, 2 * ffn_dim), dtype=np.float32)
+    gate = gate_up[:, :ffn_dim]
+    up = gate_up[:, ffn_dim:]
     hidden = np.empty((n, ffn_dim), dtype=np.float32)
-    cos, sin = rope_angles(positions, inv_freq)   # [n, rope_dim // 2] each
-    qkv_rows = np.array([q_dim, kv_dim, kv_dim], dtype=np.int64)         # parts of the fused products
-    gate_up_rows = np.array([ffn_dim, ffn_dim], dtype=np.int64)
+    cos, sin = rope_angles(positions, w.inv_freq)   # [n, rope_dim // 2] each
 
-    # token embedding: one row of token_embd per token, decoded from its blocks
+    # token embedding: row tokens[t] of token_embd, decoded from its blocks
+    row_bytes = w.token_embd.n_bytes[0] // w.token_embd.n_rows
     for t in range(n):
-        row = embd_off + tokens[t] * embd_row_bytes
-        dequantize_row_into(embd_type, data[row: row + embd_row_bytes], dim, x[t])
+        begin = w.token_embd.offset[0] + tokens[t] * row_bytes
+        dequantize_row_into(w.token_embd.w_type[0], w.data[begin: begin + row_bytes], dim, x[t])
 
-    for layer in range(n_layers):
-        off, nb, ty, pk = mat_off[layer], mat_bytes[layer], mat_type[layer], pk_off[layer]
-        vo = vec_off[layer]
-
+    for layer in range(w.n_layers):
         # attention: x += W_o @ attention(rope(W_q xb), rope(W_k xb), W_v xb)
-        rmsnorm(x, vecs[vo[ATTN_NORM]: vo[ATTN_NORM] + dim], norm_eps, xb)
-        if fused[layer, FUSED_QKV]:
-            matmul_packed_parts(packed[pk[ATTN_Q]:], ty[ATTN_Q], qkv_rows, dim, xb, qkv, acts[ATTN_Q: ATTN_V + 1])
-        else:
-            _project_into(data, off[ATTN_Q], nb[ATTN_Q], packed, pk[ATTN_Q], ty[ATTN_Q], q_dim, dim, xb, q, acts[ATTN_Q])
-            _project_into(data, off[ATTN_K], nb[ATTN_K], packed, pk[ATTN_K], ty[ATTN_K], kv_dim, dim, xb, k, acts[ATTN_K])
-            _project_into(data, off[ATTN_V], nb[ATTN_V], packed, pk[ATTN_V], ty[ATTN_V], kv_dim, dim, xb, v, acts[ATTN_V])
-        if vo[Q_BIAS] >= 0:
-            add_bias(q, vecs[vo[Q_BIAS]: vo[Q_BIAS] + q_dim])
-            add_bias(k, vecs[vo[K_BIAS]: vo[K_BIAS] + kv_dim])
-            add_bias(v, vecs[vo[V_BIAS]: vo[V_BIAS] + kv_dim])
-        rope(q, cos, sin, n_heads, head_dim, rope_dim, neox)
-        rope(k, cos, sin, n_kv_heads, head_dim, rope_dim, neox)
-        write_kv(k, v, slots, positions, n_kv_heads, head_dim, k_cache[layer], v_cache[layer])
-        attention(q, k_cache[layer], v_cache[layer], slots, positions, n_heads, n_kv_heads, head_dim, att)
-        _project(data, off[ATTN_OUTPUT], nb[ATTN_OUTPUT], packed, pk[ATTN_OUTPUT], ty[ATTN_OUTPUT],
-                 dim, q_dim, att, xb, acts[ATTN_OUTPUT])
+        rmsnorm(x, w.attn_norm[layer], w.norm_eps, xb)
+        project_parts(w, (w.attn_q, w.attn_k, w.attn_v), w.fused_qkv[layer], layer, xb, qkv, acts[ATTN_Q: ATTN_V + 1])
+        if w.has_qkv_bias:
+            add_bias(q, w.q_bias[layer])
+            add_bias(k, w.k_bias[layer])
+            add_bias(v, w.v_bias[layer])
+        rope(q, cos, sin, w.n_heads, w.head_dim, w.rope_dim, w.neox)
+        rope(k, cos, sin, w.n_kv_heads, w.head_dim, w.rope_dim, w.neox)
+        write_kv(k, v, slots, positions, w.n_kv_heads, w.head_dim, k_cache[layer], v_cache[layer])
+        attention(q, k_cache[layer], v_cache[layer], slots, positions, w.n_heads, w.n_kv_heads, w.head_dim, att)
+        project(w, w.attn_output, layer, att, xb, acts[ATTN_OUTPUT])
         add_inplace(x, xb)
 
         # feed-forward: x += W_down @ (silu(W_gate xb) * (W_up xb))
-        rmsnorm(x, vecs[vo[FFN_NORM]: vo[FFN_NORM] + dim], norm_eps, xb)
-        gate = gate_up[:, :ffn_dim]
-        up = gate_up[:, ffn_dim:]
-        if fused[layer, FUSED_GATE_UP]:
-            matmul_packed_parts(packed[pk[FFN_GATE]:], ty[FFN_GATE], gate_up_rows, dim, xb, gate_up,
-                                acts[FFN_GATE: FFN_UP + 1])
-        else:
-            _project_into(data, off[FFN_GATE], nb[FFN_GATE], packed, pk[FFN_GATE], ty[FFN_GATE],
-                          ffn_dim, dim, xb, gate, acts[FFN_GATE])
-            _project_into(data, off[FFN_UP], nb[FFN_UP], packed, pk[FFN_UP], ty[FFN_UP],
-                          ffn_dim, dim, xb, up, acts[FFN_UP])
+        rmsnorm(x, w.ffn_norm[layer], w.norm_eps, xb)
+        project_parts(w, (w.ffn_gate, w.ffn_up), w.fused_gate_up[layer], layer, xb, gate_up, acts[FFN_GATE: FFN_UP + 1])
         swiglu(gate, up, hidden)
-        _project(data, off[FFN_DOWN], nb[FFN_DOWN], packed, pk[FFN_DOWN], ty[FFN_DOWN],
-                 dim, ffn_dim, hidden, xb, acts[FFN_DOWN])
+        project(w, w.ffn_down, layer, hidden, xb, acts[FFN_DOWN])
         add_inplace(x, xb)
 
     # logits for the requested rows only: output_norm, then the output (or tied embedding) matrix
@@ -272,5 +276,5 @@ def llama_forward(data, mat_off, mat_bytes, mat_type, vecs, vec_off, output_norm
     for i in range(m):
         sel[i] = x[logit_rows[i]]
     normed = np.empty((m, dim), dtype=np.float32)
-    rmsnorm(sel, vecs[output_norm_off: output_norm_off + dim], norm_eps, normed)
-    _project(data, out_off, out_bytes, packed, out_pk_off, out_type, vocab, dim, normed, logits, acts[OUTPUT])
+    rmsnorm(sel, w.output_norm, w.norm_eps, normed)
+    project(w, w.output, 0, normed, logits, acts[OUTPUT])

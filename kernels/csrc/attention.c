@@ -1,5 +1,5 @@
 /* attention: one token's grouped-query attention over a KV cache, for the query heads that share
- * one kv head (see qdot.h for the API; kernels/attention.py is the Numba reference and fallback).
+ * one kv head (API: lmengine.h; kernels/attention.py `_attend_group` is the Numba reference).
  *
  * Cache layout (one slot, one kv head), elements float32 or f16 (kv_type):
  *     keys    [n_tiles][head_dim][16]   positions 16i..16i+15 transposed: lane p of row d of tile
@@ -11,21 +11,231 @@
  * For each query head g of the group (q pre-scaled by 1/sqrt(head_dim)):
  *     s_j = q_g . k_j  for j < n_pos;   w_j = exp(s_j - max s) / sum exp(s - max s)
  *     out_g = sum_j w_j v_j
- * The exponential is common.h's exp512 (a polynomial, relative error ~2e-7, as expf).
+ *
+ * Paths (per call, lme_get_isa()):
+ *   portable (any head_dim, any CPU): the three steps as plain loops over float rows (f16 rows
+ *     converted first), the softmax with expf.
+ *   AVX2 (head_dim a multiple of 8; others take the portable loops): 8-lane FMA accumulators in
+ *     registers, the portable softmax (expf).
+ *   AVX-512 (head_dim 32, 64, 128; other sizes take the AVX2 kernel, or the portable loops):
+ *     16-lane accumulators in registers, and the exponential is common.h's exp512 (a polynomial,
+ *     relative error ~2e-7, as expf).
+ * The paths sum in different orders (and fuse multiply-adds or not): their results agree within
+ * float rounding, not bit for bit.
  *
  * Memory: in a batch of many sequences the caches are far larger than the CPU caches, so reading
- * them is what costs. Each key tile and each value row is loaded once for up to 4 heads of the
- * group (2 with head_dim 128: the accumulators must fit in registers), f16 values converted as
- * they are loaded. Software prefetching, of the next tiles or of the next job's, measured no
- * faster (or slower).
+ * them is what costs. Each key tile and each value row is loaded once for several heads of the
+ * group (AVX-512: up to 4, 2 with head_dim 128, so that the accumulators fit in registers; AVX2:
+ * up to 4; portable: the whole group), f16 values converted as they are loaded. Software
+ * prefetching, of the next tiles or of the next job's, measured no faster (or slower).
  */
 #include "common.h"
 
 #include <math.h>
 
 #define KEY_TILE 16                              /* positions per key tile: one 512-bit vector */
+#define ROW_CHUNK 256                            /* portable path: value dims converted at a time */
+
+/* ---- portable path ------------------------------------------------------------------------------ */
+
+/* n floats of a cache array from element `index` on: a pointer into it (float32), or into buf
+ * after conversion (f16) */
+static ALWAYS_INLINE const float *cache_floats(int f16, const void *cache, int64_t index, int64_t n, float *buf) {
+    if (!f16)
+        return (const float *)cache + index;
+    const uint16_t *halves = (const uint16_t *)cache + index;
+    for (int64_t i = 0; i < n; i++)
+        buf[i] = fp16_to_fp32(halves[i]);
+    return buf;
+}
+
+/* step 2 of one head, in place: the scores s [n_pos] -> w_j = exp(s_j - max s) / sum (expf; the
+ * AVX2 path uses it too) */
+static void softmax_weights(float *s, int64_t n_pos) {
+    float best = -INFINITY;
+    for (int64_t j = 0; j < n_pos; j++)
+        best = s[j] > best ? s[j] : best;
+    float total = 0.0f;
+    for (int64_t j = 0; j < n_pos; j++) {
+        s[j] = expf(s[j] - best);
+        total += s[j];
+    }
+    const float inv_total = 1.0f / total;
+    for (int64_t j = 0; j < n_pos; j++)
+        s[j] *= inv_total;
+}
+
+/* The whole group: scores [group][n_tiles * 16] (weights after step 2), out [group][head_dim]. */
+static void attention_scalar(int f16, const float *q, int64_t group, int64_t head_dim, const void *keys,
+                             const void *values, int64_t n_pos, float *scores, float *out) {
+    const int64_t n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE, padded = n_tiles * KEY_TILE;
+    float buf[ROW_CHUNK];
+
+    /* 1. scores, one key tile at a time: s[p] += q[d] * k[d][p], each row read once for the group */
+    for (int64_t i = 0; i < n_tiles; i++) {
+        for (int64_t h = 0; h < group; h++)
+            for (int p = 0; p < KEY_TILE; p++)
+                scores[h * padded + i * KEY_TILE + p] = 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) {
+            const float *row = cache_floats(f16, keys, (i * head_dim + d) * KEY_TILE, KEY_TILE, buf);
+            for (int64_t h = 0; h < group; h++) {
+                const float qd = q[h * head_dim + d];
+                float *s = scores + h * padded + i * KEY_TILE;
+                for (int p = 0; p < KEY_TILE; p++)
+                    s[p] += qd * row[p];
+            }
+        }
+    }
+    /* 2. the weights */
+    for (int64_t h = 0; h < group; h++)
+        softmax_weights(scores + h * padded, n_pos);
+    /* 3. out_h = sum_j w_hj v_j, each value row (in chunks of ROW_CHUNK dims) read once for the group */
+    for (int64_t k = 0; k < group * head_dim; k++)
+        out[k] = 0.0f;
+    for (int64_t j = 0; j < n_pos; j++)
+        for (int64_t d0 = 0; d0 < head_dim; d0 += ROW_CHUNK) {
+            const int64_t n = head_dim - d0 < ROW_CHUNK ? head_dim - d0 : ROW_CHUNK;
+            const float *row = cache_floats(f16, values, j * head_dim + d0, n, buf);
+            for (int64_t h = 0; h < group; h++) {
+                const float w = scores[h * padded + j];
+                float *o = out + h * head_dim + d0;
+                for (int64_t d = 0; d < n; d++)
+                    o[d] += w * row[d];
+            }
+        }
+}
 
 #if LME_X86
+/* ---- AVX2 path (head_dim a multiple of 8) ------------------------------------------------------- */
+/* Runs of up to 4 heads, the accumulators in registers: step 1 two vectors (16 positions) per
+ * head; step 3 a chunk of 16 dims per head, the run of heads passing over the value rows once per
+ * chunk. With one or two heads a second set of accumulators (even / odd d, or j) keeps enough FMA
+ * chains going. Step 2 is the portable softmax_weights. */
+
+#define AVX2_HEADS 4                             /* heads sharing each load */
+
+/* 8 floats at element `index` of a cache array of float32 (f16 = 0) or f16 bits (f16 = 1) */
+TARGET_AVX2 static ALWAYS_INLINE __m256 load8(int f16, const void *cache, int64_t index) {
+    if (f16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + index)));
+    return _mm256_loadu_ps((const float *)cache + index);
+}
+
+/* step 1 for n_heads (1..4, a constant after inlining) heads: q [n_heads][head_dim] ->
+ * scores [n_heads][padded] */
+TARGET_AVX2 static ALWAYS_INLINE void scores_avx2(int n_heads, int f16, const float *q, int64_t head_dim,
+                                                  const void *keys, int64_t n_tiles, int64_t padded,
+                                                  float *scores) {
+    const int n_sets = n_heads <= 2 ? 2 : 1;            /* accumulator sets: even / odd d */
+    for (int64_t i = 0; i < n_tiles; i++) {
+        const int64_t tile = i * head_dim * KEY_TILE;
+        __m256 lo[2][AVX2_HEADS], hi[2][AVX2_HEADS];    /* [set][head]: positions 0..7, 8..15 */
+        for (int k = 0; k < n_sets; k++)
+            for (int h = 0; h < n_heads; h++)
+                lo[k][h] = hi[k][h] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d += n_sets)
+            for (int k = 0; k < n_sets; k++) {
+                const int64_t row = tile + (d + k) * KEY_TILE;
+                const __m256 row_lo = load8(f16, keys, row), row_hi = load8(f16, keys, row + 8);
+                for (int h = 0; h < n_heads; h++) {
+                    const __m256 qd = _mm256_broadcast_ss(q + h * head_dim + d + k);
+                    lo[k][h] = _mm256_fmadd_ps(qd, row_lo, lo[k][h]);
+                    hi[k][h] = _mm256_fmadd_ps(qd, row_hi, hi[k][h]);
+                }
+            }
+        for (int h = 0; h < n_heads; h++) {
+            if (n_sets == 2) {
+                lo[0][h] = _mm256_add_ps(lo[0][h], lo[1][h]);
+                hi[0][h] = _mm256_add_ps(hi[0][h], hi[1][h]);
+            }
+            _mm256_storeu_ps(scores + h * padded + i * KEY_TILE, lo[0][h]);
+            _mm256_storeu_ps(scores + h * padded + i * KEY_TILE + 8, hi[0][h]);
+        }
+    }
+}
+
+/* step 3 for n_heads (1..4, a constant after inlining) heads: weights [n_heads][padded] ->
+ * out [n_heads][head_dim] */
+TARGET_AVX2 static ALWAYS_INLINE void values_avx2(int n_heads, int f16, const float *weights, int64_t head_dim,
+                                                  const void *values, int64_t n_pos, int64_t padded,
+                                                  float *out) {
+    const int n_sets = n_heads <= 2 ? 2 : 1;            /* accumulator sets: even / odd j */
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 16) {
+        const int n_vec = head_dim - d0 >= 16 ? 2 : 1;  /* dims d0..d0+15, or the last 8 */
+        __m256 acc[2][AVX2_HEADS][2];                   /* [set][head][vector] */
+        for (int k = 0; k < n_sets; k++)
+            for (int h = 0; h < n_heads; h++)
+                acc[k][h][0] = acc[k][h][1] = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + n_sets <= n_pos; j += n_sets)
+            for (int k = 0; k < n_sets; k++) {
+                const int64_t row = (j + k) * head_dim + d0;
+                const __m256 v0 = load8(f16, values, row);
+                const __m256 v1 = n_vec == 2 ? load8(f16, values, row + 8) : v0;
+                for (int h = 0; h < n_heads; h++) {
+                    const __m256 w = _mm256_broadcast_ss(weights + h * padded + j + k);
+                    acc[k][h][0] = _mm256_fmadd_ps(w, v0, acc[k][h][0]);
+                    acc[k][h][1] = _mm256_fmadd_ps(w, v1, acc[k][h][1]);
+                }
+            }
+        if (j < n_pos) {                                /* n_sets == 2 and n_pos odd: the last row */
+            const int64_t row = j * head_dim + d0;
+            const __m256 v0 = load8(f16, values, row);
+            const __m256 v1 = n_vec == 2 ? load8(f16, values, row + 8) : v0;
+            for (int h = 0; h < n_heads; h++) {
+                const __m256 w = _mm256_broadcast_ss(weights + h * padded + j);
+                acc[0][h][0] = _mm256_fmadd_ps(w, v0, acc[0][h][0]);
+                acc[0][h][1] = _mm256_fmadd_ps(w, v1, acc[0][h][1]);
+            }
+        }
+        for (int h = 0; h < n_heads; h++)
+            for (int v = 0; v < n_vec; v++) {
+                const __m256 sum = n_sets == 2 ? _mm256_add_ps(acc[0][h][v], acc[1][h][v]) : acc[0][h][v];
+                _mm256_storeu_ps(out + h * head_dim + d0 + 8 * v, sum);
+            }
+    }
+}
+
+TARGET_AVX2 static ALWAYS_INLINE void heads_avx2(int n_heads, int f16, const float *q, int64_t head_dim,
+                                                 const void *keys, const void *values, int64_t n_pos,
+                                                 float *scores, float *out) {
+    const int64_t n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE, padded = n_tiles * KEY_TILE;
+    scores_avx2(n_heads, f16, q, head_dim, keys, n_tiles, padded, scores);
+    for (int h = 0; h < n_heads; h++)
+        softmax_weights(scores + h * padded, n_pos);
+    values_avx2(n_heads, f16, scores, head_dim, values, n_pos, padded, out);
+}
+
+/* heads_avx2 with (n_heads, f16) turned into constants */
+TARGET_AVX2 static void heads_any_avx2(int n_heads, int f16, const float *q, int64_t head_dim, const void *keys,
+                                       const void *values, int64_t n_pos, float *scores, float *out) {
+    switch (n_heads * 2 + f16) {
+    case 2: heads_avx2(1, 0, q, head_dim, keys, values, n_pos, scores, out); break;
+    case 3: heads_avx2(1, 1, q, head_dim, keys, values, n_pos, scores, out); break;
+    case 4: heads_avx2(2, 0, q, head_dim, keys, values, n_pos, scores, out); break;
+    case 5: heads_avx2(2, 1, q, head_dim, keys, values, n_pos, scores, out); break;
+    case 6: heads_avx2(3, 0, q, head_dim, keys, values, n_pos, scores, out); break;
+    case 7: heads_avx2(3, 1, q, head_dim, keys, values, n_pos, scores, out); break;
+    case 8: heads_avx2(4, 0, q, head_dim, keys, values, n_pos, scores, out); break;
+    default: heads_avx2(4, 1, q, head_dim, keys, values, n_pos, scores, out); break;
+    }
+}
+
+/* the group in runs of up to 4 heads */
+TARGET_AVX2 static void attention_avx2(int f16, const float *q, int64_t group, int64_t head_dim,
+                                       const void *keys, const void *values, int64_t n_pos, float *scores,
+                                       float *out) {
+    const int64_t padded = (n_pos + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+    for (int64_t g = 0; g < group; g += AVX2_HEADS) {
+        const int n_heads = (int)(group - g < AVX2_HEADS ? group - g : AVX2_HEADS);
+        heads_any_avx2(n_heads, f16, q + g * head_dim, head_dim, keys, values, n_pos, scores + g * padded,
+                       out + g * head_dim);
+    }
+}
+#endif
+
+#if LME_X86
+/* ---- AVX-512 path ------------------------------------------------------------------------------- */
 
 /* 16 floats at element `index` of a cache array of float32 (f16 = 0) or f16 bits (f16 = 1) */
 TARGET_AVX512 static ALWAYS_INLINE __m512 load16(int f16, const void *cache, int64_t index) {
@@ -161,11 +371,19 @@ int lme_attention(int64_t kv_type, const float *q, int64_t q_len, int64_t group,
     if (q_len < group * head_dim || out_len < group * head_dim || keys_len < padded * head_dim
         || values_len < n_pos * head_dim || scores_len < group * padded)
         return LME_ERR_LENGTH;
+    const int f16 = kv_type == LME_TYPE_F16;
+    const int isa = lme_get_isa();
 #if LME_X86
-    if (lme_get_isa() == LME_ISA_AVX512 && (head_dim == 32 || head_dim == 64 || head_dim == 128)) {
-        attention_avx512(kv_type == LME_TYPE_F16, q, group, head_dim, keys, values, n_pos, scores, out);
+    if (isa == LME_ISA_AVX512 && (head_dim == 32 || head_dim == 64 || head_dim == 128)) {
+        attention_avx512(f16, q, group, head_dim, keys, values, n_pos, scores, out);
+        return LME_OK;
+    }
+    if (isa >= LME_ISA_AVX2 && head_dim % 8 == 0) {      /* AVX-512 CPUs have AVX2 */
+        attention_avx2(f16, q, group, head_dim, keys, values, n_pos, scores, out);
         return LME_OK;
     }
 #endif
-    return LME_ERR_ISA;        /* no SIMD path for this CPU or head_dim: the caller's loop does it */
+    (void)isa;
+    attention_scalar(f16, q, group, head_dim, keys, values, n_pos, scores, out);
+    return LME_OK;
 }

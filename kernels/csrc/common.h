@@ -1,9 +1,10 @@
-/* Pieces shared by the C kernels (qdot.c: row-major ggml blocks; packed.c: the 16-row packed
- * form): platform macros, the block formats of Q8_0 / Q4_0 / Q4_1, exact f16 -> f32. Internal. */
+/* Pieces shared by the C kernels (internal, not part of the API in lmengine.h): platform and
+ * target macros, the block formats of Q8_0 / Q4_0 / Q4_1, exact f16 <-> f32 conversion, the
+ * CPU check of cpu.c, and the vector exponential of the AVX-512 kernels. */
 #ifndef LME_COMMON_H
 #define LME_COMMON_H
 
-#include "qdot.h"
+#include "lmengine.h"
 
 #include <stddef.h>
 #include <string.h>
@@ -23,7 +24,40 @@
 #define ALIGN64
 #endif
 
+/* Functions for one SIMD path carry its target attribute (the build has no -march): they are
+ * compiled for that instruction set and only called when lme_get_isa() selects it. */
+#if LME_X86
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#endif
+
+/* Whether this CPU (and build) can run the SIMD path `isa` (LME_ISA_*); cpu.c. */
+int lme_cpu_has_isa(int isa);
+
+/* ---- block formats (ggml's, little-endian, no alignment: a block may start at any byte) ------- */
+
 #define QK 32                                  /* values per block of Q8_0 / Q4_0 / Q4_1 */
+
+struct block_q8_0 {                            /* value i = d * qs[i] */
+    uint8_t d[2];                              /* f16 scale */
+    int8_t qs[QK];
+};
+
+struct block_q4_0 {                            /* value j = d * (nibble - 8) */
+    uint8_t d[2];                              /* f16 scale */
+    uint8_t qs[QK / 2];                        /* byte j: value j low nibble, value j + 16 high */
+};
+
+struct block_q4_1 {                            /* value j = d * nibble + m */
+    uint8_t d[2];                              /* f16 scale */
+    uint8_t m[2];                              /* f16 minimum */
+    uint8_t qs[QK / 2];                        /* as Q4_0 */
+};
+
+_Static_assert(sizeof(struct block_q8_0) == 34 && offsetof(struct block_q8_0, qs) == 2, "Q8_0 block");
+_Static_assert(sizeof(struct block_q4_0) == 18 && offsetof(struct block_q4_0, qs) == 2, "Q4_0 block");
+_Static_assert(sizeof(struct block_q4_1) == 20 && offsetof(struct block_q4_1, m) == 2
+               && offsetof(struct block_q4_1, qs) == 4, "Q4_1 block");
 
 static inline int64_t block_size(int64_t w_type) {      /* values per block; 0: unsupported type */
     switch (w_type) {
@@ -37,12 +71,14 @@ static inline int64_t block_bytes(int64_t w_type) {
     switch (w_type) {
     case LME_TYPE_F32: return 4;
     case LME_TYPE_F16: case LME_TYPE_BF16: return 2;
-    case LME_TYPE_Q8_0: return 2 + QK;          /* d f16 | q int8 x 32 */
-    case LME_TYPE_Q4_0: return 2 + QK / 2;      /* d f16 | 16 bytes: value j low nibble, j+16 high */
-    case LME_TYPE_Q4_1: return 4 + QK / 2;      /* d f16 | m f16 | 16 bytes as Q4_0 */
+    case LME_TYPE_Q8_0: return sizeof(struct block_q8_0);
+    case LME_TYPE_Q4_0: return sizeof(struct block_q4_0);
+    case LME_TYPE_Q4_1: return sizeof(struct block_q4_1);
     default: return 0;
     }
 }
+
+/* ---- scalar conversions ----------------------------------------------------------------------- */
 
 static ALWAYS_INLINE uint16_t load_u16(const uint8_t *p) {   /* little-endian, any alignment */
     return (uint16_t)(p[0] | (p[1] << 8));
@@ -52,6 +88,12 @@ static ALWAYS_INLINE float f32_from_bits(uint32_t bits) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+static ALWAYS_INLINE uint32_t f32_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
 }
 
 /* Exact f16 -> f32 without denormal float arithmetic (so DAZ/FTZ modes cannot change it). */
@@ -68,9 +110,39 @@ static ALWAYS_INLINE float fp16_to_fp32(uint16_t h) {
     return f32_from_bits(sign | ((exponent + 127 - 15) << 23) | (mantissa << 13));
 }
 
-#if LME_X86
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+/* f32 -> f16 bits, rounded to nearest, ties to even, in integer arithmetic (the same bits as
+ * F16C's vcvtps2ph and kernels/quant.py's float_to_half_bits): overflow gives inf, NaN a quiet
+ * NaN keeping the sign and the top 9 payload bits. */
+static ALWAYS_INLINE uint16_t fp32_to_fp16(float f) {
+    const uint32_t bits = f32_bits(f);
+    const uint32_t sign = (bits >> 16) & 0x8000;
+    const uint32_t ax = bits & 0x7FFFFFFF;                  /* |f| */
+    if (ax >= 0x7F800000)                                   /* inf, NaN */
+        return (uint16_t)(ax == 0x7F800000 ? sign | 0x7C00 : sign | 0x7E00 | ((ax >> 13) & 0x3FF));
+    if (ax >= 0x477FF000)                                   /* >= 65520: rounds past 65504 */
+        return (uint16_t)(sign | 0x7C00);
+    uint32_t h, rest, halfway;
+    if (ax >= 0x38800000) {                                 /* >= 2^-14: a normal f16 */
+        const uint32_t rebiased = ax - ((127 - 15) << 23);  /* exponent bias 127 -> 15 */
+        h = rebiased >> 13;
+        rest = rebiased & 0x1FFF;
+        halfway = 0x1000;
+    } else {
+        const uint32_t exponent = ax >> 23;
+        if (exponent < 102)                                 /* < 2^-25: rounds to zero */
+            return (uint16_t)sign;
+        /* f16 subnormal: |f| / 2^-24 = significand >> (126 - exponent) */
+        const uint32_t significand = (ax & 0x7FFFFF) | 0x800000, shift = 126 - exponent;  /* 14..24 */
+        h = significand >> shift;
+        rest = significand & ((1u << shift) - 1);
+        halfway = 1u << (shift - 1);
+    }
+    if (rest > halfway || (rest == halfway && (h & 1)))
+        h += 1;                                             /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+}
 
+#if LME_X86
 /* exp(x) of 16 floats (Cephes' expf polynomial: relative error ~2e-7); x is clamped to
  * [-87, 88], so huge negative arguments give ~1e-38 and huge positive ones ~1.6e38, never inf. */
 TARGET_AVX512 static ALWAYS_INLINE __m512 exp512(__m512 x) {

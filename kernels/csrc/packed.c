@@ -1,5 +1,5 @@
 /* packed: Q8_0 / Q4_0 / Q4_1 matrices re-laid out 16 rows at a time, and their product with int8
- * activations (see qdot.h for the API).
+ * activations (API: lmengine.h).
  *
  * Why: in ggml's row-major layout one SIMD register holds 32 values of ONE row, so every block
  * product ends in a horizontal sum and a per-(row, token) scale -- about one instruction per 3
@@ -10,21 +10,22 @@
  * lanes (no horizontal sums), and the block scales of the 16 rows are one vector.
  *
  * Packed layout: rows are taken in groups of 16 (the last group padded with zero rows); a group
- * stores, block after block, one "group block" per 32 columns:
+ * stores, block after block, one "group block" per 32 columns (struct group_q8_0 / group_q4_0 /
+ * group_q4_1 below):
  *
  *     d    f16 x 16      the 16 rows' block scales
  *     m    f16 x 16      the 16 rows' block minimums (Q4_1 only)
- *     values             Q4_0 / Q4_1: 4 chunks of 64 bytes; chunk k = bytes 4k..4k+3 of each of
- *                        the 16 rows' 16 nibble bytes (row r at chunk offset 4r). Byte j of a
- *                        ggml Q4 block holds value j (low nibble) and value j + 16 (high), so
- *                        chunk k's low nibbles are values 4k..4k+3 and its high nibbles values
- *                        16+4k..19+4k.
- *                        Q8_0: 8 chunks of 64 bytes; chunk k = values 4k..4k+3 of each row, stored
- *                        as q + 128 (unsigned), so that every type is an unsigned-by-signed product.
+ *     qs   chunks of 64 bytes, chunk k = 4 bytes of each of the 16 rows (row r at offset 4r):
+ *          Q4_0 / Q4_1: 4 chunks, chunk k = bytes 4k..4k+3 of the row's 16 nibble bytes. Byte j
+ *                       of a ggml Q4 block holds value j (low nibble) and value j + 16 (high),
+ *                       so chunk k's low nibbles are values 4k..4k+3 and its high nibbles values
+ *                       16+4k..19+4k.
+ *          Q8_0:        8 chunks, chunk k = values 4k..4k+3, stored as q + 128 (unsigned), so
+ *                       that every type is an unsigned-by-signed product.
  *
  * Every type is then read as  w = d * u + m  with u unsigned: Q4_1 (u = nibble, m from the block),
  * Q4_0 (u = nibble, m = -8 d), Q8_0 (u = q + 128, m = -128 d). A block's dot product with an
- * activation block x = xd * xq (xs = xd * sum(xq), as in qdot.h) is
+ * activation block x = xd * xq (xs = xd * sum(xq), as in lmengine.h) is
  *
  *     d * xd * isum(u, xq) + m * xs,     isum an exact int32 sum (|u| <= 255, |xq| <= 127)
  *
@@ -37,28 +38,62 @@
  *
  * Arithmetic of one (row, token), the same whatever n_tok and wherever the token sits in the
  * batch (so batched decode equals one-by-one decode bit for bit): for each block b in order, for
- * each term j, acc += float(isum_bj) * (d_b * xd_bj); then acc += m_b * (xs_b0 [+ xs_b1]).
+ * each term j, acc += float(isum_bj) * (d_b * xd_bj); then acc += m_b * (xs_b0 [+ xs_b1]). (The
+ * AVX-512 kernel fuses these multiply-adds, the portable loop rounds the product first: their
+ * results differ within float rounding.)
  */
 #include "common.h"
 
 #define GROUP_ROWS 16                          /* rows per packed group: one 512-bit register of int32 */
+#define LANE_BYTES 4                           /* bytes of one row in a chunk: one 32-bit lane */
+#define CHUNK_BYTES (GROUP_ROWS * LANE_BYTES)  /* 64: one chunk, one 512-bit register */
 #define TOKEN_GROUP 8                          /* tokens sharing each load of a group block */
 #define PREFETCH_BYTES 2048                    /* how far ahead the weights are prefetched */
 
 /* ---- layout -------------------------------------------------------------------------------- */
 
+/* One group block: 16 rows x 32 columns. f16 values as little-endian bytes (no alignment: a
+ * packed matrix may start at any byte); qs[k][r] = the 4 bytes of row r in chunk k. */
+struct group_q8_0 {
+    uint8_t d[GROUP_ROWS][2];
+    uint8_t qs[QK / LANE_BYTES][GROUP_ROWS][LANE_BYTES];          /* values 4k..4k+3, q + 128 */
+};
+
+struct group_q4_0 {
+    uint8_t d[GROUP_ROWS][2];
+    uint8_t qs[QK / 2 / LANE_BYTES][GROUP_ROWS][LANE_BYTES];      /* nibble bytes 4k..4k+3 */
+};
+
+struct group_q4_1 {
+    uint8_t d[GROUP_ROWS][2];
+    uint8_t m[GROUP_ROWS][2];
+    uint8_t qs[QK / 2 / LANE_BYTES][GROUP_ROWS][LANE_BYTES];      /* nibble bytes 4k..4k+3 */
+};
+
+_Static_assert(sizeof(struct group_q8_0) == 544 && offsetof(struct group_q8_0, qs) == 32
+               && sizeof(((struct group_q8_0 *)0)->qs[0]) == CHUNK_BYTES, "Q8_0 group block");
+_Static_assert(sizeof(struct group_q4_0) == 288 && offsetof(struct group_q4_0, qs) == 32, "Q4_0 group block");
+_Static_assert(sizeof(struct group_q4_1) == 320 && offsetof(struct group_q4_1, m) == 32
+               && offsetof(struct group_q4_1, qs) == 64, "Q4_1 group block");
+_Static_assert(sizeof(struct group_q8_0) == GROUP_ROWS * sizeof(struct block_q8_0)
+               && sizeof(struct group_q4_0) == GROUP_ROWS * sizeof(struct block_q4_0)
+               && sizeof(struct group_q4_1) == GROUP_ROWS * sizeof(struct block_q4_1),
+               "packing moves bytes, it adds none");
+
 static int64_t group_block_bytes(int64_t w_type) {
     switch (w_type) {
-    case LME_TYPE_Q4_1: return 2 * GROUP_ROWS * 2 + GROUP_ROWS * QK / 2;   /* 320 */
-    case LME_TYPE_Q4_0: return GROUP_ROWS * 2 + GROUP_ROWS * QK / 2;       /* 288 */
-    case LME_TYPE_Q8_0: return GROUP_ROWS * 2 + GROUP_ROWS * QK;           /* 544 */
+    case LME_TYPE_Q4_1: return sizeof(struct group_q4_1);
+    case LME_TYPE_Q4_0: return sizeof(struct group_q4_0);
+    case LME_TYPE_Q8_0: return sizeof(struct group_q8_0);
     default: return 0;
     }
 }
 
-static int64_t scale_bytes(int64_t w_type) {     /* d (and m) at the start of a group block */
-    return w_type == LME_TYPE_Q4_1 ? 2 * GROUP_ROWS * 2 : GROUP_ROWS * 2;
+/* where qs starts in a group block (d, and m, come first) */
+static ALWAYS_INLINE int64_t values_offset(int64_t w_type) {
+    return w_type == LME_TYPE_Q4_1 ? offsetof(struct group_q4_1, qs) : offsetof(struct group_q8_0, qs);
 }
+_Static_assert(offsetof(struct group_q4_0, qs) == offsetof(struct group_q8_0, qs), "values_offset");
 
 /* m of a row-block from its d, for the types whose m is implied: Q4_0 -8 d, Q8_0 -128 d */
 static ALWAYS_INLINE float implied_min_factor(int64_t w_type) {
@@ -78,6 +113,44 @@ int64_t lme_packed_bytes(int64_t w_type, int64_t n_rows, int64_t n_cols) {
     return n_groups * per_group;
 }
 
+/* ---- packing: one ggml block -> row r of a group block, per type ---------------------------- */
+
+static void pack_block_q8_0(const uint8_t *src, int r, uint8_t *dst) {
+    const struct block_q8_0 *in = (const struct block_q8_0 *)src;
+    struct group_q8_0 *out = (struct group_q8_0 *)dst;
+    memcpy(out->d[r], in->d, 2);
+    for (int k = 0; k < QK / LANE_BYTES; k++)
+        for (int i = 0; i < LANE_BYTES; i++)
+            out->qs[k][r][i] = (uint8_t)(in->qs[LANE_BYTES * k + i] + 128);
+}
+
+static void pack_block_q4_0(const uint8_t *src, int r, uint8_t *dst) {
+    const struct block_q4_0 *in = (const struct block_q4_0 *)src;
+    struct group_q4_0 *out = (struct group_q4_0 *)dst;
+    memcpy(out->d[r], in->d, 2);
+    for (int k = 0; k < QK / 2 / LANE_BYTES; k++)
+        memcpy(out->qs[k][r], in->qs + LANE_BYTES * k, LANE_BYTES);
+}
+
+static void pack_block_q4_1(const uint8_t *src, int r, uint8_t *dst) {
+    const struct block_q4_1 *in = (const struct block_q4_1 *)src;
+    struct group_q4_1 *out = (struct group_q4_1 *)dst;
+    memcpy(out->d[r], in->d, 2);
+    memcpy(out->m[r], in->m, 2);
+    for (int k = 0; k < QK / 2 / LANE_BYTES; k++)
+        memcpy(out->qs[k][r], in->qs + LANE_BYTES * k, LANE_BYTES);
+}
+
+typedef void (*pack_block_fn)(const uint8_t *src, int r, uint8_t *dst);
+
+static pack_block_fn pack_block_of(int64_t w_type) {
+    switch (w_type) {
+    case LME_TYPE_Q8_0: return pack_block_q8_0;
+    case LME_TYPE_Q4_0: return pack_block_q4_0;
+    default: return pack_block_q4_1;
+    }
+}
+
 int lme_pack_q8(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows, int64_t n_cols,
                 uint8_t *dst, int64_t dst_len) {
     const int64_t packed = lme_packed_bytes(w_type, n_rows, n_cols);
@@ -93,23 +166,12 @@ int lme_pack_q8(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows,
     if (w_len < n_rows * n_blocks * bytes || dst_len < packed)
         return LME_ERR_LENGTH;
     memset(dst, 0, (size_t)packed);                            /* padding rows: d = m = u = 0 */
-    const int64_t gb = group_block_bytes(w_type), sb = scale_bytes(w_type);
-    const int value_bytes = w_type == LME_TYPE_Q8_0 ? QK : QK / 2;  /* per row and block */
+    const int64_t gb = group_block_bytes(w_type);
+    const pack_block_fn pack_block = pack_block_of(w_type);
     for (int64_t row = 0; row < n_rows; row++) {
-        const int64_t group = row / GROUP_ROWS, r = row % GROUP_ROWS;
-        for (int64_t b = 0; b < n_blocks; b++) {
-            const uint8_t *src = w + (row * n_blocks + b) * bytes;
-            uint8_t *out = dst + (group * n_blocks + b) * gb;
-            memcpy(out + 2 * r, src, 2);                                   /* d */
-            if (w_type == LME_TYPE_Q4_1)
-                memcpy(out + GROUP_ROWS * 2 + 2 * r, src + 2, 2);           /* m */
-            const uint8_t *values = src + (w_type == LME_TYPE_Q4_1 ? 4 : 2);
-            for (int k = 0; k < value_bytes / 4; k++)                      /* chunk k, lane r */
-                for (int i = 0; i < 4; i++) {
-                    const uint8_t v = values[4 * k + i];
-                    out[sb + 64 * k + 4 * r + i] = w_type == LME_TYPE_Q8_0 ? (uint8_t)(v ^ 0x80) : v;
-                }
-        }
+        const int64_t group = row / GROUP_ROWS;
+        for (int64_t b = 0; b < n_blocks; b++)
+            pack_block(w + (row * n_blocks + b) * bytes, (int)(row % GROUP_ROWS), dst + (group * n_blocks + b) * gb);
     }
     return LME_OK;
 }
@@ -121,35 +183,68 @@ struct packed_args {
 
 /* ---- scalar path ----------------------------------------------------------------------------- */
 
-/* u value `i` (0..31) of lane r of a group block's values */
-static ALWAYS_INLINE int32_t packed_value(int64_t w_type, const uint8_t *values, int r, int i) {
-    if (w_type == LME_TYPE_Q8_0)
-        return values[64 * (i / 4) + 4 * r + i % 4];
-    const int j = i % 16;                                        /* the ggml byte holding value i */
-    const uint8_t byte = values[64 * (j / 4) + 4 * r + j % 4];
-    return i < 16 ? (byte & 0x0F) : (byte >> 4);
+/* Row r of a group block, per type: its 32 unsigned values u (value i at u[i]), its scale d and
+ * its minimum m (w = d * u + m). */
+typedef void (*unpack_row_fn)(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m);
+
+static void unpack_row_q8_0(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m) {
+    const struct group_q8_0 *g = (const struct group_q8_0 *)blk;
+    for (int i = 0; i < QK; i++)
+        u[i] = g->qs[i / LANE_BYTES][r][i % LANE_BYTES];
+    *d = fp16_to_fp32(load_u16(g->d[r]));
+    *m = implied_min_factor(LME_TYPE_Q8_0) * *d;
+}
+
+/* the 16 nibble bytes of row r: byte j holds values j (low nibble) and j + 16 (high) */
+static void unpack_nibbles(const uint8_t qs[QK / 2 / LANE_BYTES][GROUP_ROWS][LANE_BYTES], int r, int32_t u[QK]) {
+    for (int j = 0; j < QK / 2; j++) {
+        const uint8_t byte = qs[j / LANE_BYTES][r][j % LANE_BYTES];
+        u[j] = byte & 0x0F;
+        u[j + QK / 2] = byte >> 4;
+    }
+}
+
+static void unpack_row_q4_0(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m) {
+    const struct group_q4_0 *g = (const struct group_q4_0 *)blk;
+    unpack_nibbles(g->qs, r, u);
+    *d = fp16_to_fp32(load_u16(g->d[r]));
+    *m = implied_min_factor(LME_TYPE_Q4_0) * *d;
+}
+
+static void unpack_row_q4_1(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m) {
+    const struct group_q4_1 *g = (const struct group_q4_1 *)blk;
+    unpack_nibbles(g->qs, r, u);
+    *d = fp16_to_fp32(load_u16(g->d[r]));
+    *m = fp16_to_fp32(load_u16(g->m[r]));
+}
+
+static unpack_row_fn unpack_row_of(int64_t w_type) {
+    switch (w_type) {
+    case LME_TYPE_Q8_0: return unpack_row_q8_0;
+    case LME_TYPE_Q4_0: return unpack_row_q4_0;
+    default: return unpack_row_q4_1;
+    }
 }
 
 static void matmul_packed_scalar(const struct packed_args *a) {
     const int64_t n_blocks = a->n_cols / QK, gb = group_block_bytes(a->w_type);
-    const int64_t sb = scale_bytes(a->w_type);
+    const unpack_row_fn unpack_row = unpack_row_of(a->w_type);
     for (int64_t row = a->row_begin; row < a->row_end; row++) {
         const int64_t group = row / GROUP_ROWS;
         const int r = (int)(row % GROUP_ROWS);
         for (int64_t t = 0; t < a->n_tok; t++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < n_blocks; b++) {
-                const uint8_t *blk = a->p + (group * n_blocks + b) * gb;
-                const float d = fp16_to_fp32(load_u16(blk + 2 * r));
-                const float m = a->w_type == LME_TYPE_Q4_1 ? fp16_to_fp32(load_u16(blk + GROUP_ROWS * 2 + 2 * r))
-                                                           : implied_min_factor(a->w_type) * d;
+                int32_t u[QK];
+                float d, m;
+                unpack_row(a->p + (group * n_blocks + b) * gb, r, u, &d, &m);
                 float xs_sum = 0.0f;
                 for (int64_t j = 0; j < a->n_terms; j++) {
                     const int64_t x_row = j * a->n_tok + t;
                     const int8_t *xq = a->xq + x_row * a->n_cols + b * QK;
                     int32_t isum = 0;
                     for (int i = 0; i < QK; i++)
-                        isum += packed_value(a->w_type, blk + sb, r, i) * (int32_t)xq[i];
+                        isum += u[i] * (int32_t)xq[i];
                     acc += (float)isum * (d * a->xd[x_row * n_blocks + b]);
                     xs_sum += a->xs[x_row * n_blocks + b];
                 }
@@ -176,7 +271,7 @@ TARGET_AVX512 static ALWAYS_INLINE __m512i broadcast4(const int8_t *p) {
 TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_args *a, int64_t w_type,
                                                             int n_terms, int n_group, int64_t group,
                                                             int64_t t0) {
-    const int64_t n_blocks = a->n_cols / QK, gb = group_block_bytes(w_type), sb = scale_bytes(w_type);
+    const int64_t n_blocks = a->n_cols / QK, gb = group_block_bytes(w_type), vo = values_offset(w_type);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[TOKEN_GROUP];
     for (int t = 0; t < n_group; t++)
@@ -191,17 +286,17 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
         if (prefetch)
             for (int64_t line = 0; line < gb; line += 64)
                 _mm_prefetch((const char *)blk + PREFETCH_BYTES + line, _MM_HINT_T0);
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));   /* d: first */
         const __m512 m = w_type == LME_TYPE_Q4_1
-                             ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + GROUP_ROWS * 2)))
+                             ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + offsetof(struct group_q4_1, m))))
                              : _mm512_mul_ps(d, _mm512_set1_ps(implied_min_factor(w_type)));
         __m512i u[8];                                    /* u[k]: values 4k..4k+3 of the 16 rows */
         if (w_type == LME_TYPE_Q8_0) {
             for (int k = 0; k < 8; k++)
-                u[k] = _mm512_loadu_si512(blk + sb + 64 * k);
+                u[k] = _mm512_loadu_si512(blk + vo + CHUNK_BYTES * k);
         } else {
             for (int k = 0; k < 4; k++) {
-                const __m512i raw = _mm512_loadu_si512(blk + sb + 64 * k);
+                const __m512i raw = _mm512_loadu_si512(blk + vo + CHUNK_BYTES * k);
                 u[k] = _mm512_and_si512(raw, low4);
                 u[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
             }
@@ -288,12 +383,11 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
         || xs_len < x_rows * n_blocks || out_len < n_tok * n_rows)
         return LME_ERR_LENGTH;
     const struct packed_args a = {w_type, p, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out};
+    switch (lme_get_isa()) {
 #if LME_X86
-    if (lme_get_isa() == LME_ISA_AVX512) {
-        matmul_packed_avx512(&a);
-        return LME_OK;
-    }
+    case LME_ISA_AVX512: matmul_packed_avx512(&a); break;
 #endif
-    matmul_packed_scalar(&a);
+    default: matmul_packed_scalar(&a); break;    /* AVX2 too: the layout is made for VNNI */
+    }
     return LME_OK;
 }

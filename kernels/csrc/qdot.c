@@ -1,16 +1,16 @@
-/* qdot: fused decode-and-dot of ggml weight blocks with activations (see qdot.h).
+/* qdot: fused decode-and-dot of ggml weight blocks with activations (API: lmengine.h).
  *
- * Structure (read top to bottom):
- *   1. block formats and f16 conversion (portable C)
- *   2. block decoders: a chunk of one weight row -> int8 values + scales, or -> float
- *   3. the generic tile loops: the integer path runs over groups of up to TOKEN_GROUP_MAX tokens;
+ * Structure (read top to bottom; the block formats and f16 conversion are in common.h):
+ *   1. block decoders: a chunk of one weight row -> int8 values + scales, or -> float
+ *   2. the generic tile loops: the integer path runs over groups of up to TOKEN_GROUP_MAX tokens;
  *      for each group and each row of the tile, every weight block is read once, in place,
  *      and multiplied with the group's activation blocks (held in per-token accumulators); the
  *      float path decodes a chunk of each row once and dots it with every token
- *   4. the ISA-specific primitives: scalar; a 256-bit integer kernel shared by AVX2 (maddubs)
+ *   3. the ISA-specific primitives: scalar; a 256-bit integer kernel shared by AVX2 (maddubs)
  *      and AVX-512 VNNI (vpdpbusd), which differ only in the 32-byte block product
- *   5. the tile functions per ISA (generic loops + that ISA's primitives, compiled for it with
- *      __attribute__((target))), run-time ISA selection by CPUID, argument checks, entry points.
+ *   4. argument checks and the entry points, which run the tile function of the path
+ *      lme_get_isa() selects (generic loops + that ISA's primitives, compiled for it with
+ *      __attribute__((target)); cpu.c picks the path by CPUID).
  *
  * Batch invariance: the integer result for one (row, token) comes from the same operations in the
  * same order whatever n_tok is and wherever the token sits in the batch (each token has its own
@@ -26,7 +26,7 @@
 #define CHUNK_VALUES (CHUNK_BLOCKS * QK)       /* 2048 values: 2 KB int8 or 8 KB float */
 #define TOKEN_GROUP_MAX 8                      /* tokens sharing each load of a weight block */
 
-/* ---- 2. block decoders ----------------------------------------------------------------------- */
+/* ---- 1. block decoders ----------------------------------------------------------------------- */
 
 struct q8_args {
     int64_t w_type; const uint8_t *w; int64_t n_rows, n_cols, row_begin, row_end;
@@ -38,7 +38,7 @@ struct f32_args {
     const float *x; int64_t n_tok; float *out;
 };
 
-/* The ISA-specific pieces the generic loops below are built from (section 4 defines them). */
+/* The ISA-specific pieces the generic loops below are built from (section 3 defines them). */
 struct kit {
     /* out[t * n_rows + row] for the tile's rows and tokens t0 <= t < t0 + n_group (n_group <=
      * token_group): the sum over blocks b of dw_b * xd_tb * isum_tb (+ mw_b * xs_tb for Q4_0 and
@@ -60,19 +60,22 @@ struct kit {
 static ALWAYS_INLINE void decode_q8_blocks(const struct kit *k, int64_t w_type, const uint8_t *src,
                                            int64_t n_blocks, int8_t *q, float *d, float *m,
                                            int q4_0_unsigned) {
-    const int64_t bytes = block_bytes(w_type);
     for (int64_t b = 0; b < n_blocks; b++) {
-        const uint8_t *blk = src + b * bytes;
-        d[b] = k->half(blk);
         if (w_type == LME_TYPE_Q8_0) {
+            const struct block_q8_0 *blk = (const struct block_q8_0 *)src + b;
+            d[b] = k->half(blk->d);
             m[b] = 0.0f;
-            memcpy(q + b * QK, blk + 2, QK);
+            memcpy(q + b * QK, blk->qs, QK);
         } else if (w_type == LME_TYPE_Q4_0) {
+            const struct block_q4_0 *blk = (const struct block_q4_0 *)src + b;
+            d[b] = k->half(blk->d);
             m[b] = q4_0_unsigned ? -8.0f * d[b] : 0.0f;
-            k->unpack_nibbles(blk + 2, q + b * QK, q4_0_unsigned ? 0 : 8);
-        } else {                                      /* Q4_1 */
-            m[b] = k->half(blk + 2);
-            k->unpack_nibbles(blk + 4, q + b * QK, 0);
+            k->unpack_nibbles(blk->qs, q + b * QK, q4_0_unsigned ? 0 : 8);
+        } else {
+            const struct block_q4_1 *blk = (const struct block_q4_1 *)src + b;
+            d[b] = k->half(blk->d);
+            m[b] = k->half(blk->m);
+            k->unpack_nibbles(blk->qs, q + b * QK, 0);
         }
     }
 }
@@ -105,7 +108,7 @@ static ALWAYS_INLINE void decode_f32_values(const struct kit *k, int64_t w_type,
     }
 }
 
-/* ---- 3. generic tile loops ------------------------------------------------------------------- */
+/* ---- 2. generic tile loops ------------------------------------------------------------------- */
 
 /* Token groups outermost: a group's activations (8 x n_cols bytes) and the tile's rows both stay
  * in L1 while each row is read once per group. */
@@ -135,7 +138,7 @@ static ALWAYS_INLINE void tile_f32(const struct kit *k, const struct f32_args *a
     }
 }
 
-/* ---- 4a. scalar primitives ------------------------------------------------------------------- */
+/* ---- 3a. scalar primitives ------------------------------------------------------------------- */
 
 static const struct kit KIT_SCALAR;
 
@@ -199,13 +202,12 @@ static void tile_q8_scalar(const struct q8_args *a) { tile_q8(&KIT_SCALAR, a); }
 static void tile_f32_scalar(const struct f32_args *a) { tile_f32(&KIT_SCALAR, a); }
 
 #if LME_X86
-/* ---- 4b. 256-bit integer kernel, shared by AVX2 and AVX-512 VNNI ------------------------------ */
+/* ---- 3b. 256-bit integer kernel, shared by AVX2 and AVX-512 VNNI ------------------------------ */
 /* Per row and token: blocks in groups of 8; a group's 8 scale products dw * xd are one vector
  * (one multiply for 8 blocks, lane j broadcast by a permute for block j), its Q4 minimum terms
  * mw * xs one multiply and add; block j's 8-lane integer partial sums are converted and
  * multiply-added into one of two accumulators (even / odd blocks). The result is the horizontal
  * sum of the two. This fixes the float arithmetic of a (row, token) pair for both SIMD paths. */
-#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define GROUP_BLOCKS 8                         /* blocks whose scales share one vector */
 
 /* int32 x 8 whose sum is the dot product of 32 unsigned bytes u with 32 signed bytes s */
@@ -267,7 +269,7 @@ TARGET_AVX2 static ALWAYS_INLINE void accumulate_group_256(
     }
     if (w_type != LME_TYPE_Q8_0) {
         const __m256 mw = w_type == LME_TYPE_Q4_0 ? _mm256_mul_ps(_mm256_set1_ps(-8.0f), dw)
-                                                  : halves_256(blk + 2, bytes, n_here);
+                                                  : halves_256(blk + offsetof(struct block_q4_1, m), bytes, n_here);
         for (int t = 0; t < n_group; t++)
             even[t] = _mm256_add_ps(even[t], _mm256_mul_ps(mw, load_floats_256(xs + t * x_stride, n_here)));
     }
@@ -275,10 +277,11 @@ TARGET_AVX2 static ALWAYS_INLINE void accumulate_group_256(
         const uint8_t *b = blk + j * bytes;
         __m256i u, w = _mm256_setzero_si256();
         if (w_type == LME_TYPE_Q8_0) {
-            w = _mm256_loadu_si256((const __m256i *)(b + 2));
+            w = _mm256_loadu_si256((const __m256i *)((const struct block_q8_0 *)b)->qs);
             u = _mm256_sign_epi8(w, w);
         } else {
-            u = nibbles_256(b + (w_type == LME_TYPE_Q4_0 ? 2 : 4));
+            u = nibbles_256(w_type == LME_TYPE_Q4_0 ? ((const struct block_q4_0 *)b)->qs
+                                                    : ((const struct block_q4_1 *)b)->qs);
         }
         const __m256i lane_j = _mm256_set1_epi32(j);
         for (int t = 0; t < n_group; t++) {
@@ -356,7 +359,7 @@ TARGET_AVX2 static ALWAYS_INLINE void rows_dot_q8_any_256(isum_u8s8_fn isum, con
     }
 }
 
-/* ---- 4c. AVX2 primitives (AVX2 + FMA + F16C) ------------------------------------------------- */
+/* ---- 3c. AVX2 primitives (AVX2 + FMA + F16C) ------------------------------------------------- */
 
 TARGET_AVX2 static ALWAYS_INLINE __m256i isum_avx2(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -405,7 +408,7 @@ static const struct kit KIT_AVX2 = {rows_dot_q8_avx2, TOKEN_GROUP_AVX2, dot_f32_
 TARGET_AVX2 static void tile_q8_avx2(const struct q8_args *a) { tile_q8(&KIT_AVX2, a); }
 TARGET_AVX2 static void tile_f32_avx2(const struct f32_args *a) { tile_f32(&KIT_AVX2, a); }
 
-/* ---- 4d. AVX-512 primitives (F/BW/VL + VNNI) ------------------------------------------------- */
+/* ---- 3d. AVX-512 primitives (F/BW/VL + VNNI) ------------------------------------------------- */
 /* The integer blocks use 256-bit vpdpbusd (one 32-value block per instruction, one scale per
  * block); the float dots use 512-bit vectors. */
 
@@ -448,54 +451,7 @@ TARGET_AVX512 static void tile_q8_avx512(const struct q8_args *a) { tile_q8(&KIT
 TARGET_AVX512 static void tile_f32_avx512(const struct f32_args *a) { tile_f32(&KIT_AVX512, a); }
 #endif /* LME_X86 */
 
-/* ---- 5. ISA selection ------------------------------------------------------------------------ */
-
-static int cpu_has_isa(int isa) {
-    if (isa == LME_ISA_SCALAR)
-        return 1;
-#if LME_X86
-    __builtin_cpu_init();
-    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                     && __builtin_cpu_supports("f16c");
-    if (isa == LME_ISA_AVX2)
-        return avx2;
-    if (isa == LME_ISA_AVX512)
-        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-               && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-#endif
-    return 0;
-}
-
-int lme_native_available(void) { return 1; }
-
-int lme_best_isa(void) {
-    if (cpu_has_isa(LME_ISA_AVX512)) return LME_ISA_AVX512;
-    if (cpu_has_isa(LME_ISA_AVX2)) return LME_ISA_AVX2;
-    return LME_ISA_SCALAR;
-}
-
-/* The path in use: the best one, chosen when the library is loaded (before any kernel runs, so
- * threads never race on it); lme_set_isa changes it. */
-static int selected_isa = LME_ISA_SCALAR;
-
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((constructor)) static void select_best_isa(void) { selected_isa = lme_best_isa(); }
-#endif
-
-int lme_get_isa(void) { return selected_isa; }
-
-int lme_set_isa(int isa) {
-    if (isa == -1) {
-        selected_isa = lme_best_isa();
-        return LME_OK;
-    }
-    if (isa < LME_ISA_SCALAR || isa > LME_ISA_AVX512 || !cpu_has_isa(isa))
-        return LME_ERR_ISA;
-    selected_isa = isa;
-    return LME_OK;
-}
-
-/* ---- argument checks and entry points -------------------------------------------------------- */
+/* ---- 4. argument checks and entry points ---------------------------------------------------- */
 
 /* Checks shared by both entry points. Sets *nothing_to_do when the tile is empty. */
 static int check_matrix(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows, int64_t n_cols,

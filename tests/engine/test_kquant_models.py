@@ -1,0 +1,95 @@
+"""Whole models whose matrices are K-quants (and IQ4_XS), as people download them: a tiny random
+llama (dims multiples of 256, so every matrix takes the K-quant kernels), quantized by
+`lmengine quantize` into llama.cpp's mixes, then run by the Numba backend.
+
+References:
+- the exact path (activations="f32": float32 activations against the same blocks decoded on the
+  fly) for the integer paths' accuracy;
+- HF transformers on the same dequantized weights, for the exact path itself;
+- the same backend one sequence at a time, for batched decode (bit for bit).
+"""
+import copy
+
+import numpy as np
+import pytest
+
+from lmengine.backends.numba_backend import NumbaLlamaBackend
+from lmengine.config import config_from_gguf
+from lmengine.converters.gguf_file import GGUFFile
+from lmengine.converters.quantize import quantize_gguf
+from tiny_models import _load_back, hf_logits, make_tiny_model
+
+MIXES = ["Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS"]
+PROMPT = np.array([5, 17, 99, 3, 250, 41, 7, 120, 64, 33], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def f32_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kq") / "f32.gguf"
+    hf = make_tiny_model(path, n_layers=2, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=300,
+                         weight_type="f32", seed=11)
+    return path, hf
+
+
+@pytest.fixture(scope="module", params=MIXES)
+def k_model(request, f32_model, tmp_path_factory):
+    src, _ = f32_model
+    dst = tmp_path_factory.mktemp("kq") / f"{request.param}.gguf"
+    quantize_gguf(str(src), str(dst), request.param)
+    f = GGUFFile(dst)
+    return request.param, f, config_from_gguf(f)
+
+
+def _backend(k_model, activations, n_slots=1):
+    _, f, config = k_model
+    return NumbaLlamaBackend(f, config, n_ctx=64, n_slots=n_slots, activations=activations)
+
+
+def test_the_mix_holds_k_types(k_model):
+    name, f, _ = k_model
+    types = {info.type_name for n, info in f.tensors.items() if n.endswith(".weight") and len(info.shape) == 2}
+    expected = {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q6_K": {"Q6_K"}}.get(name)
+    if expected is not None:
+        assert expected <= types, types
+    assert types & {"Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
+
+
+def test_exact_path_matches_transformers(k_model, f32_model):
+    """The float path over the K blocks equals HF transformers run on the same weights, decoded by
+    the gguf package (relative to the logit range, 1e-4: float32 summation order only)."""
+    _, f, _ = k_model
+    hf = copy.deepcopy(f32_model[1])
+    _load_back(hf, str(f.path), "llama", 4, 2, 2, False)
+    reference = hf_logits(hf, PROMPT)
+    ours = _backend(k_model, "f32").forward(0, PROMPT, 0, all_logits=True)
+    assert np.abs(ours - reference).max() <= 1e-4 * (reference.max() - reference.min())
+
+
+@pytest.mark.parametrize("activations", ["int8", "mixed", "int8x2"])
+def test_integer_paths_track_the_exact_path(k_model, activations):
+    """Q8_K activations (one int8 term per 256 values, llama.cpp's arithmetic) move the logits by
+    under 1% of their range on these random weights; two terms by about 1e-4. Measured over the
+    four mixes (max |fast - exact| / logit range): int8 0.85-0.89%, mixed (two terms for k and v)
+    0.66-0.78%, int8x2 0.012-0.013%. Bounds: 2%, 2% and 0.05%, 2-4x those, so that a changed
+    rounding passes and a wrong scale or sub-block (errors of tens of percent) does not."""
+    exact = _backend(k_model, "f32").forward(0, PROMPT, 0, all_logits=True)
+    fast = _backend(k_model, activations).forward(0, PROMPT, 0, all_logits=True)
+    bound = {"int8": 0.02, "mixed": 0.02, "int8x2": 5e-4}[activations]
+    assert np.abs(fast - exact).max() <= bound * (exact.max() - exact.min())
+    assert (fast.argmax(axis=1) == exact.argmax(axis=1)).mean() >= 0.8
+
+
+def test_batched_decode_equals_one_by_one(k_model):
+    """Three sequences decoded in one forward_batch give the same bits as each one alone."""
+    prompts = [PROMPT[:4], PROMPT[2:9], PROMPT[5:]]
+    together = _backend(k_model, "mixed", n_slots=3)
+    alone = _backend(k_model, "mixed", n_slots=1)
+    tokens = []
+    for slot, p in enumerate(prompts):
+        together.forward(slot, p, 0)
+        tokens.append(int(p[-1]))
+    batch = together.forward_batch(np.arange(3), np.array(tokens), np.array([len(p) for p in prompts]))
+    for i, p in enumerate(prompts):
+        alone.forward(0, p, 0)
+        single = alone.forward_batch(np.array([0]), np.array([tokens[i]]), np.array([len(p)]))
+        assert np.array_equal(batch[i], single[0])

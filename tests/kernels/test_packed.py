@@ -1,0 +1,567 @@
+"""The 16-row packed layout of Q8_0 / Q4_0 / Q4_1 matrices (kernels/csrc/packed.c) and its int8
+product `lme_matmul_packed`: the layout against an independent NumPy decoder, the product on every
+SIMD path against the Numba reference on the raw blocks and against float64 NumPy, batch
+invariance, row ranges, argument checks, and the model with pack=True against pack=False.
+
+Tolerances (u = 2**-24, the float32 unit roundoff). The block sums isum = sum(u_i * xq_i) are
+exact int32 in every implementation (|isum| <= 255 * 127 * 32 < 2**24, so even its conversion to
+float32 is exact); only the float32 rounding of the scale products and of the accumulation over
+blocks differs. With the packed arithmetic (packed.c: acc += isum * (d * xd) per block and term,
+then acc += m * (xs_0 [+ xs_1])), one (row, token) result is a float32 sum of
+n_blocks * (n_terms + 1) terms, each rounded at most twice before it is added, so by the standard
+bound on recursive summation
+
+    |packed - exact| <= K * u * S,   K = n_blocks * (n_terms + 1) + 5,
+    S = sum over blocks b and terms j of |d_b * xd_bj * isum_bj| + |m_b * xs_bj|
+
+(S computed in float64 from the data, in the packed form w = d * u + m with u unsigned: for Q8_0
+u = q + 128 and m = -128 d, so S is the size of the terms the kernel really adds, which cancel;
+the +5 covers the rounding of d * xd, of m * xs, of xs itself against xd * sum(xq), of the sum of
+two terms' xs and the final add of the two terms' results in the reference). The Numba reference
+`matmul_q8_numba` obeys the same bound (its terms, in the signed form, are no larger), so packed
+and Numba differ by at most 2 K u S. A layout or indexing bug is off by whole weight * activation
+products, orders of magnitude more.
+
+The model with pack=True against pack=False: see LOGIT_TOLERANCE (the int8 quantizer between
+products turns float-order differences into occasional whole rounding steps).
+"""
+import numpy as np
+import pytest
+
+from lmengine.kernels import matmul as mm
+from lmengine.kernels import native
+from lmengine.kernels.quant import F16, F32, Q4_0, Q4_1, Q8_0, QK, quantize
+
+pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE,
+                                reason=f"the C extension lmengine.kernels._native is not loaded: {native.LOAD_ERROR}")
+
+U = 2.0 ** -24
+Q8_TYPES = (Q8_0, Q4_0, Q4_1)
+TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1"}
+GROUP = 16
+BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}          # ggml bytes per 32-value block
+GROUP_BLOCK_BYTES = {Q4_1: 320, Q4_0: 288, Q8_0: 544}  # packed bytes per 16 rows x 32 columns (packed.c)
+ROW_COUNTS = (1, 15, 16, 17, 37, 100)
+COL_COUNTS = (32, 64, 576)
+ERR_NULL, ERR_TYPE, ERR_SHAPE, ERR_RANGE, ERR_LENGTH = -1, -2, -3, -4, -5
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+def make_raw(w_type, n_rows, n_cols, seed):
+    """uint8 raw ggml blocks of a random (n_rows, n_cols) matrix: `quantize` of normal values with
+    blocks of different scales, and every third row's value bytes replaced by random bytes (every
+    nibble and every int8 value including -128, with that row's real scales)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
+    w *= np.exp(rng.uniform(-3, 1, (n_rows, n_cols // QK))).repeat(QK, axis=1).astype(np.float32)
+    blocks = quantize(w_type, w).reshape(n_rows, n_cols // QK, BLOCK_BYTES[w_type])
+    first_value = 4 if w_type == Q4_1 else 2
+    noisy = blocks[::3, :, first_value:]
+    blocks[::3, :, first_value:] = rng.integers(0, 256, noisy.shape, dtype=np.uint8)
+    return np.ascontiguousarray(blocks).reshape(-1)
+
+
+def make_x(n_tok, n_cols, seed):
+    """float32 activations with a small-scale block, an all-zero block (scale 0) and a saturating
+    block (every xq = +-127, the largest block sums)."""
+    rng = np.random.default_rng(seed + 1000)
+    x = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
+    if n_cols >= 64:
+        x[:, 32:64] *= 0.01
+    if n_cols >= 96:
+        x[0, 64:96] = 0.0
+    x[-1, :32] = np.where(rng.random(32) < 0.5, -3.0, 3.0)
+    return x
+
+
+def quantize_x(x, n_terms):
+    """(xq, xd, xs) of x in n_terms int8 terms: term j of token t in row j * n_tok + t."""
+    return mm.quantize_activations(x) if n_terms == 1 else mm.quantize_activations_x2(x)
+
+
+def take_tokens(xq, xd, xs, tokens, n_terms):
+    """The activations of a sub-batch `tokens` (in that order), in the same term-major layout."""
+    n_all = xq.shape[0] // n_terms
+    rows = np.concatenate([j * n_all + np.asarray(tokens) for j in range(n_terms)])
+    return xq[rows].copy(), xd[rows].copy(), xs[rows].copy()
+
+
+# -- independent NumPy decoder of the packed layout ----------------------------------------------------
+
+def split_packed(packed, w_type, n_rows, n_cols):
+    """(d, m, values) as stored, per row (padded to whole groups) and block:
+    d, m uint8 [n_groups * 16, n_blocks, 2] (f16 bytes; m None unless Q4_1), values uint8
+    [n_groups * 16, n_blocks, 16 or 32] in ggml byte order (Q8_0 still as q + 128).
+
+    Layout (packed.c): per group of 16 rows, per 32-column block, d f16 x 16 | m f16 x 16 (Q4_1) |
+    chunks of 64 bytes, chunk k = bytes 4k..4k+3 of each of the 16 rows (row r at offset 4r)."""
+    n_groups, n_blocks = -(-n_rows // GROUP), n_cols // QK
+    g = packed.reshape(n_groups, n_blocks, GROUP_BLOCK_BYTES[w_type])
+
+    def per_row(a, width):  # [group, block, 16 * width] -> [group * 16, block, width]
+        return a.reshape(n_groups, n_blocks, GROUP, width).transpose(0, 2, 1, 3).reshape(
+            n_groups * GROUP, n_blocks, width)
+
+    d = per_row(g[:, :, :32], 2)
+    m = per_row(g[:, :, 32:64], 2) if w_type == Q4_1 else None
+    start = 64 if w_type == Q4_1 else 32
+    n_chunks = (g.shape[2] - start) // 64
+    chunks = g[:, :, start:].reshape(n_groups, n_blocks, n_chunks, GROUP, 4)
+    values = chunks.transpose(0, 3, 1, 2, 4).reshape(n_groups * GROUP, n_blocks, n_chunks * 4)
+    return d, m, values
+
+
+def unpack(packed, w_type, n_rows, n_cols):
+    """The raw ggml blocks uint8 [n_rows, n_blocks, block_bytes] that `packed` encodes."""
+    d, m, values = split_packed(packed, w_type, n_rows, n_cols)
+    if w_type == Q8_0:
+        values = values ^ np.uint8(0x80)
+    fields = [d] + ([m] if m is not None else []) + [values]
+    return np.concatenate(fields, axis=2)[:n_rows]
+
+
+def unsigned_form(raw, w_type, n_rows, n_cols):
+    """(u int64 [n_rows, n_blocks, 32], d f64, m f64 [n_rows, n_blocks]): W = d * u + m with u
+    unsigned, read from the raw ggml blocks (Q8_0: u = q + 128, m = -128 d; Q4_0: u = nibble,
+    m = -8 d; Q4_1: u = nibble, m from the block)."""
+    b = raw.reshape(n_rows, n_cols // QK, BLOCK_BYTES[w_type])
+    d = b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    if w_type == Q8_0:
+        return b[:, :, 2:].copy().view(np.int8).astype(np.int64) + 128, d, -128.0 * d
+    nibbles = b[:, :, 4:] if w_type == Q4_1 else b[:, :, 2:]
+    u = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=2).astype(np.int64)  # value j | j + 16
+    if w_type == Q4_1:
+        return u, d, b[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    return u, d, -8.0 * d
+
+
+def exact_product(raw, w_type, n_rows, n_cols, xq, xd, xs, n_terms):
+    """(float64 W @ x.T [n_tok, n_rows] with W dequantized and x = sum_j xd_j * xq_j, the error
+    scale S [n_tok, n_rows] of the module docstring)."""
+    u, d, m = unsigned_form(raw, w_type, n_rows, n_cols)
+    w = (d[:, :, None] * u + m[:, :, None]).reshape(n_rows, n_cols)              # exact in float64
+    n_tok = xq.shape[0] // n_terms
+    x = (xq.reshape(n_terms * n_tok, -1, QK) * xd[:, :, None].astype(np.float64)).reshape(n_terms, n_tok, n_cols)
+    exact = x.sum(axis=0) @ w.T
+    xq_b = xq.reshape(n_terms * n_tok, -1, QK).astype(np.int64)
+    isum = np.einsum("rbi,tbi->trb", u, xq_b)                                        # exact integers
+    terms = (np.abs(d[None] * xd[:, None, :] * isum) + np.abs(m[None] * xs[:, None, :])).sum(axis=2)
+    return exact, terms.reshape(n_terms, n_tok, n_rows).sum(axis=0)
+
+
+def error_bound(n_cols, n_terms, scale):
+    """K u S of the module docstring, [n_tok, n_rows]."""
+    return (n_cols // QK * (n_terms + 1) + 5) * U * scale + 1e-30
+
+
+def numba_reference(raw, w_type, n_rows, n_cols, xq, xd, xs, n_terms):
+    """matmul_q8_numba on the raw blocks, each term as its own token, the terms summed."""
+    both = np.full((xq.shape[0], n_rows), np.nan, dtype=np.float32)
+    mm.matmul_q8_numba(raw, w_type, n_rows, n_cols, xq, xd, xs, both)
+    n_tok = xq.shape[0] // n_terms
+    return both.reshape(n_terms, n_tok, n_rows).sum(axis=0, dtype=np.float32)
+
+
+# -- direct calls of the C functions ---------------------------------------------------------------------
+
+def buf(ctype, a, writable=False):
+    return native.ffi.from_buffer(ctype, a, require_writable=writable)
+
+
+def c_matmul_packed(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out, row_begin=0, row_end=None,
+                    n_tok=None, **lengths):
+    """One call of lib.lme_matmul_packed (this thread, the forced ISA); returns its status.
+    `lengths` overrides p_len / xq_len / xd_len / xs_len / out_len (the true sizes by default)."""
+    row_end = n_rows if row_end is None else row_end
+    n_tok = xq.shape[0] // n_terms if n_tok is None else n_tok
+    sizes = dict(p_len=p.size, xq_len=xq.size, xd_len=xd.size, xs_len=xs.size, out_len=out.size)
+    sizes.update(lengths)
+    return native.lib.lme_matmul_packed(
+        w_type, buf("uint8_t[]", p), sizes["p_len"], n_rows, n_cols, row_begin, row_end,
+        buf("int8_t[]", xq), sizes["xq_len"], buf("float[]", xd), sizes["xd_len"],
+        buf("float[]", xs), sizes["xs_len"], n_tok, n_terms, buf("float[]", out, True), sizes["out_len"])
+
+
+def packed_product(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms):
+    n_tok = xq.shape[0] // n_terms
+    out = np.full((n_tok, n_rows), np.nan, dtype=np.float32)
+    assert c_matmul_packed(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out) == 0
+    return out
+
+
+# -- 1. the layout ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("w_type", Q8_TYPES, ids=TYPE_IDS.get)
+@pytest.mark.parametrize("n_cols", COL_COUNTS)
+@pytest.mark.parametrize("n_rows", ROW_COUNTS)
+def test_pack_round_trip(w_type, n_rows, n_cols):
+    raw = make_raw(w_type, n_rows, n_cols, seed=n_rows * 1000 + n_cols + w_type)
+    packed = native.pack_q8(raw, w_type, n_rows, n_cols)
+    n_groups, n_blocks = -(-n_rows // GROUP), n_cols // QK
+    assert packed.dtype == np.uint8 and packed.size == n_groups * n_blocks * GROUP_BLOCK_BYTES[w_type]
+    np.testing.assert_array_equal(unpack(packed, w_type, n_rows, n_cols),
+                                  raw.reshape(n_rows, n_blocks, BLOCK_BYTES[w_type]))
+    d, m, values = split_packed(packed, w_type, n_rows, n_cols)
+    for stored in (d, m, values):                       # padding rows: d = m = u = 0
+        if stored is not None:
+            assert not stored[n_rows:].any()
+    if w_type == Q8_0:                                  # stored as q + 128, unsigned
+        q = raw.reshape(n_rows, n_blocks, 34)[:, :, 2:].view(np.int8).astype(np.int64)
+        np.testing.assert_array_equal(values[:n_rows].astype(np.int64), q + 128)
+
+
+def test_packed_bytes_are_the_documented_group_block_sizes():
+    for w_type, group_block in GROUP_BLOCK_BYTES.items():
+        assert native.packed_bytes(w_type, 16, 32) == group_block
+        assert group_block == GROUP * BLOCK_BYTES[w_type]        # packing moves bytes, adds none
+        for n_rows in (0,) + ROW_COUNTS:
+            for n_cols in COL_COUNTS:
+                expected = -(-n_rows // GROUP) * (n_cols // QK) * group_block
+                assert native.packed_bytes(w_type, n_rows, n_cols) == expected
+                assert native.lib.lme_packed_bytes(w_type, n_rows, n_cols) == expected
+    assert native.PACK_ROWS == GROUP
+
+
+def test_pack_into_a_view_of_a_larger_array_and_zero_rows():
+    raw = make_raw(Q4_1, 20, 64, seed=5)
+    size = native.packed_bytes(Q4_1, 20, 64)
+    arena = np.full(size + 10, 0xEE, dtype=np.uint8)
+    got = native.pack_q8(raw, Q4_1, 20, 64, out=arena[5:5 + size])
+    assert np.shares_memory(got, arena)
+    np.testing.assert_array_equal(arena[5:5 + size], native.pack_q8(raw, Q4_1, 20, 64))
+    assert (arena[:5] == 0xEE).all() and (arena[5 + size:] == 0xEE).all()   # nothing outside `out`
+    assert native.pack_q8(np.zeros(0, np.uint8), Q8_0, 0, 64).size == 0
+
+
+# -- 2. the product against the references ------------------------------------------------------------
+
+PRODUCT_CASES = [  # (n_rows, n_cols, n_tok): partial groups, 1..17 tokens (every token-group tail)
+    (1, 32, 1), (15, 64, 3), (16, 32, 8), (17, 576, 9), (37, 96, 17), (100, 64, 2)]
+
+
+@pytest.mark.parametrize("n_terms", (1, 2))
+@pytest.mark.parametrize("w_type", Q8_TYPES, ids=TYPE_IDS.get)
+def test_product_matches_numba_reference_and_float64(isa, w_type, n_terms):
+    for n_rows, n_cols, n_tok in PRODUCT_CASES:
+        raw = make_raw(w_type, n_rows, n_cols, seed=n_rows + n_cols + w_type)
+        xq, xd, xs = quantize_x(make_x(n_tok, n_cols, seed=n_rows), n_terms)
+        p = native.pack_q8(raw, w_type, n_rows, n_cols)
+        out = packed_product(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms)
+
+        exact, scale = exact_product(raw, w_type, n_rows, n_cols, xq, xd, xs, n_terms)
+        bound = error_bound(n_cols, n_terms, scale)
+        case = f"{n_rows}x{n_cols}, {n_tok} tokens"
+        assert np.all(np.abs(out - exact) <= bound), case               # the independent reference
+        ref = numba_reference(raw, w_type, n_rows, n_cols, xq, xd, xs, n_terms)
+        assert np.all(np.abs(out - ref) <= 2 * bound), case              # both within K u S of exact
+        assert np.abs(exact).max() > 1e3 * bound.max(), case             # the bound is not vacuous
+
+
+@pytest.mark.parametrize("n_terms", (1, 2))
+def test_numba_entry_points_equal_one_c_call(n_terms):
+    """matmul_packed_q8 (16-row groups over threads) equals one C call bit for bit (a row's
+    arithmetic does not depend on the call), and matmul_packed quantizes as ACT_INT8 / ACT_INT8X2."""
+    n_rows, n_cols, n_tok = 53, 576, 5
+    act = mm.ACT_INT8 if n_terms == 1 else mm.ACT_INT8X2
+    for w_type in Q8_TYPES:
+        raw = make_raw(w_type, n_rows, n_cols, seed=w_type)
+        p = native.pack_q8(raw, w_type, n_rows, n_cols)
+        x = make_x(n_tok, n_cols, seed=3)
+        xq, xd, xs = quantize_x(x, n_terms)
+        single = packed_product(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms)
+        threaded = np.full_like(single, np.nan)
+        mm.matmul_packed_q8(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, threaded)
+        np.testing.assert_array_equal(threaded, single)
+        from_x = np.full_like(single, np.nan)
+        mm.matmul_packed(p, w_type, n_rows, n_cols, x, from_x, act)
+        np.testing.assert_array_equal(from_x, single)
+    with pytest.raises(ValueError, match="act"):
+        mm.matmul_packed(p, w_type, n_rows, n_cols, x, from_x, mm.ACT_F32)
+    with pytest.raises(ValueError, match="n_terms"):
+        mm.matmul_packed_q8(p, w_type, n_rows, n_cols, xq, xd, xs, 3, threaded)
+
+
+def test_parts_of_mixed_precision_equal_separate_products():
+    """matmul_packed_parts on stacked matrices (q|k|v-like: 48, 16 and 16 rows, or a last part
+    with a partial group) gives each part exactly the product of that matrix alone at its own
+    precision (one term where ACT_INT8, two where ACT_INT8X2); a part boundary off a 16-row group
+    and a float precision are refused."""
+    n_cols, n_tok = 576, 5
+    x = make_x(n_tok, n_cols, seed=4)
+    for w_type in Q8_TYPES:
+        for part_rows, part_acts in (((48, 16, 16), (mm.ACT_INT8, mm.ACT_INT8X2, mm.ACT_INT8X2)),
+                                     ((32, 21), (mm.ACT_INT8X2, mm.ACT_INT8)),
+                                     ((16, 16), (mm.ACT_INT8, mm.ACT_INT8))):
+            raws = [make_raw(w_type, rows, n_cols, seed=w_type + i) for i, rows in enumerate(part_rows)]
+            stacked = native.pack_q8(np.concatenate(raws), w_type, sum(part_rows), n_cols)
+            out = np.full((n_tok, sum(part_rows)), np.nan, dtype=np.float32)
+            mm.matmul_packed_parts(stacked, w_type, np.array(part_rows), n_cols, x, out, np.array(part_acts))
+            first = 0
+            for raw, rows, act in zip(raws, part_rows, part_acts):
+                alone = np.full((n_tok, rows), np.nan, dtype=np.float32)
+                mm.matmul_packed(native.pack_q8(raw, w_type, rows, n_cols), w_type, rows, n_cols, x, alone, act)
+                np.testing.assert_array_equal(out[:, first: first + rows], alone)
+                first += rows
+    out = np.empty((n_tok, 40), dtype=np.float32)
+    p = native.pack_q8(make_raw(Q4_1, 40, n_cols, seed=1), Q4_1, 40, n_cols)
+    with pytest.raises(ValueError, match="16-row"):
+        mm.matmul_packed_parts(p, Q4_1, np.array([20, 20]), n_cols, x, out, np.array([mm.ACT_INT8] * 2))
+    with pytest.raises(ValueError, match="act"):
+        mm.matmul_packed_parts(p, Q4_1, np.array([16, 24]), n_cols, x, out, np.array([mm.ACT_INT8, mm.ACT_F32]))
+
+
+# -- 3. batch invariance ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_terms", (1, 2))
+@pytest.mark.parametrize("w_type", Q8_TYPES, ids=TYPE_IDS.get)
+def test_token_result_does_not_depend_on_its_batch(isa, w_type, n_terms):
+    """Exact equality, no tolerance (packed.c promises it: batched decode == one-by-one decode):
+    a token's result is the same float alone or in a batch of 1..17 tokens at any position."""
+    n_rows, n_cols, n_all = 37, 96, 17
+    raw = make_raw(w_type, n_rows, n_cols, seed=11 * w_type)
+    p = native.pack_q8(raw, w_type, n_rows, n_cols)
+    xq, xd, xs = quantize_x(make_x(n_all, n_cols, seed=n_terms), n_terms)
+    batch = packed_product(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms)
+    assert np.all(np.isfinite(batch))
+
+    def run(tokens):
+        return packed_product(p, w_type, n_rows, n_cols, *take_tokens(xq, xd, xs, tokens, n_terms), n_terms)
+
+    for t in range(n_all):                                              # every token alone
+        np.testing.assert_array_equal(run([t]), batch[[t]])
+    for n_tok in range(1, n_all + 1):                                   # sub-batches at shifting offsets
+        start = (5 * n_tok) % (n_all - n_tok + 1)
+        tokens = np.arange(start, start + n_tok)
+        np.testing.assert_array_equal(run(tokens), batch[tokens])
+    shuffled = np.random.default_rng(w_type).permutation(n_all)         # every token at a new position
+    np.testing.assert_array_equal(run(shuffled), batch[shuffled])
+    repeated = np.array([3, 3, 0, 3, 16, 3, 3, 3, 3, 1])               # one token in many slots
+    np.testing.assert_array_equal(run(repeated), batch[repeated])
+
+
+# -- 4. row ranges ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("w_type", Q8_TYPES, ids=TYPE_IDS.get)
+def test_row_range_writes_exactly_its_rows(isa, w_type):
+    n_rows, n_cols = 37, 64                                             # groups [0,16) [16,32) [32,37)
+    raw = make_raw(w_type, n_rows, n_cols, seed=37 + w_type)
+    p = native.pack_q8(raw, w_type, n_rows, n_cols)
+    for n_terms, n_tok in ((1, 3), (2, 9)):
+        xq, xd, xs = quantize_x(make_x(n_tok, n_cols, seed=n_tok), n_terms)
+        full = packed_product(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms)
+        for begin, end in ((0, 16), (16, 32), (32, 37), (16, 37), (0, 37), (0, 1), (16, 20), (32, 33),
+                           (32, 36), (16, 16), (32, 32)):
+            out = np.full((n_tok, n_rows), np.nan, dtype=np.float32)
+            status = c_matmul_packed(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out, begin, end)
+            assert status == 0, (begin, end)
+            np.testing.assert_array_equal(out[:, begin:end], full[:, begin:end])
+            outside = np.delete(out, np.arange(begin, end), axis=1)
+            assert np.isnan(outside).all(), f"rows outside [{begin}, {end}) were written"
+
+
+# -- 5. argument checks ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def valid_call():
+    """A valid (p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out) for lme_matmul_packed."""
+    n_rows, n_cols, n_tok, n_terms = 37, 64, 3, 2
+    raw = make_raw(Q4_1, n_rows, n_cols, seed=1)
+    xq, xd, xs = quantize_x(make_x(n_tok, n_cols, seed=1), n_terms)
+    out = np.full((n_tok, n_rows), np.nan, dtype=np.float32)
+    return native.pack_q8(raw, Q4_1, n_rows, n_cols), Q4_1, n_rows, n_cols, xq, xd, xs, n_terms, out
+
+
+def test_matmul_packed_argument_errors(valid_call):
+    p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out = valid_call
+    args = (p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out)
+
+    def status(**change):
+        kw = dict(zip(("p", "w_type", "n_rows", "n_cols", "xq", "xd", "xs", "n_terms", "out"), args))
+        kw.update(change)
+        return c_matmul_packed(**kw)
+
+    bad = {
+        ERR_RANGE: [dict(row_begin=1), dict(row_begin=8), dict(row_begin=17, row_end=20),
+                    dict(row_end=n_rows + 1), dict(row_begin=-16), dict(row_begin=32, row_end=16),
+                    dict(row_begin=48, row_end=48)],
+        ERR_LENGTH: [dict(p_len=p.size - 1), dict(xq_len=xq.size - 1), dict(xd_len=xd.size - 1),
+                     dict(xs_len=xs.size - 1), dict(out_len=out.size - 1),
+                     dict(n_tok=4), dict(p_len=0), dict(out_len=0)],
+        ERR_SHAPE: [dict(n_terms=3, n_tok=2), dict(n_terms=0, n_tok=3), dict(n_terms=-1, n_tok=3), dict(n_cols=48),
+                    dict(n_cols=0), dict(n_cols=-32), dict(n_rows=-1), dict(n_tok=-1)],
+        ERR_TYPE: [dict(w_type=F16), dict(w_type=F32), dict(w_type=12), dict(w_type=-1), dict(w_type=99)],
+    }
+    for code, changes in bad.items():
+        for change in changes:
+            assert status(**change) == code, change
+    assert np.isnan(out).all()                                          # no error touched out
+    # a shorter packed matrix than n_rows needs (a packing of 16 rows used as 37)
+    assert status(p=p[:native.packed_bytes(w_type, 16, n_cols)].copy()) == ERR_LENGTH
+    # an x for one term used as two
+    xq1, xd1, xs1 = quantize_x(make_x(3, n_cols, seed=1), 1)
+    assert status(xq=xq1, xd=xd1, xs=xs1, n_tok=3) == ERR_LENGTH
+    assert np.isnan(out).all()
+    # NULL pointers
+    null = native.ffi.NULL
+    good = [w_type, buf("uint8_t[]", p), p.size, n_rows, n_cols, 0, n_rows, buf("int8_t[]", xq), xq.size,
+            buf("float[]", xd), xd.size, buf("float[]", xs), xs.size, 3, n_terms, buf("float[]", out, True),
+            out.size]
+    for i in (1, 7, 9, 11, 15):
+        call = list(good)
+        call[i] = null
+        assert native.lib.lme_matmul_packed(*call) == ERR_NULL, i
+    assert np.isnan(out).all()
+    assert status() == 0 and np.isfinite(out).all()                     # and the valid call works
+
+
+def test_pack_q8_argument_errors():
+    n_rows, n_cols = 20, 64
+    raw = make_raw(Q8_0, n_rows, n_cols, seed=2)
+    size = native.packed_bytes(Q8_0, n_rows, n_cols)
+    dst = np.full(size, 0xAB, dtype=np.uint8)
+
+    def status(w_type=Q8_0, w=raw, w_len=raw.size, rows=n_rows, cols=n_cols, dst_len=size):
+        w_ptr = w if w is native.ffi.NULL else buf("uint8_t[]", w)
+        return native.lib.lme_pack_q8(w_type, w_ptr, w_len, rows, cols, buf("uint8_t[]", dst, True), dst_len)
+
+    assert status(w_type=F16) == ERR_TYPE and status(w_type=F32) == ERR_TYPE
+    assert status(cols=48) == ERR_SHAPE and status(cols=0) == ERR_SHAPE and status(rows=-1) == ERR_SHAPE
+    assert status(w_len=raw.size - 1) == ERR_LENGTH and status(dst_len=size - 1) == ERR_LENGTH
+    assert status(rows=n_rows + 1) == ERR_LENGTH                           # raw too short for the shape
+    assert status(w=native.ffi.NULL) == ERR_NULL
+    assert (dst == 0xAB).all()                                            # no error touched dst
+    assert native.lib.lme_packed_bytes(F16, 16, 32) == ERR_TYPE
+    assert native.lib.lme_packed_bytes(Q8_0, 16, 33) == ERR_SHAPE
+    assert native.lib.lme_packed_bytes(Q8_0, -1, 32) == ERR_SHAPE
+    assert status() == 0
+
+
+def test_python_pack_q8_raises_value_error():
+    raw = make_raw(Q4_0, 20, 64, seed=3)
+    with pytest.raises(ValueError, match="w_type must be one of"):
+        native.pack_q8(raw, F16, 20, 64)
+    with pytest.raises(ValueError, match="shorter"):
+        native.pack_q8(raw[:-1], Q4_0, 20, 64)
+    with pytest.raises(ValueError, match="out holds"):
+        native.pack_q8(raw, Q4_0, 20, 64, out=np.empty(native.packed_bytes(Q4_0, 20, 64) + 1, np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        native.pack_q8(raw, Q4_0, 20, 64, out=np.empty(native.packed_bytes(Q4_0, 20, 64), np.int8))
+    with pytest.raises(ValueError, match="uint8"):
+        native.pack_q8(raw.view(np.int8), Q4_0, 20, 64)
+    with pytest.raises(ValueError, match="bad shape"):
+        native.packed_bytes(Q4_0, 20, 48)
+
+
+# -- 6. the model with packed matrices ---------------------------------------------------------------------
+
+# (weight type, dim, n_heads, n_kv_heads, ffn_dim, fused): with every q/k/gate row count a multiple
+# of 16, q|k|v and gate|up are fused. dim 96 with 4 heads and 1 KV head has 24-row k: no q|k|v
+# fusion; ffn_dim 72 has 72-row gate (no gate|up fusion) and ffn_down stays F16 (72 columns are not
+# whole blocks), so that model mixes packed and unpacked matrices. The 300-row output matrix ends
+# in a partial group everywhere.
+MODELS = [("q4_1", 64, 4, 2, 96, 1), ("q8_0", 96, 3, 1, 64, 1), ("q4_0", 96, 4, 1, 72, 0)]
+MODE_NAMES = ("int8", "int8x2", "mixed")
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=lambda m: f"{m[0]}-dim{m[1]}-ffn{m[4]}")
+def tiny(request, tmp_path_factory):
+    from lmengine.converters.gguf_file import GGUFFile
+    from lmengine.config import config_from_gguf
+    from tiny_models import make_tiny_model
+
+    wtype, dim, n_heads, n_kv_heads, ffn_dim, fused = request.param
+    path = tmp_path_factory.mktemp("packed") / "model.gguf"
+    make_tiny_model(path, n_layers=2, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
+                    vocab_size=300, weight_type=wtype, seed=dim + ffn_dim)
+    f = GGUFFile(path)
+    return f, config_from_gguf(f), fused
+
+
+def make_backend(tiny, activations, pack):
+    from lmengine.backends.numba_backend import NumbaLlamaBackend
+    f, config, _ = tiny
+    return NumbaLlamaBackend(f, config, n_ctx=64, n_slots=1, activations=activations, pack=pack)
+
+
+def greedy(backend, prompt, n_new):
+    """n_new greedy tokens after prompt, and the logits each was picked from."""
+    logits = [backend.forward(0, prompt, 0)[-1]]
+    tokens = []
+    for i in range(n_new):
+        tokens.append(int(np.argmax(logits[-1])))
+        if i + 1 < n_new:
+            logits.append(backend.forward(0, np.array(tokens[-1:]), len(prompt) + i)[-1])
+    return tokens, np.stack(logits)
+
+
+def test_model_packs_and_fuses(tiny):
+    f, config, fused = tiny
+    backend = make_backend(tiny, "int8", True)
+    w = backend.weights
+    assert backend.packed and w.packed.size > 0
+    # every layer matrix (ffn_down is F16 when unfused) and the output matrix
+    assert w.n_packed == config.n_layers * (7 if fused else 6) + 1
+    assert w.model.output.packed_at[0] >= 0
+    assert (w.model.fused_qkv == fused).all() and (w.model.fused_gate_up == fused).all()
+    unpacked = make_backend(tiny, "int8", False)
+    assert not unpacked.packed and unpacked.weights.packed.size == 0 and unpacked.weights.n_packed == 0
+    assert not unpacked.weights.model.fused_qkv.any() and not unpacked.weights.model.fused_gate_up.any()
+
+
+def test_f32_activations_never_pack(tiny):
+    backend = make_backend(tiny, "f32", True)
+    assert backend.packed is False
+    assert backend.weights.packed.size == 0 and backend.weights.n_packed == 0
+    assert not backend.weights.model.fused_qkv.any() and not backend.weights.model.fused_gate_up.any()
+
+
+# Agreement of pack=True with pack=False, as a fraction of the logit range, per activation mode.
+# Both compute the same exact integer block sums; each matrix product differs only in float32
+# accumulation order (K u S above, ~1e-7 relative). But that difference passes through the int8
+# quantizer of the next product's input, which is discontinuous: a value sitting on a rounding
+# boundary of rint(x / xd) (xd = block max / 127) may round up in one backend and down in the
+# other, a step of xd in one activation. Every backend with a different float order takes such
+# steps; they are not errors of either side.
+# * "int8x2": every product has a residual term, so a first-term step is compensated and only a
+#   second-term step (xd / 254) remains: 1e-4 of the range (measured <= 2.4e-5 over 3 models x 10
+#   prompts x scalar / AVX-512; the int8x2 error against f32 itself is ~2e-5).
+# * "int8", "mixed": one-term products take full steps, which move logits by up to ~4e-3 of the
+#   range in these tiny models (measured 3.6e-3; on most positions of some prompts, since attention
+#   carries a step to later positions) -- about half of int8's whole error against f32 (~6e-3), as
+#   one step of xd is comparable to the sum of a block's 32 roundings. So: 1e-2 of the range, still
+#   far below a wiring bug (a wrong matrix, row range or scale moves logits by O(range)).
+# In every mode the packed model must also be exactly as accurate against the f32 path as the
+# unpacked one (rms error within 10%; measured equal to 3 digits): steps fall either way, while a
+# lost term or a wrong scale adds error.
+LOGIT_TOLERANCE = {"int8x2": 1e-4, "int8": 1e-2, "mixed": 1e-2}
+
+
+def rms(a):
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+
+@pytest.mark.parametrize("activations", MODE_NAMES)
+def test_packed_model_matches_unpacked(tiny, activations):
+    """Logits at every position of a 24-token prompt within LOGIT_TOLERANCE of the unpacked
+    model's and as close to the f32 path; 16 greedy tokens equal, unless the first divergence is
+    at a near-tie (top-2 margin within twice the tolerance), which a rounding step may break
+    either way."""
+    f, config, _ = tiny
+    packed, plain = make_backend(tiny, activations, True), make_backend(tiny, activations, False)
+    assert packed.packed and not plain.packed
+    ids = np.random.default_rng(7).integers(0, config.vocab_size, 24)
+    ref = plain.forward(0, ids, 0, all_logits=True)
+    got = packed.forward(0, ids, 0, all_logits=True)
+    tol = LOGIT_TOLERANCE[activations] * (ref.max() - ref.min())
+    assert np.abs(got - ref).max() <= tol, np.abs(got - ref).max() / (ref.max() - ref.min())
+    exact = make_backend(tiny, "f32", False).forward(0, ids, 0, all_logits=True)
+    assert abs(rms(got - exact) / rms(ref - exact) - 1) <= 0.1, (rms(got - exact), rms(ref - exact))
+
+    prompt = ids[:6]
+    ref_tokens, ref_logits = greedy(plain, prompt, 16)
+    got_tokens, _ = greedy(packed, prompt, 16)
+    if got_tokens != ref_tokens:
+        first = next(i for i, (a, b) in enumerate(zip(got_tokens, ref_tokens)) if a != b)
+        top2 = np.sort(ref_logits[first])[-2:]
+        assert top2[1] - top2[0] <= 2 * tol, (first, got_tokens, ref_tokens)
