@@ -115,12 +115,19 @@ def test_only_the_cli_reaches_bench():
     assert users == ["lmengine.cli"]
 
 
-def test_one_import_name():
-    """The folders install only as lmengine and its subpackages: their folder names are not
-    importable. (`kernels` may exist as PyPI's package of that name, which transformers pulls in:
-    it must not be ours.)"""
-    import importlib.util
+def test_one_import_name(tmp_path):
+    """The folders install only as lmengine and its subpackages: in a fresh interpreter started
+    outside the repository, their folder names are not importable as ours. (`kernels` may exist as
+    PyPI's package of that name, which transformers pulls in: it must not be ours.)"""
+    import subprocess
+    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(importlib.import_module("lmengine.kernels").__file__)))
-    for name in ("engine", "kernels", "converters", "bench"):
-        spec = importlib.util.find_spec(name)
-        assert spec is None or not os.path.abspath(spec.origin or "").startswith(os.path.join(root, name) + os.sep), name
+    probe = ("import importlib.util, os, sys\n"
+             "for name in ('engine', 'kernels', 'converters', 'bench'):\n"
+             "    spec = importlib.util.find_spec(name)\n"
+             "    print(name, os.path.abspath(spec.origin) if spec and spec.origin else None)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for line in out.stdout.splitlines():
+        name, origin = line.split(" ", 1)
+        assert origin == "None" or not origin.startswith(os.path.join(root, name) + os.sep), line
