@@ -15,8 +15,8 @@ prompt (one slot, consecutive positions), a decode step of many sequences (many 
 each), and any mix of the two.
 
 Work is split over threads by (token, kv head): each job computes the query heads that share one
-kv head, so their keys and values are read once. The C kernel (kernels/csrc/attention.c, AVX-512)
-does a job when it can; otherwise the Numba loop below does (the reference).
+kv head, so their keys and values are read once. The C kernel (kernels/csrc/attention.c: scalar, AVX2,
+AVX-512) does a job when the extension is loaded; otherwise the Numba loop below does (the reference).
 """
 import math
 
@@ -49,7 +49,7 @@ def _store_impl(x, out):
     if out.dtype == types.uint16:
         def store_f16(x, out):
             if x.strides[0] == 4 and out.strides[0] == 2 and native.c_to_f16(x, out) == 0:
-                return                                              # the C kernel did it (AVX-512)
+                return                                              # the C kernel did it
             for i in range(x.shape[0]):
                 out[i] = float_to_half_bits(x[i])
         return store_f16

@@ -37,8 +37,8 @@ Q8_0/Q4_0/Q4_1 matrices 16 rows at a time (`lmengine.kernels.native.pack_q8`, ke
 use these products instead: same integer sums, ~3x the multiply-adds per second of the row-major
 kernel, and decode at the memory bandwidth even with two activation terms.
 
-Activation quantization (`quantize_activations`, `quantize_activations_x2`) runs in C on
-AVX-512 (`lme_quantize_row`, bit-identical to the Numba loop here) and over threads for
+Activation quantization (`quantize_activations`, `quantize_activations_x2`) runs in C
+(`lme_quantize_row`: scalar, AVX2, AVX-512, each bit-identical to the Numba loop here) and over threads for
 PARALLEL_MIN_TOKENS tokens or more.
 
 Threads: numba.set_num_threads(n) in the calling thread; rows are split in tiles of ROW_TILE
@@ -151,7 +151,7 @@ def _quantize_row_numba(x, xq, xd, xs):
 @njit(cache=True, nogil=True)
 def _quantize_token(x, xq, xd, xs, n_terms, t, use_c):
     """Token t of x [n_tok, n_cols] in n_terms terms: row t of xq, xd, xs, and for two terms row
-    n_tok + t (the residual x - xd * xq). The C kernel (AVX-512, contiguous arrays: use_c)
+    n_tok + t (the residual x - xd * xq). The C kernel (contiguous arrays: use_c)
     computes the same bits as the Numba loop."""
     r = x.shape[0] + np.int64(t)                  # the residual's row (prange may pass t unsigned)
     rq, rd, rs = (xq[r], xd[r], xs[r]) if n_terms == 2 else (xq[t, :0], xd[t, :0], xs[t, :0])

@@ -61,7 +61,7 @@ def rope(x, cos, sin, n_heads, head_dim, rope_dim, neox):
 
     neox=False (ggml "normal", llama GGUFs): pairs (2i, 2i+1).
     neox=True  (qwen2, HF rotate_half):      pairs (i, i + rope_dim/2).
-    The C kernel (lme_rope, AVX-512) does a token when it can, with the same roundings as the
+    The C kernel (lme_rope, every ISA) does a token when the extension is loaded, with the same roundings as the
     loop below (the reference).
     """
     n_tok = x.shape[0]
@@ -93,7 +93,7 @@ def _swiglu_row(gate, up, out, t):
     g_row, u_row, o_row = gate[t], up[t], out[t]
     if (g_row.strides[0] == 4 and u_row.strides[0] == 4 and o_row.strides[0] == 4
             and native.c_swiglu(g_row, u_row, o_row) == 0):
-        return                                              # the C kernel did it (AVX-512)
+        return                                              # the C kernel did it
     for i in range(gate.shape[1]):
         g = gate[t, i]
         out[t, i] = g / (np.float32(1.0) + math.exp(-g)) * up[t, i]
