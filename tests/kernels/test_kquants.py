@@ -203,8 +203,9 @@ def test_numba_dot_matches_gguf_float64(w_type, n_rows, n_cols, n_tok):
     err = np.abs(out - ref)
     assert np.all(err <= bound), f"max err {err.max()}, bound there {bound.flat[np.argmax(err - bound)]}"
 
-    # the per-type row functions compute the same bits as the matrix loop
-    dot_row = getattr(kq_ref, f"dot_{kq_ref.K_TYPE_NAMES[w_type].lower()}_q8k")
+    # the row function computes the same bits as the matrix loop
+    def dot_row(w_row, n, xq_t, xd_t, xsum_t):
+        return kq_ref.dot_k_q8k(w_type, w_row, n, xq_t, xd_t, xsum_t)
     row_bytes = n_cols // QK_K * K_BLOCK_BYTES[w_type]
     for r in range(n_rows):
         for t in range(n_tok):
