@@ -44,7 +44,15 @@ class SlotTable:
         return best
 
     def release(self, slot: int) -> None:
+        """Free a busy slot. Releasing a free slot is a bug of the caller (a second release could
+        free a slot that another request owns by now): RuntimeError, nothing changes."""
+        if not self.busy[slot]:
+            raise RuntimeError(f"cache slot {slot} released twice")
         self.busy[slot] = False
+
+    def invalidate(self, slot: int) -> None:
+        """Forget what the slot holds (after a failed forward its state is not trustworthy)."""
+        self.tokens[slot] = []
 
     def plan(self, slot: int, sequence: list[int]) -> int:
         """How many leading tokens of `sequence` can be kept from the slot's cache (start_pos for

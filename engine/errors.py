@@ -59,3 +59,17 @@ class TokenizerError(LMEngineError, ValueError):
 
 class ChatTemplateError(LMEngineError, ValueError):
     """A chat template that fails to render, or messages it cannot take."""
+
+
+class NonFiniteLogitsError(LMEngineError, ArithmeticError):
+    """The model produced NaN or infinite logits for a request (a corrupt weight or an overflow):
+    that request ends with this error instead of sampling from garbage; others go on."""
+
+
+class LLMClosedError(LMEngineError, RuntimeError):
+    """A call on an `LLM` after `close()` (or after its `with` block), or a request that was still
+    waiting or running when the LLM was closed."""
+
+
+class LMEngineWarning(UserWarning):
+    """Something accepted but probably not what the caller meant (e.g. more threads than cores)."""

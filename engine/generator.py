@@ -9,7 +9,10 @@ are thin wrappers over:
         g.step()
         print(g.take_text(), end="")
 
-A Generator owns a cache slot of the backend while it lives (`close()` gives it back). Which
+A Generator owns a cache slot of the backend from construction to `close()` (or the end of a
+`with` block), which gives it back exactly once. Close it: the engine's own paths always do. A
+Generator a user drops without closing is a leak the engine repairs rather than a hang: a
+finalizer hands its slot to the LLM, which frees it at its next slot request. Which
 tokens are already in that slot is the LLM's `SlotTable`'s business: `append_tokens` only
 records tokens, and the forward runs when the next logits are needed, over the tokens the slot
 does not hold yet (so a shared prefix with the previous request, or a rewind, costs nothing).
@@ -19,11 +22,12 @@ of the text); a stop string -> "stop" (text cut there); max_tokens or a full con
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ContextLengthError, InvalidParameterError
+from .errors import ContextLengthError, InvalidParameterError, NonFiniteLogitsError
 from .stops import TextStream
 
 
@@ -80,6 +84,13 @@ class Generator:
         # The slot is taken last, once everything above validated: a Generator that fails to
         # construct holds no slot (a slot handed in stays the caller's to release).
         self.slot = slot if slot is not None else llm.acquire_slot(or_raise=True)
+        self._finalizer = weakref.finalize(self, llm.orphaned_slots.append, self.slot)
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- feeding -----------------------------------------------------------------------------------
     def append_tokens(self, token_ids) -> None:
@@ -120,9 +131,17 @@ class Generator:
         """float32 [vocab]: the model's logits for the token after `tokens` (computed if needed)."""
         if not self.tokens:
             raise InvalidParameterError("the generator has no tokens: append a prompt first")
+        if self.slot is None:
+            raise InvalidParameterError("the generator is closed")
+        self.llm.check_open()
         if self._logits is None:
             start, new = self.uncached()
-            logits = self.llm.backend.forward(self.slot, np.asarray(new, dtype=np.int64), start)
+            try:
+                logits = self.llm.backend.forward(self.slot, np.asarray(new, dtype=np.int64), start)
+                check_finite_logits(logits[-1])
+            except Exception:
+                self.llm.slots.invalidate(self.slot)   # what the forward left in the slot is not trusted
+                raise
             self.set_logits(logits[-1], start)
         return self._logits
 
@@ -198,16 +217,12 @@ class Generator:
                           logprobs=list(self.logprobs) if self.params.logprobs is not None else None)
 
     def close(self) -> None:
-        """Give the cache slot back (its contents stay for prefix reuse by the next request)."""
+        """Give the cache slot back (its contents stay for prefix reuse by the next request).
+        Idempotent: the slot is released once."""
         if self.slot is not None:
-            self.llm.release_slot(self.slot)
-            self.slot = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+            self._finalizer.detach()
+            slot, self.slot = self.slot, None
+            self.llm.release_slot(slot)
 
     # -- internals ---------------------------------------------------------------------------------
     def _reset_text(self) -> None:
@@ -226,3 +241,13 @@ class Generator:
             self._new_text.append(self._text.flush())
         self.finish_reason = reason
         self.stop_reason = stop_reason
+
+
+def check_finite_logits(logits: np.ndarray) -> None:
+    """NonFiniteLogitsError unless every value of a logits row is finite: NaN or inf logits come
+    from a corrupt weight or an overflow, and no token sampled from them means anything."""
+    if not np.isfinite(logits).all():
+        n_bad = int((~np.isfinite(logits)).sum())
+        raise NonFiniteLogitsError(
+            f"the model produced {n_bad} non-finite logits (NaN or inf) of {logits.size}: a corrupt "
+            f"weight or a numeric overflow; this request ends, others go on")

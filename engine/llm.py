@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
-from typing import Iterator, Sequence
+from collections import deque
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -19,9 +21,10 @@ from lmengine.converters.gguf_file import GGUFFile
 
 from .cache import SlotTable
 from .config import config_from_gguf
-from .errors import ContextLengthError, InvalidParameterError
+from .errors import ContextLengthError, InvalidParameterError, LLMClosedError, NonFiniteLogitsError
 from .generator import Completion, Generator, StreamChunk
 from .models.registry import resolve_model
+from .params import DEFAULTS as SAMPLING_FIELDS
 from .params import SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -34,7 +37,11 @@ class LLM:
     """A loaded model with its tokenizer, chat template, cache slots and scheduler.
 
     model: a .gguf path, an ONNX export directory, or a bundled name ("smollm2"; None = default).
-    n_ctx: context window per sequence (prompt + generated tokens).
+    n_ctx: context window per sequence (prompt + generated tokens). None (default): 2048, or the
+        model's training context when that is shorter. A value beyond the training context
+        (`{arch}.context_length`; the model's answers degrade past it) raises ContextLengthError
+        unless allow_long_context=True; one whose KV cache cannot fit this machine's memory
+        raises InvalidParameterError before anything is allocated.
     n_threads: compute threads (None = all cores).
     seed: default seed for requests whose SamplingParams set none (None = fresh entropy).
     backend: "numba" (default) or "onnxruntime" (needs an ONNX export; see `lmengine convert`).
@@ -54,11 +61,14 @@ class LLM:
         run, compiled: about a minute, then cached on disk) before the first request.
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 2048,
+    def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int | None = None,
                  n_threads: int | None = None, seed: int | None = None, backend: str = "numba",
                  max_batch_size: int = 8, activations: str = "mixed", kv_cache_dtype: str = "auto",
-                 providers: Sequence[str] | None = None, verbose: bool = False, warmup: bool = True):
-        _check_positive_int("n_ctx", n_ctx)
+                 providers: Sequence[str] | None = None, verbose: bool = False, warmup: bool = True,
+                 allow_long_context: bool = False):
+        self._closed = True     # until loaded (_attach opens it)
+        if n_ctx is not None:
+            _check_positive_int("n_ctx", n_ctx)
         _check_positive_int("max_batch_size", max_batch_size)
         if n_threads is not None:
             _check_positive_int("n_threads", n_threads)
@@ -76,9 +86,11 @@ class LLM:
         if backend == "onnxruntime" or os.path.isdir(self.path) or self.path.endswith(".onnx"):
             self._load_onnx(n_ctx, n_slots, n_threads, providers)
         else:
-            self._load_gguf(n_ctx, n_slots, n_threads, activations, kv_cache_dtype)
+            self._load_gguf(n_ctx, n_slots, n_threads, activations, kv_cache_dtype, allow_long_context)
         self._attach(max_batch_size, warmup)
         self.load_seconds = time.perf_counter() - t0
+        if verbose:
+            self._log_load(warmup)
 
     @classmethod
     def from_backend(cls, backend, tokenizer, *, chat_template=None, metadata=None, max_batch_size: int | None = None,
@@ -107,6 +119,8 @@ class LLM:
         self.max_batch_size = max_batch_size
         self.slots = SlotTable(self.backend.n_slots, self.n_ctx, self.backend.supports_rewind)
         self._slot_lock = threading.Lock()
+        self.orphaned_slots: deque[int] = deque()   # slots of Generators dropped unclosed (generator.py)
+        self._closed = False
         self.eos_token_ids = frozenset(self.tokenizer.eot_ids)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
                                encode=lambda s: self.tokenizer.encode(s, add_bos=False, parse_special=False))
@@ -116,12 +130,23 @@ class LLM:
             self.sampler.sample(np.zeros((1, self.vocab_size), dtype=np.float32),
                                 [self.sampler.new_state(SamplingParams(temperature=0))])
 
+    def _log_load(self, warmup: bool) -> None:
+        from lmengine.kernels import native
+        cfg = self.config
+        what = f"{cfg.arch}, {cfg.n_layers} layers, vocab {self.vocab_size}" if cfg is not None else "onnx"
+        _log(f"loaded {self.path} ({what}) on {type(self.backend).__name__}: n_ctx={self.n_ctx}, "
+             f"max_batch_size={self.max_batch_size}, threads={getattr(self.backend, 'n_threads', None)}")
+        _log(f"load time = {self.load_seconds * 1e3:.1f} ms"
+             + (" (includes loading, or on a first run compiling, the kernels: warmup=True)" if warmup else ""))
+        _log(native.fast_path_note() or f"C kernels loaded ({native.ISA_NAMES[native.get_isa()]} path)")
+
     # -- loading -----------------------------------------------------------------------------------
-    def _load_gguf(self, n_ctx, n_slots, n_threads, activations, kv_cache_dtype):
+    def _load_gguf(self, n_ctx, n_slots, n_threads, activations, kv_cache_dtype, allow_long_context):
         self.gguf = GGUFFile(self.path)
         self.config = config_from_gguf(self.gguf)
         self.metadata = self.gguf.metadata
         if self.config.arch == "lstm":
+            n_ctx = n_ctx or DEFAULT_N_CTX      # a recurrent state has no context limit of its own
             from .backends.lstm_backend import LSTMBackend
             from .lstm_tokenizer import tokenizer_from_gguf
             self.tokenizer = tokenizer_from_gguf(self.gguf)
@@ -131,6 +156,7 @@ class LLM:
         from .backends.numba_backend import NumbaLlamaBackend
         from .chat import ChatTemplate
         from .tokenizer import Tokenizer
+        n_ctx = _context_size(n_ctx, self.config.n_ctx_train, allow_long_context, self.path)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.chat_template = ChatTemplate.from_gguf(self.gguf)
         self.backend = NumbaLlamaBackend(self.gguf, self.config, n_ctx, n_slots, n_threads, activations=activations,
@@ -160,7 +186,7 @@ class LLM:
             from .errors import BackendError
             raise BackendError(f"{model_dir}: not an ONNX export of lmengine (no genai_config.json, "
                                f"no LSTM metadata): {e}") from e
-        self.backend = OrtLSTMBackend(model_dir, n_ctx=n_ctx, n_slots=n_slots, n_threads=n_threads,
+        self.backend = OrtLSTMBackend(model_dir, n_ctx=n_ctx or DEFAULT_N_CTX, n_slots=n_slots, n_threads=n_threads,
                                       providers=providers)
         self.config = config
         self.tokenizer = VocabTokenizer.from_metadata(tokenizer_meta)
@@ -170,7 +196,10 @@ class LLM:
     def acquire_slot(self, prompt_ids=None, or_raise: bool = False) -> int | None:
         """A free cache slot (preferring one that holds a prefix of prompt_ids); when all are
         busy: None, or InvalidParameterError with or_raise=True."""
+        self.check_open()
         with self._slot_lock:
+            while self.orphaned_slots:
+                self.slots.release(self.orphaned_slots.popleft())
             slot = self.slots.acquire(prompt_ids)
         if slot is None and not or_raise:
             return None
@@ -189,11 +218,15 @@ class LLM:
         return Generator(self, params, ids)
 
     # -- parameters and input checks ---------------------------------------------------------------
-    def resolve_params(self, params: SamplingParams | None) -> SamplingParams:
+    def resolve_params(self, params: SamplingParams | None, overrides: dict | None = None) -> SamplingParams:
+        """The request's parameters: params (None = defaults) with `overrides` (SamplingParams
+        field -> value) applied, then the model's recommended values for fields nobody set."""
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if overrides:
+            params = params.replace(**overrides)
         params = params.with_model_defaults(self.metadata)
         if params.seed is None and self.seed is not None:
             params = params.replace(seed=self.seed)
@@ -206,6 +239,7 @@ class LLM:
         return check_token_ids(token_ids, self.vocab_size, what).tolist()
 
     def _prompt_ids(self, prompt) -> list[int]:
+        self.check_open()
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)   # checked below: a tokenizer may know more ids than the model
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
@@ -228,22 +262,33 @@ class LLM:
             not all(isinstance(t, (int, np.integer)) for t in prompts)
 
     # -- generation --------------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | None = None):
+    def generate(self, prompts, params: SamplingParams | None = None,
+                 **sampling: Any) -> Completion | list[Completion]:
         """Complete one prompt (-> Completion) or a list of prompts (-> list[Completion], batched).
 
-        A prompt is a str or a list of token ids. With params.n > 1 each Completion's `outputs`
-        holds the n samples (its own fields mirror the first)."""
+        A prompt is a str or a list of token ids. Sampling: a SamplingParams, and/or its fields as
+        keyword arguments (`generate("Hi", max_tokens=4, temperature=0)`; keywords override
+        params). With n > 1 each Completion's `outputs` holds the n samples (its own fields mirror
+        the first)."""
+        t0 = time.perf_counter()
         batch = self._is_batch(prompts)
         prompt_list = list(prompts) if batch else [prompts]
-        params = self.resolve_params(params)
+        params = self.resolve_params(params, sampling)
         ids_list = [self._prompt_ids(p) for p in prompt_list]
         if params.beam_width > 1:
             from .beam import beam_search
             results = [beam_search(self, ids, params) for ids in ids_list]
         else:
             requests = [[self.scheduler.submit(ids, params, i) for i in range(params.n)] for ids in ids_list]
-            self.scheduler.run_until_done([r for group in requests for r in group])
+            flat = [r for group in requests for r in group]
+            try:
+                self.scheduler.run_until_done(flat)
+            finally:            # interrupted (KeyboardInterrupt...): this call's requests end here
+                for r in flat:
+                    self.scheduler.cancel(r)
             results = [self._collect(group) for group in requests]
+            if self.verbose:
+                self._log_timings(flat, t0)
         if params.prompt_logprobs is not None:
             for ids, result in zip(ids_list, results):
                 result.prompt_logprobs = self._prompt_logprobs(ids, params.prompt_logprobs)
@@ -259,11 +304,13 @@ class LLM:
                           prompt_token_ids=first.prompt_token_ids, stop_reason=first.stop_reason,
                           logprobs=first.logprobs, outputs=outputs)
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+    def stream(self, prompt, params: SamplingParams | None = None, **sampling: Any) -> Iterator[StreamChunk]:
         """Yield StreamChunks (text deltas) as tokens are generated. The concatenated text equals
-        `generate(prompt, params).text`. Closing the iterator cancels the request. Streams from
-        several threads are batched together."""
-        params = self.resolve_params(params)
+        `generate(prompt, params).text`; no chunk is empty (tokens whose text is held back, e.g.
+        as a possible start of a stop string, come with the next chunk that has text, or the last
+        one). Closing the iterator cancels the request. Streams from several threads are batched
+        together. Sampling as in `generate`."""
+        params = self.resolve_params(params, sampling)
         ids = self._prompt_ids(prompt)
         if params.beam_width > 1:
             raise InvalidParameterError("beam search (beam_width > 1) cannot stream; use generate")
@@ -273,6 +320,7 @@ class LLM:
         # Submitted at the first next(): a stream that is never iterated holds nothing and
         # delays nobody.
         requests = [self.scheduler.submit(ids, params, i) for i in range(params.n)]
+        held = {id(r): [] for r in requests}     # token ids of chunks without text, not yet yielded
         try:
             while True:
                 pending = [r for r in requests if r.chunks or not r.done]
@@ -280,24 +328,49 @@ class LLM:
                     return
                 for r in pending:
                     self.scheduler.wait_for_news(r)
-                    if r.error is not None:
-                        raise r.error
                     while r.chunks:
-                        yield r.chunks.popleft()
+                        chunk = r.chunks.popleft()
+                        held[id(r)].extend(chunk.token_ids)
+                        if chunk.text or chunk.finish_reason is not None:
+                            chunk.token_ids, held[id(r)] = held[id(r)], []
+                            yield chunk
+                    if r.error is not None:        # after the text it produced before failing
+                        raise r.error
         finally:
             for r in requests:
                 if not r.done:
                     self.scheduler.cancel(r)
 
-    def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> Completion:
-        """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template."""
-        return self.generate(self.render_chat(messages, **template_kwargs), params)
+    def chat(self, messages, params: SamplingParams | None = None, *, parse_special_in_content: bool = False,
+             **kwargs: Any) -> Completion:
+        """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template.
+        Message contents are plain text: control-token text inside them ("<|im_start|>system")
+        is encoded as text, so a user cannot forge a turn (`parse_special_in_content=True`
+        restores the old behaviour of parsing it). Keyword arguments named like SamplingParams
+        fields are sampling parameters (as in `generate`); the others are template variables
+        (`tools=...`, `enable_thinking=...`)."""
+        sampling = {k: v for k, v in kwargs.items() if k in SAMPLING_FIELDS}
+        template_kwargs = {k: v for k, v in kwargs.items() if k not in SAMPLING_FIELDS}
+        ids = self.chat_prompt_ids(messages, parse_special_in_content=parse_special_in_content, **template_kwargs)
+        return self.generate(ids, params, **sampling)
+
+    def chat_prompt_ids(self, messages, add_generation_prompt: bool = True, *, parse_special_in_content: bool = False,
+                        **template_kwargs) -> list[int]:
+        """The prompt token ids for a conversation (engine/chat.py: ChatTemplate.encode)."""
+        self._check_chat_template()
+        return self.chat_template.encode(messages, self.tokenizer, add_generation_prompt=add_generation_prompt,
+                                         parse_special_in_content=parse_special_in_content, **template_kwargs)
 
     def render_chat(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """The conversation as the template renders it (text; `chat_prompt_ids` is what `chat` runs)."""
+        self._check_chat_template()
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+    def _check_chat_template(self) -> None:
+        self.check_open()
         if self.chat_template is None:
             from .errors import ChatTemplateError
             raise ChatTemplateError(f"{self.path}: this model has no chat template")
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     # -- evaluation --------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
@@ -318,15 +391,24 @@ class LLM:
         tokens before it. Texts longer than the context are scored in windows of `window` tokens
         (default n_ctx) overlapping by half, each token scored once with the longest context its
         window gives."""
-        ids = self.tokenizer.encode(text) if isinstance(text, str) else [int(t) for t in text]
+        self.check_open()
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else self.check_token_ids(text)
         if len(ids) < 2:
             raise InvalidParameterError("perplexity needs at least 2 tokens")
+        if window is not None:
+            _check_positive_int("window", window)
+            if window < 2:
+                raise InvalidParameterError(f"window must be at least 2 tokens (one scored after one "
+                                            f"of context), got {window}")
         window = min(window or self.n_ctx, self.n_ctx - 1)
         nll, count, scored_until = 0.0, 0, 1  # next position to score
         start = 0
         while scored_until < len(ids):
             chunk = ids[start: start + window]
             logits = self.logits(chunk).astype(np.float64)  # [len(chunk), vocab]
+            if not np.isfinite(logits).all():
+                raise NonFiniteLogitsError("the model produced non-finite logits (NaN or inf) while "
+                                           "scoring the text: a corrupt weight or a numeric overflow")
             for j in range(max(scored_until - start, 1), len(chunk)):
                 row = logits[j - 1]
                 m = row.max()
@@ -354,15 +436,66 @@ class LLM:
         return out
 
     # -- misc --------------------------------------------------------------------------------------
+    def _log_timings(self, requests, t0: float) -> None:
+        """verbose=True: one generate call's timings, as llama.cpp prints its own (stderr)."""
+        n_prompt = sum(len(r.prompt_ids) for r in requests)
+        n_gen = sum(len(r.generator.generated) for r in requests if r.generator is not None)
+        firsts = [r.t_first for r in requests if r.t_first is not None]
+        t_first = min(firsts) if firsts else time.perf_counter()
+        t_end = time.perf_counter()
+        prompt_s, gen_s = t_first - t0, t_end - t_first
+        _log(f"prompt eval: {n_prompt} tokens in {prompt_s * 1e3:.1f} ms "
+             f"({n_prompt / max(prompt_s, 1e-9):.1f} tok/s, to the first token)")
+        _log(f"eval:        {n_gen} tokens in {gen_s * 1e3:.1f} ms ({n_gen / max(gen_s, 1e-9):.1f} tok/s, "
+             f"{len(requests)} sequence(s))")
+        _log(f"total:       {(t_end - t0) * 1e3:.1f} ms")
+
     def set_threads(self, n_threads: int) -> None:
+        self.check_open()
         _check_positive_int("n_threads", n_threads)
         self.backend.set_threads(n_threads)
 
     def close(self) -> None:
-        self.backend.close()
+        """End every waiting and running request (each gets LLMClosedError), then release the
+        model's memory. Idempotent; any later call on this LLM raises LLMClosedError."""
+        if self._closed:
+            return
+        with self.scheduler.lock:
+            self._closed = True
+            self.scheduler.close()
+            self.backend.close()
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise LLMClosedError(f"this LLM ({self.path}) is closed")
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"LLM({self.path!r}, n_ctx={self.n_ctx}, backend={type(self.backend).__name__})"
+
+
+DEFAULT_N_CTX = 2048
+
+
+def _log(message: str) -> None:
+    print(f"lmengine: {message}", file=sys.stderr, flush=True)
+
+
+def _context_size(n_ctx: int | None, n_ctx_train: int, allow_long_context: bool, path) -> int:
+    """n_ctx for a transformer trained on n_ctx_train positions: None -> min(2048, n_ctx_train);
+    beyond n_ctx_train only with allow_long_context (positions it never saw: the answers degrade)."""
+    if n_ctx is None:
+        return min(DEFAULT_N_CTX, n_ctx_train)
+    if n_ctx > n_ctx_train and not allow_long_context:
+        raise ContextLengthError(
+            f"n_ctx={n_ctx} is beyond the training context of {path} ({n_ctx_train} positions, "
+            f"its context_length): pass allow_long_context=True to use it anyway, or a smaller n_ctx")
+    return n_ctx
 
 
 def _check_positive_int(name, value):

@@ -11,11 +11,13 @@
 
 Special tokens (token types 2 unknown, 3 control) are matched in text when `parse_special=True`.
 A character or word missing from the vocabulary becomes the unknown token when there is one, and
-is a TokenizerError naming it otherwise. The methods mirror lmengine.tokenizer.Tokenizer; the
+is a TokenizerError naming it otherwise. Text that is not a str, or holds a lone surrogate, is a
+TokenizerError; so is a metadata value of the wrong type (naming the key). The methods mirror lmengine.tokenizer.Tokenizer; the
 vocabulary lookups (vocab_size, bos_id, eot_ids, id_to_token, ...) are lmengine.vocab.Vocabulary's.
 """
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Iterable, Mapping, Sequence
 
@@ -28,6 +30,7 @@ from .vocab import (  # noqa: F401  (the token types are part of this module's i
     TOKEN_UNUSED,
     TOKEN_USER_DEFINED,
     Vocabulary,
+    check_text,
     special_token_id,
 )
 
@@ -65,27 +68,36 @@ class VocabTokenizer(Vocabulary):
         if not isinstance(tokens, list) or not tokens:
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing or empty")
         types = meta.get("tokenizer.ggml.token_type")
-        if types is not None and (not isinstance(types, list) or len(types) != len(tokens)):
-            raise TokenizerError(f"{source}: tokenizer.ggml.token_type should list {len(tokens)} types")
+        if types is not None and (not isinstance(types, list) or len(types) != len(tokens)
+                                  or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                             for t in types)):
+            raise TokenizerError(f"{source}: tokenizer.ggml.token_type should list {len(tokens)} integer types")
 
         def token_id(name):
             return special_token_id(meta, f"tokenizer.ggml.{name}_token_id", len(tokens), source)
 
+        def value(key, default, kind):
+            v = meta.get(key, default)
+            if kind is bool and isinstance(v, numbers.Integral) and v in (0, 1):
+                return bool(v)
+            if not isinstance(v, kind):
+                raise TokenizerError(f"{source}: metadata key {key!r} should be a {kind.__name__}, found {v!r}")
+            return v
+
         common = dict(bos_id=token_id("bos"), eos_id=token_id("eos"), unk_id=token_id("unknown"),
-                      pad_id=token_id("padding"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                      pad_id=token_id("padding"), add_bos=value("tokenizer.ggml.add_bos_token", False, bool),
                       source=source)
         if model == "char":
             return CharTokenizer(tokens, types, **common)
-        return WordTokenizer(tokens, types, lowercase=bool(meta.get("tokenizer.word.lowercase", False)),
-                             pattern=meta.get("tokenizer.word.pattern", r"\S+"),
-                             separator=meta.get("tokenizer.word.separator", " "), **common)
+        return WordTokenizer(tokens, types, lowercase=value("tokenizer.word.lowercase", False, bool),
+                             pattern=value("tokenizer.word.pattern", r"\S+", str),
+                             separator=value("tokenizer.word.separator", " ", str), **common)
 
     # -- encode ---------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Token ids of `text`. `add_bos=None` follows the model (tokenizer.ggml.add_bos_token);
         `parse_special=True` turns special-token text such as "<eos>" into that token."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text)
         ids = []
         pos = 0
         if parse_special and self._special_re is not None:
@@ -94,10 +106,14 @@ class VocabTokenizer(Vocabulary):
                 ids.append(self._token_to_id[m.group()])
                 pos = m.end()
         ids += self._encode_plain(text[pos:], pos)
-        return self._wrap(ids, add_bos)
+        return self.wrap(ids, add_bos)
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
                      parse_special: bool = True) -> list[list[int]]:
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TokenizerError(f"encode_batch() takes a list of str, got {type(texts).__name__}")
+        for i, text in enumerate(texts):
+            check_text(text, f"encode_batch() item {i}")
         return [self.encode(t, add_bos, parse_special) for t in texts]
 
     def _lookup(self, piece: str, where: int, what: str) -> int:

@@ -20,12 +20,18 @@ Two vocab families (`tokenizer.ggml.model`):
 
 Token types (`tokenizer.ggml.token_type`): 1 normal, 2 unknown, 3 control, 4 user-defined,
 5 unused, 6 byte. Control and unknown tokens are matched in text only with `parse_special=True`
-(as llama.cpp's `special` flag); user-defined tokens are always matched.
+(as llama.cpp's `special` flag); user-defined tokens are always matched. `find_special_tokens`
+says where a text holds control-token text (lmengine.chat uses it to keep message contents
+plain text).
+
+Text to encode must be a str that UTF-8 can write (no lone surrogates): TokenizerError otherwise,
+naming the position. Metadata values of the wrong type are a TokenizerError naming the key.
 """
 from __future__ import annotations
 
 import codecs
 import json
+import numbers
 import os
 import re
 import threading
@@ -36,6 +42,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import TokenizerError
 from .vocab import (  # noqa: F401  (the token types are part of this module's interface)
+    PARSED_SPECIAL_TYPES,
     SPECIAL_TYPES,
     TOKEN_BYTE,
     TOKEN_CONTROL,
@@ -44,6 +51,7 @@ from .vocab import (  # noqa: F401  (the token types are part of this module's i
     TOKEN_UNUSED,
     TOKEN_USER_DEFINED,
     Vocabulary,
+    check_text,
     special_token_id,
 )
 
@@ -124,6 +132,9 @@ class Tokenizer(Vocabulary):
         self._pieces = self._piece_bytes()                       # id -> bytes it decodes to
         self._pieces_no_special = [b"" if t in SPECIAL_TYPES else p
                                    for p, t in zip(self._pieces, self.token_types)]
+        # first characters of the texts parse_special matches: a text without any holds none
+        self._special_first_chars = frozenset(
+            t[0] for t, k in zip(self.tokens, self.token_types) if k in PARSED_SPECIAL_TYPES and t)
 
     # -- construction (from_gguf is Vocabulary's) ------------------------------------------------
     @classmethod
@@ -148,7 +159,10 @@ class Tokenizer(Vocabulary):
         if not all(isinstance(t, str) for t in tokens):
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens must hold strings")
         if "tokenizer.ggml.token_type" in meta:
-            types = [int(t) for t in need("tokenizer.ggml.token_type", (list, tuple))]
+            types = need("tokenizer.ggml.token_type", (list, tuple))
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in types):
+                raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.token_type' should hold integers")
+            types = [int(t) for t in types]
             if len(types) != n_vocab:
                 raise TokenizerError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries "
                                      f"but tokenizer.ggml.tokens has {n_vocab}")
@@ -162,14 +176,27 @@ class Tokenizer(Vocabulary):
 
         bos_id, eos_id, unk_id, pad_id = (token_id(name) for name in ("bos", "eos", "unknown", "padding"))
         extra_eot = [token_id("eot"), token_id("eom")]
+        def flag(key, default):
+            value = meta.get(key, default)
+            if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+                return bool(value)
+            raise TokenizerError(f"{source}: metadata key {key!r} should be a bool, found {value!r}")
+
         default_bos = model == "llama"  # llama.cpp's defaults when the file does not say
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
-        add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-        add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", model == "llama"))
+        add_bos = flag("tokenizer.ggml.add_bos_token", default_bos)
+        add_eos = flag("tokenizer.ggml.add_eos_token", False)
+        add_space_prefix = flag("tokenizer.ggml.add_space_prefix", model == "llama")
+        chat_template = meta.get("tokenizer.chat_template")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(f"{source}: metadata key 'tokenizer.chat_template' should be a string, "
+                                 f"found {type(chat_template).__name__}")
 
         pre = None
         if model == "gpt2":
             pre = meta.get("tokenizer.ggml.pre", "default")
+            if not isinstance(pre, str):
+                raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.pre' should be a string, "
+                                     f"found {type(pre).__name__}")
             merges = need("tokenizer.ggml.merges", (list, tuple))
             hf = _byte_level_bpe(tokens, merges, pre, source)
         else:
@@ -177,13 +204,15 @@ class Tokenizer(Vocabulary):
             if len(scores) != n_vocab:
                 raise TokenizerError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries "
                                      f"but tokenizer.ggml.tokens has {n_vocab}")
+            if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in scores):
+                raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.scores' should hold numbers")
             hf = _sentencepiece_bpe(tokens, types, scores, unk_id, add_space_prefix, source)
         _add_special_tokens(hf, tokens, types)
         _set_post_processor(hf, tokens, bos_id if add_bos else None, eos_id if add_eos else None)
         return cls(hf, tokens=tokens, token_types=types, model=model, pre=pre, bos_id=bos_id,
                    eos_id=eos_id, unk_id=unk_id, pad_id=pad_id, add_bos=add_bos, add_eos=add_eos,
                    add_space_prefix=add_space_prefix, extra_eot_ids=extra_eot,
-                   chat_template=meta.get("tokenizer.chat_template"), source=source)
+                   chat_template=chat_template, source=source)
 
     @classmethod
     def from_pretrained_dir(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -255,7 +284,7 @@ class Tokenizer(Vocabulary):
         return cls(hf, tokens=tokens, token_types=types, model=model, pre=config.get("gguf_pre"),
                    bos_id=bos_id, eos_id=eos_id, unk_id=id_of.get(unk_text) if unk_text else None,
                    pad_id=config_id("pad_token"), add_bos=bool(add_bos), add_eos=bool(add_eos),
-                   add_space_prefix=add_space_prefix, chat_template=config.get("chat_template"),
+                   add_space_prefix=add_space_prefix, chat_template=_config_template(config, config_path),
                    source=path)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer_class: str = "PreTrainedTokenizerFast") -> None:
@@ -296,20 +325,38 @@ class Tokenizer(Vocabulary):
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Token ids of `text`. `add_bos=None` follows the model (tokenizer.ggml.add_bos_token);
         `parse_special=True` turns control-token text such as "<|im_start|>" into that token."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text)
         hf = self._hf if parse_special else self._literal_hf()
         ids = hf.encode(text, add_special_tokens=False).ids
-        return self._wrap(ids, add_bos)
+        return self.wrap(ids, add_bos)
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
                      parse_special: bool = True) -> list[list[int]]:
         """`encode` over many texts (tokenizers runs them in parallel)."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TokenizerError(f"encode_batch() takes a list of str, got {type(texts).__name__}")
         for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TokenizerError(f"encode_batch(): item {i} is a {type(text).__name__}, not a str")
+            check_text(text, f"encode_batch() item {i}")
         hf = self._hf if parse_special else self._literal_hf()
-        return [self._wrap(e.ids, add_bos) for e in hf.encode_batch(list(texts), add_special_tokens=False)]
+        return [self.wrap(e.ids, add_bos) for e in hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str, parse_special: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, offsets) of `text` without BOS/EOS: offsets[i] = (start, end), the characters of
+        `text` token i came from (tokens of one multi-byte character share its span)."""
+        check_text(text, "encode_with_offsets()")
+        hf = self._hf if parse_special else self._literal_hf()
+        encoding = hf.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def find_special_tokens(self, text: str) -> list[tuple[int, int, int]]:
+        """[(start, end, id)...]: where `text` holds the text of a control (or unknown) token, the
+        text `parse_special=True` turns into that token. [] when it holds none."""
+        check_text(text, "find_special_tokens()")
+        if not any(c in text for c in self._special_first_chars):
+            return []
+        encoding = self._hf.encode(text, add_special_tokens=False)
+        return [(start, end, i) for i, (start, end) in zip(encoding.ids, encoding.offsets)
+                if self.token_types[i] in PARSED_SPECIAL_TYPES and text[start:end] == self.tokens[i]]
 
     def _literal_hf(self) -> HFTokenizer:
         """A copy of the pipeline that leaves control tokens' text as text (built on first use)."""
@@ -497,6 +544,18 @@ def _set_post_processor(hf: HFTokenizer, tokens: list[str], bos_id: int | None, 
     hf.post_processor = processors.TemplateProcessing(
         single=template(0), pair=f"{template(0)} {template(1)}",
         special_tokens=specials)
+
+
+def _config_template(config: dict, where: str) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the
+    one named "default" is used)."""
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default", next(iter(named.values()), None))
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{where}: chat_template should be a string, found {type(value).__name__}")
+    return value
 
 
 def _config_token(value) -> str | None:

@@ -13,9 +13,13 @@ Token ids given to it are checked by `lmengine.validation` (`_check_id`, `_check
 
 Token types (llama.cpp's llama_token_type, GGUF `tokenizer.ggml.token_type`): 1 normal,
 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+
+Text to encode is checked by `check_text`: a str that can be written as UTF-8 (a lone surrogate
+such as "\ud800", which `surrogateescape` decoding produces from invalid bytes, cannot).
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Mapping, Sequence
 
 from .errors import TokenIdError, TokenizerError
@@ -28,8 +32,25 @@ TOKEN_USER_DEFINED = 4
 TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 SPECIAL_TYPES = (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_UNUSED)  # dropped by skip_special_tokens
+PARSED_SPECIAL_TYPES = (TOKEN_CONTROL, TOKEN_UNKNOWN)        # matched in text only with parse_special
 
 _NO_TOKEN = 0xFFFFFFFF   # llama.cpp writes -1 as a u32 for "no such token"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text, what: str = "encode()") -> str:
+    """text, when it is a str that can be encoded as UTF-8; TokenizerError saying what is wrong
+    (not a str; a lone surrogate, with its position) otherwise."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} takes a str, got {type(text).__name__}")
+    if not text.isascii():
+        bad = _SURROGATE.search(text)
+        if bad is not None:
+            raise TokenizerError(
+                f"{what}: the text holds a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}, "
+                f"which is not a Unicode character and cannot be encoded as UTF-8 (text decoded with "
+                f"errors='surrogateescape' carries these for invalid bytes: decode with errors='replace')")
+    return text
 
 
 def special_token_id(meta: Mapping, key: str, n_vocab: int, source: str) -> int | None:
@@ -149,9 +170,9 @@ class Vocabulary:
         return check_token_ids(token_ids, len(self.tokens)).tolist()
 
     # -- encoding helpers -----------------------------------------------------------------------
-    def _wrap(self, ids: list[int], add_bos: bool | None) -> list[int]:
+    def wrap(self, ids: list[int], add_bos: bool | None = None) -> list[int]:
         """ids with BOS in front (add_bos, or the vocabulary's default when None) and EOS at the
-        end when the vocabulary adds it."""
+        end when the vocabulary adds it: what `encode` does around the ids of the text."""
         if self.add_bos if add_bos is None else add_bos:
             if self._bos_id is None:
                 raise TokenizerError(f"{self.source}: add_bos requested but the vocab has no BOS token")

@@ -11,11 +11,13 @@ starting at `start_pos`; for a KV cache any `start_pos <= n` is allowed (entries
 """
 from __future__ import annotations
 
+import os
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, LMEngineWarning
 
 
 class Backend(ABC):
@@ -65,4 +67,22 @@ def checked_thread_count(n_threads, max_threads: int | None) -> int | None:
         return max_threads
     if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, (bool, np.bool_)) or n_threads < 1:
         raise InvalidParameterError(f"n_threads must be a positive integer, got {n_threads!r}")
+    _warn_if_oversubscribed(int(n_threads), max_threads)
     return int(n_threads) if max_threads is None else min(int(n_threads), max_threads)
+
+
+_warned_threads = False
+
+
+def _warn_if_oversubscribed(n_threads: int, max_threads: int | None) -> None:
+    """Warn once per process when more threads are asked for than there are cores (or than the
+    backend can run): threads beyond the cores only take turns, and it is usually a typo."""
+    global _warned_threads
+    n_cores = os.cpu_count() or 1
+    limit = min(n_cores, max_threads) if max_threads is not None else n_cores
+    if n_threads > limit and not _warned_threads:
+        _warned_threads = True
+        warnings.warn(f"n_threads={n_threads} is more than this machine's {n_cores} cores"
+                      + (f" (this backend runs at most {max_threads})" if max_threads is not None else "")
+                      + f"; using {min(n_threads, max_threads) if max_threads is not None else n_threads}",
+                      LMEngineWarning, stacklevel=3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 
 import numba
 import numpy as np
@@ -53,6 +54,24 @@ def _lazy_zeros(shape, dtype):
     return np.frombuffer(mmap.mmap(-1, n_bytes), dtype=dtype, count=count).reshape(shape)
 
 
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_cache_fits(k_shape, v_shape, dtype, n_ctx: int, n_slots: int) -> None:
+    n_bytes = (int(np.prod(k_shape, dtype=np.float64)) + int(np.prod(v_shape, dtype=np.float64))) * np.dtype(dtype).itemsize
+    ram = physical_memory_bytes()
+    if ram is not None and n_bytes > ram:
+        raise InvalidParameterError(
+            f"n_ctx={n_ctx} with {n_slots} cache slots (max_batch_size + 1) needs a KV cache of "
+            f"{n_bytes / 2**30:.1f} GiB when full, more than this machine's {ram / 2**30:.1f} GiB of "
+            f"memory: use a smaller n_ctx or max_batch_size")
+
+
 class NumbaLlamaBackend(Backend):
     """KV-cached llama forward. `activations` picks the matrix products' arithmetic (see
     ACTIVATIONS): "mixed" (default) two int8 terms per activation block for k and v, one
@@ -89,13 +108,15 @@ class NumbaLlamaBackend(Backend):
         self.packed = bool(pack) and ACT_F32 not in ACTIVATIONS[activations]
         if self.packed and not native.HAVE_NATIVE:
             raise InvalidParameterError(f"pack=True needs the C kernels: {native.LOAD_ERROR}")
-        self.weights = LlamaWeights(gguf_file, config, pack=self.packed)
-        self._gguf_file = gguf_file  # keeps the memory map alive
         # keys [n_layers, n_slots, n_kv_heads, n_tiles, head_dim, KEY_TILE] (transposed tiles of
         # positions), values [n_layers, n_slots, n_kv_heads, n_ctx, head_dim] (kernels/attention.py);
-        # memory grows with the positions actually used (see _lazy_zeros).
+        # memory grows with the positions actually used (see _lazy_zeros), but a cache that could
+        # not fit the machine if every slot filled up is refused before anything is allocated.
         k_shape, v_shape = cache_shapes(config.n_layers, self.n_slots, config.n_kv_heads, self.n_ctx,
                                         config.head_dim)
+        _check_cache_fits(k_shape, v_shape, KV_DTYPES[kv_cache_dtype], self.n_ctx, self.n_slots)
+        self.weights = LlamaWeights(gguf_file, config, pack=self.packed)
+        self._gguf_file = gguf_file  # keeps the memory map alive
         self.k_cache = _lazy_zeros(k_shape, KV_DTYPES[kv_cache_dtype])
         self.v_cache = _lazy_zeros(v_shape, KV_DTYPES[kv_cache_dtype])
         self.set_threads(n_threads)

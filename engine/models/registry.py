@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from ..errors import ModelNotFoundError
+from ..errors import InvalidParameterError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2"
 BUNDLED = {
@@ -32,6 +32,9 @@ def resolve_model(model: str | os.PathLike | None) -> str:
     """A path to a model file or directory. None and bundled names resolve to the bundled file."""
     if model is None:
         model = DEFAULT_MODEL
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidParameterError(f"model must be a path, a bundled model name or None, got "
+                                    f"{type(model).__name__} {model!r}")
     model = os.fspath(model)
     if model.lower() in BUNDLED and not os.path.exists(model):
         return bundled_path(model.lower())

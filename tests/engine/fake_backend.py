@@ -54,11 +54,20 @@ class PoisonTokenError(RuntimeError):
 
 
 class FakeBackend(Backend):
-    def __init__(self, vocab_size: int, n_ctx: int = 128, n_slots: int = 4, poison_token: int | None = None):
+    def __init__(self, vocab_size: int, n_ctx: int = 128, n_slots: int = 4, poison_token: int | None = None,
+                 nan_prefix: tuple = ()):
         self.vocab_size, self.n_ctx, self.n_slots = vocab_size, n_ctx, n_slots
         self.cache: list[list[int]] = [[] for _ in range(n_slots)]   # the tokens each slot holds
         self.calls: list[tuple] = []
-        self.poison_token = poison_token
+        self.poison_token = poison_token   # feeding it raises PoisonTokenError (a failing kernel)
+        self.nan_prefix = tuple(nan_prefix)  # a sequence starting with these ids gets NaN logits
+        self.interrupt_next_batch = False  # the next forward_batch raises KeyboardInterrupt
+
+    def _logits(self, seq) -> np.ndarray:
+        logits = reference_logits(seq, self.vocab_size)
+        if self.nan_prefix and tuple(seq[:len(self.nan_prefix)]) == self.nan_prefix:
+            logits[::2] = np.nan          # (a corrupt weight)
+        return logits
 
     def _check_slot(self, slot: int) -> None:
         assert 0 <= slot < self.n_slots, f"slot {slot} out of range"
@@ -78,16 +87,19 @@ class FakeBackend(Backend):
         self._feed(int(slot), token_ids, int(start_pos))
         seq = self.cache[int(slot)]
         ends = range(start_pos + 1, len(seq) + 1) if all_logits else [len(seq)]
-        return np.stack([reference_logits(seq[:end], self.vocab_size) for end in ends])
+        return np.stack([self._logits(seq[:end]) for end in ends])
 
     def forward_batch(self, slots, token_ids, positions):
         slots = [int(s) for s in slots]
         assert len(set(slots)) == len(slots), f"a slot twice in one batch: {slots}"
         self.calls.append(("forward_batch", tuple(slots)))
+        if self.interrupt_next_batch:
+            self.interrupt_next_batch = False
+            raise KeyboardInterrupt
         rows = []
         for slot, token, position in zip(slots, token_ids, positions):
             self._feed(slot, [int(token)], int(position))
-            rows.append(reference_logits(self.cache[slot], self.vocab_size))
+            rows.append(self._logits(self.cache[slot]))
         return np.stack(rows)
 
     def copy_slot(self, src, dst, n_tokens):
@@ -96,3 +108,17 @@ class FakeBackend(Backend):
         assert n_tokens <= len(self.cache[src])
         self.calls.append(("copy_slot", int(src), int(dst), int(n_tokens)))
         self.cache[dst] = list(self.cache[src][:n_tokens])
+
+
+def make_fake_llm(n_slots: int = 4, n_ctx: int = 96, backend_options: dict | None = None, **llm_kwargs):
+    """An LLM over a FakeBackend and the character tokenizer (max_batch_size n_slots - 1)."""
+    from lmengine import LLM
+    tokenizer = make_tokenizer()
+    backend = FakeBackend(tokenizer.vocab_size, n_ctx=n_ctx, n_slots=n_slots, **(backend_options or {}))
+    return LLM.from_backend(backend, tokenizer, **llm_kwargs)
+
+
+def expected_text(llm, prompt: str, max_tokens: int) -> str:
+    """The greedy completion of `prompt` (ignore_eos) by the fake model, computed without a cache."""
+    ids = greedy_reference(llm.tokenizer.encode(prompt), max_tokens, llm.vocab_size)
+    return llm.tokenizer.decode(ids, skip_special_tokens=True)

@@ -11,7 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from fake_backend import FakeBackend, PoisonTokenError, greedy_reference, make_tokenizer, reference_logits
+from fake_backend import FakeBackend, PoisonTokenError, greedy_reference, make_fake_llm, make_tokenizer, reference_logits
+from fake_backend import expected_text as fake_expected_text
 from lmengine import LLM, Generator, SamplingParams
 from lmengine.errors import InvalidParameterError, TokenIdError
 
@@ -19,14 +20,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def make_llm(n_slots=4, poison_token=None, **kwargs) -> LLM:
-    tokenizer = make_tokenizer()
-    backend = FakeBackend(tokenizer.vocab_size, n_ctx=96, n_slots=n_slots, poison_token=poison_token)
-    return LLM.from_backend(backend, tokenizer, **kwargs)
+    return make_fake_llm(n_slots, backend_options={"poison_token": poison_token}, **kwargs)
 
 
 def expected_text(llm, prompt: str, params=GREEDY) -> str:
-    ids = greedy_reference(llm.tokenizer.encode(prompt), params.max_tokens, llm.vocab_size)
-    return llm.tokenizer.decode(ids, skip_special_tokens=True)
+    return fake_expected_text(llm, prompt, params.max_tokens)
 
 
 def assert_all_slots_free(llm):
@@ -45,13 +43,13 @@ def test_one_request_matches_the_reference():
 
 
 def test_admission_queues_past_the_slots_and_batches_decode():
-    """Six prompts, four slots: the rest wait, join as slots free up, and every answer is right.
+    """Six prompts, four slots (three for the batch): the rest wait, join as slots free up, and every answer is right.
     Decode steps run as one forward_batch over all running sequences."""
     llm = make_llm(n_slots=4)
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.text for o in outs] == [expected_text(llm, p) for p in PROMPTS]
     batches = [c[1] for c in llm.backend.calls if c[0] == "forward_batch"]
-    assert max(len(b) for b in batches) == 4                       # never more rows than slots
+    assert max(len(b) for b in batches) == llm.max_batch_size  # never more rows (one slot stays spare)
     # one row per decoded token; a one-token prompt ("a") joins the decode batch for its prefill too
     assert sum(len(b) for b in batches) == len(PROMPTS) * (12 - 1) + sum(len(p) == 1 for p in PROMPTS)
     assert_all_slots_free(llm)

@@ -531,3 +531,89 @@ def test_bad_inputs(tiny_gpt2, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="cannot be read"):
         Tokenizer.from_pretrained_dir(tmp_path)
+
+
+# -- text that cannot be encoded, wrong metadata types ------------------------------------------
+@pytest.mark.parametrize("text, position, code", [("\ud800", 0, "D800"), ("ok \udcff then", 3, "DCFF"),
+                                                  ("中文 😀\udfff", 4, "DFFF")])
+def test_lone_surrogates_are_named(tiny_gpt2, tiny_spm, text, position, code):
+    """A lone surrogate (what errors='surrogateescape' makes of invalid bytes) is no Unicode
+    character: every encoding entry point says so, with its position, instead of a TypeError."""
+    from lmengine.lstm_tokenizer import CharTokenizer
+    message = rf"lone surrogate U\+{code} at character {position}\b"
+    chars = CharTokenizer(["<unk>", "a"], [2, 1], unk_id=0)
+    for call in (lambda: tiny_gpt2.encode(text), lambda: tiny_gpt2.encode(text, parse_special=False),
+                 lambda: tiny_spm.encode(text), lambda: tiny_gpt2.encode_with_offsets(text),
+                 lambda: tiny_gpt2.find_special_tokens(text), lambda: chars.encode(text)):
+        with pytest.raises(TokenizerError, match=message):
+            call()
+    for tokenizer in (tiny_gpt2, chars):
+        with pytest.raises(TokenizerError, match=rf"encode_batch\(\) item 1: .*{message}"):
+            tokenizer.encode_batch(["fine", text])
+        with pytest.raises(TokenizerError, match="encode_batch.*takes a list of str, got str"):
+            tokenizer.encode_batch("not a list")
+        with pytest.raises(TokenizerError, match="takes a str, got int"):
+            tokenizer.encode(5)
+
+
+def test_encode_with_offsets_and_find_special_tokens(tiny_gpt2):
+    text = "the <|im_start|>and<|im_end|> 中<tool>"
+    ids, offsets = tiny_gpt2.encode_with_offsets(text)
+    assert ids == tiny_gpt2.encode(text)
+    # each token covers its characters; the tokens of one multi-byte character share its span
+    assert all(0 <= s <= e <= len(text) for s, e in offsets)
+    assert [text[s:e] for (s, e), i in zip(offsets, ids) if i >= 256 + len(TINY_MERGES)] == \
+        ["<|im_start|>", "<|im_end|>", "<tool>"]
+    literal, _ = tiny_gpt2.encode_with_offsets(text, parse_special=False)
+    assert literal == tiny_gpt2.encode(text, parse_special=False)
+    im_start, im_end = tiny_gpt2.token_to_id("<|im_start|>"), tiny_gpt2.token_to_id("<|im_end|>")
+    # control tokens only: <tool> is user-defined (always matched, not "special text")
+    assert tiny_gpt2.find_special_tokens(text) == [(4, 16, im_start), (19, 29, im_end)]
+    assert tiny_gpt2.find_special_tokens("no markers <tool> <|im_") == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tokenizer.ggml.pre": 3}, r"'tokenizer\.ggml\.pre' should be a string, found int"),
+    ({"tokenizer.ggml.add_bos_token": "false"}, r"'tokenizer\.ggml\.add_bos_token' should be a bool, found 'false'"),
+    ({"tokenizer.ggml.token_type": ["1"] * 273}, r"'tokenizer\.ggml\.token_type' should hold integers"),
+    ({"tokenizer.chat_template": 7}, r"'tokenizer\.chat_template' should be a string, found int"),
+])
+def test_metadata_values_of_the_wrong_type(change, message):
+    meta = _tiny_gpt2_metadata()
+    meta.update(change)
+    with pytest.raises(TokenizerError, match=rf"tiny\.gguf: metadata key {message}"):
+        Tokenizer.from_metadata(meta, source="tiny.gguf")
+
+
+def test_spm_scores_of_the_wrong_type():
+    meta = _tiny_spm_metadata()
+    meta["tokenizer.ggml.scores"] = ["0.5"] * len(meta["tokenizer.ggml.tokens"])
+    with pytest.raises(TokenizerError, match=r"'tokenizer\.ggml\.scores' should hold numbers"):
+        Tokenizer.from_metadata(meta)
+
+
+def test_lstm_metadata_values_of_the_wrong_type():
+    from lmengine.lstm_tokenizer import VocabTokenizer
+    base = {"tokenizer.ggml.model": "word", "tokenizer.ggml.tokens": ["<unk>", "a"],
+            "tokenizer.ggml.token_type": [2, 1]}
+    for key, value, kind in (("tokenizer.word.pattern", 5, "str"), ("tokenizer.word.separator", None, "str"),
+                             ("tokenizer.word.lowercase", "yes", "bool"),
+                             ("tokenizer.ggml.add_bos_token", 2, "bool")):
+        with pytest.raises(TokenizerError, match=rf"'{re.escape(key)}' should be a {kind}"):
+            VocabTokenizer.from_metadata(dict(base, **{key: value}))
+    with pytest.raises(TokenizerError, match="integer types"):
+        VocabTokenizer.from_metadata(dict(base, **{"tokenizer.ggml.token_type": ["2", "1"]}))
+
+
+def test_pretrained_dir_with_a_list_of_chat_templates(tiny_gpt2, tmp_path):
+    """tokenizer_config.json may list named templates: the one named "default" is used."""
+    tiny_gpt2.save_pretrained(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    config_path.write_text(json.dumps(config))
+    assert Tokenizer.from_pretrained_dir(tmp_path).chat_template == "D"
+    config["chat_template"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="chat_template should be a string, found int"):
+        Tokenizer.from_pretrained_dir(tmp_path)
