@@ -1,8 +1,11 @@
 """Read a GGUF file through a memory map: metadata, tensor infos, zero-copy views of tensor blocks.
 
-Every length, offset and count is checked against the file size before it is used, and every
-failure is a `lmengine.converters.errors` exception that names the file and the field or tensor. Type ids
-and block sizes come from the `gguf` package (the format's own library).
+Every length, offset and count is checked against the file size and against the limits below
+before it is used, the tensors' layout against llama.cpp's rule (back to back in the order of
+their infos, each aligned), and every failure is a `lmengine.converters.errors` exception that
+names the file and the field or tensor. Type ids and block sizes come from the `gguf` package (the
+format's own library). Typed access to metadata: `get(key, default, types)` and `require(key,
+types)` raise MetadataError naming the key when a value has the wrong type.
 
 Shapes are given in NumPy order (rows first): a ggml tensor with ne = [576, 49152] (576 values per
 row, 49152 rows) has `shape == (49152, 576)`. The bytes of a tensor are a view into the one
@@ -27,6 +30,44 @@ from .errors import (
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32      # when general.alignment is absent (the GGUF spec's default)
+
+# -- limits ----------------------------------------------------------------------------------------
+# Every count and size read from a file is checked against these caps, and against the file size,
+# before anything is allocated in proportion to it: a flipped bit must give an error naming the
+# field, not a 3 GB list or a minute of work. Each cap is far above every released model (the
+# numbers in the comments), so that no real file meets one. The file-format caps are checked by
+# GGUFFile; the model caps by engine/config.py and any converter that reads these keys.
+
+# the file format
+MAX_TENSORS = 1 << 16           # tensors in a file; Llama 3.1 405B: 1,138, DeepSeek-V3: 1,025
+MAX_METADATA_ENTRIES = 1 << 16  # key/value pairs; real files: 20-60
+MAX_STRING_BYTES = 1 << 28      # one string (256 MiB); chat templates are < 100 KiB, a whole
+                                #   tokenizer.json stored as tokenizer.huggingface.json < 40 MiB
+MAX_ARRAY_ITEMS = 1 << 24       # one metadata array (16.7M items); the largest vocabularies
+                                #   (Gemma 3: 262,144 tokens) and merge lists (< 1M) are far below
+MAX_ARRAY_DEPTH = 4             # arrays of arrays: llama.cpp accepts no nesting at all; the gguf
+                                #   package can write it; 4 levels is plenty, 5,000 would recurse
+MAX_TENSOR_NAME_BYTES = 256     # llama.cpp rejects names of 64 bytes or more (GGML_MAX_NAME)
+MAX_DIMS = 4                    # GGML_MAX_DIMS
+MAX_ELEMENTS = (1 << 63) - 1    # ggml counts elements in int64 (each dim, and their product)
+MAX_ALIGNMENT = 1 << 30         # general.alignment: 32 in every known file
+
+# the model (engine/config.py)
+MAX_LAYERS = 512                # LLAMA_MAX_LAYERS in llama.cpp; Llama 3.1 405B: 126 layers
+MAX_EMBEDDING = 1 << 17         # model width; Llama 3.1 405B: 16,384, Nemotron-4 340B: 18,432
+MAX_FFN = 1 << 20               # feed-forward width; Nemotron-4 340B: 73,728, Llama 405B: 53,248
+MAX_HEADS = 1 << 12             # attention heads; Llama 3.1 405B: 128
+MAX_HEAD_DIM = 1 << 12          # values per head; real models 64-256 (DeepSeek MLA keys: 576)
+MAX_VOCAB = 1 << 23             # tokens; Gemma 3: 262,144
+MAX_CONTEXT = 1 << 30           # training context; Llama 4 Scout claims 10M (10,485,760)
+MAX_LSTM_WIDTH = 1 << 20        # LSTM hidden and embedding sizes; large LSTM LMs use 8,192
+
+# The smallest encodings, to bound counts by the file size: a metadata entry is a key (8-byte
+# length), a type (4) and at least a 1-byte value; a tensor info is a name (8-byte length), n_dims
+# (4), a type (4) and an offset (8).
+MIN_KV_BYTES = 8 + 4 + 1
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -40,12 +81,20 @@ class TensorInfo:
 
 
 class GGUFFile:
-    """An open GGUF file. `metadata` maps key -> Python value; `tensors` maps name -> TensorInfo.
+    """An open GGUF file. `metadata` maps key -> Python value; `tensors` maps name -> TensorInfo
+    (in the file's order).
 
     The header is parsed here rather than by `gguf.GGUFReader`: the reader makes a NumPy view per
     array element and takes ~2.5 s on a 49k-token vocabulary, longer than our whole warm-start
     budget; this parser reads the same header in well under 0.2 s. The `gguf` package stays the
     reference: tests check that both read the same metadata and tensor infos.
+
+    Structure checks (as llama.cpp's gguf.cpp makes them): counts and lengths within the limits
+    above and the file; each tensor's offset is the running offset, i.e. tensors lie back to back
+    in the order of their infos, each starting at the previous one's end rounded up to
+    general.alignment, the first at the start of the data section; the last one ends the file
+    (up to its padding). A tensor relabelled with another type or shape changes its byte count, so
+    its neighbour's offset (or the file's end) disagrees: the error names both.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -74,63 +123,120 @@ class GGUFFile:
                 f"{self.path}: GGUF version {version} is not supported (supported: {SUPPORTED_VERSIONS})")
         self.version = version
         n_tensors, n_kv = struct.unpack("<QQ", head[8:24])
-        # Every tensor info and key/value takes at least 8 bytes: counts beyond that are corrupt.
-        if n_tensors * 8 > self.file_size or n_kv * 8 > self.file_size:
+        need = 24 + n_tensors * MIN_TENSOR_INFO_BYTES + n_kv * MIN_KV_BYTES
+        if need > self.file_size:
             raise TruncatedFileError(
                 f"{self.path}: header claims {n_tensors} tensors and {n_kv} metadata entries, "
-                f"more than a {self.file_size}-byte file can hold")
+                f"at least {need} bytes, more than the {self.file_size}-byte file holds")
+        for what, n, limit in (("tensors", n_tensors, MAX_TENSORS), ("metadata entries", n_kv, MAX_METADATA_ENTRIES)):
+            if n > limit:
+                raise ModelFileError(f"{self.path}: header claims {n} {what}, over the limit of {limit}")
         self._n_tensors, self._n_kv = n_tensors, n_kv
 
     def _parse(self) -> None:
-        import gguf
-        pos = 24
-        for i in range(self._n_kv):
-            where = f"metadata entry {i}"
-            key, pos = self._string(pos, where)
-            where = f"metadata key {key!r}"
-            (vtype,), pos = self._unpack("<I", pos, where)
-            value, pos = self._value(vtype, pos, where)
-            self.metadata[key] = value
+        pos = self._read_metadata(24)
+        infos, pos = self._read_tensor_infos(pos)
+        alignment = self._alignment()
+        data_start = _round_up(pos, alignment)
+        self._place_tensors(infos, data_start, alignment)
 
-        infos = []
+    def _read_metadata(self, pos: int) -> int:
+        for i in range(self._n_kv):
+            key, pos = self._string(pos, f"metadata entry {i}")
+            where = f"metadata key {key!r}"
+            if key in self.metadata:
+                raise MetadataError(f"{self.path}: {where} appears twice")
+            (vtype,), pos = self._unpack("<I", pos, where)
+            value, pos = self._value(vtype, pos, where, depth=0)
+            self.metadata[key] = value
+        return pos
+
+    def _read_tensor_infos(self, pos: int) -> tuple:
+        """[(name, dims in ggml order, type id, offset)] of the tensor infos, and the end position."""
+        infos, names = [], set()
         for i in range(self._n_tensors):
-            name, pos = self._string(pos, f"tensor info {i}")
+            name, pos = self._string(pos, f"tensor info {i}", limit=MAX_TENSOR_NAME_BYTES)
             where = f"tensor {name!r}"
+            if name in names:
+                raise ModelFileError(f"{self.path}: {where} appears twice")
+            names.add(name)
             (n_dims,), pos = self._unpack("<I", pos, where)
-            if n_dims > 4:
-                raise ModelFileError(f"{self.path}: {where} has {n_dims} dimensions (at most 4)")
+            if n_dims > MAX_DIMS:
+                raise ModelFileError(f"{self.path}: {where} has {n_dims} dimensions (at most {MAX_DIMS})")
             dims, pos = self._unpack(f"<{n_dims}Q", pos, where)
             (type_id, offset), pos = self._unpack("<IQ", pos, where)
             infos.append((name, dims, type_id, offset))
+        return infos, pos
 
-        alignment = self.metadata.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise MetadataError(f"{self.path}: general.alignment must be a power of two, got {alignment!r}")
-        data_start = (pos + alignment - 1) // alignment * alignment
+    def _alignment(self) -> int:
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(alignment, bool) or not isinstance(alignment, int) or not 0 < alignment <= MAX_ALIGNMENT \
+                or alignment & (alignment - 1):
+            raise MetadataError(f"{self.path}: metadata key 'general.alignment' must be a power of two "
+                                f"up to {MAX_ALIGNMENT}, got {alignment!r}")
+        return alignment
+
+    def _place_tensors(self, infos: list, data_start: int, alignment: int) -> None:
+        """TensorInfo of each info, checking llama.cpp's layout rule (see the class docstring)."""
+        expected, previous = 0, None     # the running offset (relative to data_start), previous tensor
         for name, dims, type_id, offset in infos:
-            try:
-                type_name = gguf.GGMLQuantizationType(type_id).name
-            except ValueError:
-                raise UnsupportedQuantTypeError(
-                    f"{self.path}: tensor {name!r} has unknown ggml type id {type_id}") from None
-            block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
-            n_values = 1
-            for d in dims:
-                n_values *= d
-            if dims and dims[0] % block_size:
-                raise ModelFileError(
-                    f"{self.path}: tensor {name!r} ({type_name}) has rows of {dims[0]} values, "
-                    f"not a multiple of the block size {block_size}")
-            n_bytes = n_values // block_size * type_size
+            type_name, n_bytes = self._tensor_size(name, dims, type_id)
             start = data_start + offset
             if start + n_bytes > self.file_size:
                 raise TruncatedFileError(
-                    f"{self.path}: tensor {name!r} ({type_name}, {n_bytes} bytes at offset {start}) "
-                    f"runs past the end of the file ({self.file_size} bytes)")
-            if name in self.tensors:
-                raise ModelFileError(f"{self.path}: tensor {name!r} appears twice")
-            shape = tuple(int(d) for d in reversed(dims))
-            self.tensors[name] = TensorInfo(name, type_name, type_id, shape, start, n_bytes)
+                    f"{self.path}: tensor {name!r} ({type_name}, shape {_numpy_shape(dims)}, {n_bytes} bytes "
+                    f"at offset {start}) runs past the end of the file ({self.file_size} bytes)")
+            if offset != expected:
+                raise ModelFileError(self._layout_message(name, type_name, offset, expected, previous, alignment))
+            info = TensorInfo(name, type_name, type_id, _numpy_shape(dims), start, n_bytes)
+            self.tensors[name] = info
+            expected, previous = offset + _round_up(n_bytes, alignment), info
+        if previous is not None:
+            self._check_file_end(previous, data_start + expected)
+
+    def _tensor_size(self, name: str, dims: tuple, type_id: int) -> tuple:
+        """(type name, bytes) of a tensor: its type known to the format, its rows whole blocks."""
+        import gguf
+        try:
+            qtype = gguf.GGMLQuantizationType(type_id)
+        except ValueError:
+            raise UnsupportedQuantTypeError(
+                f"{self.path}: tensor {name!r} has unknown ggml type id {type_id}") from None
+        if qtype not in gguf.GGML_QUANT_SIZES:
+            raise UnsupportedQuantTypeError(
+                f"{self.path}: tensor {name!r} has ggml type {qtype.name} (id {type_id}), whose block size "
+                f"the gguf package does not know")
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n_values = 1
+        for d in dims:
+            n_values *= d
+            if d > MAX_ELEMENTS or n_values > MAX_ELEMENTS:
+                raise ModelFileError(f"{self.path}: tensor {name!r} has dimensions {list(dims)}: more than "
+                                     f"2^63 - 1 values")
+        if dims and dims[0] % block_size:
+            raise ModelFileError(
+                f"{self.path}: tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, "
+                f"not a multiple of the block size {block_size}")
+        return qtype.name, n_values // block_size * type_size
+
+    def _layout_message(self, name, type_name, offset, expected, previous, alignment) -> str:
+        where = f"{self.path}: tensor {name!r} ({type_name}) is at data offset {offset}"
+        if previous is None:
+            return f"{where}, expected 0: the first tensor starts the data section"
+        if offset % alignment:
+            return f"{where}, which is not a multiple of general.alignment {alignment} (expected {expected})"
+        return (f"{where}, expected {expected}: the previous tensor {previous.name!r} ({previous.type_name}, "
+                f"shape {previous.shape}, {previous.n_bytes} bytes) ends there (padded to {alignment}); "
+                f"tensors overlap or one of the two has a wrong type, shape or offset")
+
+    def _check_file_end(self, last: TensorInfo, padded_end: int) -> None:
+        """The last tensor ends the file (its padding may be absent): bytes beyond it mean that the
+        tensor infos do not describe the data, e.g. a tensor relabelled with a smaller type."""
+        if self.file_size > padded_end:
+            raise ModelFileError(
+                f"{self.path}: {self.file_size - padded_end} bytes follow the last tensor {last.name!r} "
+                f"({last.type_name}, shape {last.shape}, {last.n_bytes} bytes at offset {last.offset}): the "
+                f"tensor infos do not describe the file's data (a wrong type or shape?)")
 
     def _unpack(self, fmt: str, pos: int, where: str):
         size = struct.calcsize(fmt)
@@ -140,65 +246,87 @@ class GGUFFile:
                 f"file has {self.file_size})")
         return struct.unpack_from(fmt, self._buf, pos), pos + size
 
-    def _string(self, pos: int, where: str):
+    def _string(self, pos: int, where: str, limit: int | None = None):
+        """A string: u64 length, UTF-8 bytes; at most `limit` bytes (MAX_STRING_BYTES)."""
+        limit = MAX_STRING_BYTES if limit is None else limit
         (length,), pos = self._unpack("<Q", pos, where)
         if pos + length > self.file_size:
             raise TruncatedFileError(
                 f"{self.path}: {where}: a string of {length} bytes at offset {pos} runs past the end "
                 f"of the file ({self.file_size} bytes)")
+        if length > limit:
+            raise ModelFileError(f"{self.path}: {where}: a string of {length} bytes at offset {pos} is over "
+                                 f"the limit of {limit} bytes")
         try:
             return bytes(self._buf[pos: pos + length]).decode("utf-8"), pos + length
         except UnicodeDecodeError as e:
             raise ModelFileError(f"{self.path}: {where}: a string is not valid UTF-8 ({e})") from None
 
-    def _value(self, vtype: int, pos: int, where: str):
+    def _value(self, vtype: int, pos: int, where: str, depth: int):
         if vtype in _SCALAR_FORMATS:
             (value,), pos = self._unpack(_SCALAR_FORMATS[vtype], pos, where)
             return (bool(value) if vtype == _BOOL else value), pos
         if vtype == _STRING:
             return self._string(pos, where)
         if vtype == _ARRAY:
-            (item_type, n), pos = self._unpack("<IQ", pos, where)
-            if item_type in _SCALAR_FORMATS:
-                fmt = _SCALAR_FORMATS[item_type]
-                size = struct.calcsize(fmt)
-                if pos + n * size > self.file_size:
-                    raise TruncatedFileError(
-                        f"{self.path}: {where}: an array of {n} items runs past the end of the file")
-                values = np.frombuffer(self._buf, dtype=np.dtype(fmt), count=n, offset=pos)
-                values = values.astype(bool) if item_type == _BOOL else values
-                return values.tolist(), pos + n * size
-            if item_type == _STRING:
-                if n * 8 > self.file_size - pos:
-                    raise TruncatedFileError(
-                        f"{self.path}: {where}: an array of {n} strings cannot fit in the file")
-                items = []
-                for _ in range(n):
-                    item, pos = self._string(pos, where)
-                    items.append(item)
-                return items, pos
-            if item_type == _ARRAY:
-                items = []
-                for _ in range(n):
-                    item, pos = self._value(_ARRAY, pos, where)
-                    items.append(item)
-                return items, pos
-            raise MetadataError(f"{self.path}: {where}: unknown array item type {item_type}")
+            return self._array(pos, where, depth + 1)
         raise MetadataError(f"{self.path}: {where}: unknown value type {vtype}")
 
+    def _array(self, pos: int, where: str, depth: int):
+        """An array value: item type (u32), count (u64), items. Scalars are read in one go."""
+        if depth > MAX_ARRAY_DEPTH:
+            raise MetadataError(f"{self.path}: {where}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
+        (item_type, n), pos = self._unpack("<IQ", pos, where)
+        min_item = {_STRING: 8, _ARRAY: 12}.get(item_type) or _SCALAR_SIZES.get(item_type)
+        if min_item is None:
+            raise MetadataError(f"{self.path}: {where}: unknown array item type {item_type}")
+        if n * min_item > self.file_size - pos:
+            raise TruncatedFileError(
+                f"{self.path}: {where}: an array of {n} items (at least {n * min_item} bytes) at offset {pos} "
+                f"runs past the end of the file ({self.file_size} bytes)")
+        if n > MAX_ARRAY_ITEMS:
+            raise MetadataError(f"{self.path}: {where}: an array of {n} items is over the limit of "
+                                f"{MAX_ARRAY_ITEMS} items")
+        if item_type in _SCALAR_FORMATS:
+            values = np.frombuffer(self._buf, dtype=np.dtype(_SCALAR_FORMATS[item_type]), count=n, offset=pos)
+            values = values.astype(bool) if item_type == _BOOL else values
+            return values.tolist(), pos + n * min_item
+        items = []
+        if item_type == _STRING:    # vocabularies and merges: ~100k strings, the hot loop of a load
+            for _ in range(n):
+                item, pos = self._string(pos, where)
+                items.append(item)
+            return items, pos
+        for _ in range(n):
+            item, pos = self._array(pos, where, depth + 1)
+            items.append(item)
+        return items, pos
+
     # -- access ------------------------------------------------------------------------------
-    def get(self, key: str, default=None):
-        return self.metadata.get(key, default)
+    def get(self, key: str, default=None, types=None):
+        """The value of metadata `key`, or `default` when it is absent. With `types` (a type or a
+        tuple, as for isinstance) a present value of another type is a MetadataError naming the
+        key: `f.get("tokenizer.chat_template", types=str)`. A bool is not accepted as an int."""
+        if key not in self.metadata:
+            return default
+        return self._typed(key, types)
 
     def require(self, key: str, types=None):
-        """A metadata value that must be present (and of `types`, when given)."""
+        """The value of metadata `key`, which must be present (and of `types`, when given)."""
         if key not in self.metadata:
             raise MetadataError(f"{self.path}: required metadata key {key!r} is missing")
+        return self._typed(key, types)
+
+    def _typed(self, key: str, types):
         value = self.metadata[key]
-        if types is not None and not isinstance(value, types):
-            raise MetadataError(
-                f"{self.path}: metadata key {key!r} should be {types}, found {type(value).__name__}")
-        return value
+        if types is None:
+            return value
+        wanted = types if isinstance(types, tuple) else (types,)
+        if isinstance(value, wanted) and not (isinstance(value, bool) and bool not in wanted):
+            return value
+        names = " or ".join(t.__name__ for t in wanted)
+        raise MetadataError(f"{self.path}: metadata key {key!r} should be {names}, found "
+                            f"{type(value).__name__} {_short_repr(value)}")
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """Zero-copy uint8 view of a tensor's blocks."""
@@ -217,6 +345,21 @@ class GGUFFile:
 # GGUF value types (gguf.GGUFValueType): struct formats of the scalar ones
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                    10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR_SIZES = {vtype: struct.calcsize(fmt) for vtype, fmt in _SCALAR_FORMATS.items()}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
+
+
+def _short_repr(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _round_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _numpy_shape(dims) -> tuple:
+    """ggml's ne (fastest-varying first) -> NumPy order (rows first)."""
+    return tuple(int(d) for d in reversed(dims))
 
 

@@ -46,7 +46,9 @@ def _lstm_metadata(f: GGUFFile) -> tuple:
     hidden = f.get(layout.KEY_HIDDEN_SIZES)
     if not isinstance(hidden, list) or not hidden:
         raise ConversionError(f"{f.path}: metadata {layout.KEY_HIDDEN_SIZES!r} is missing")
-    config = {"vocab_size": int(f.get(layout.KEY_VOCAB_SIZE)), "emb_dim": int(f.get(layout.KEY_EMBEDDING_LENGTH)),
+    if not all(isinstance(h, int) and not isinstance(h, bool) for h in hidden):
+        raise ConversionError(f"{f.path}: metadata {layout.KEY_HIDDEN_SIZES!r} must hold integers, got {hidden!r}")
+    config = {"vocab_size": f.require(layout.KEY_VOCAB_SIZE, int), "emb_dim": f.require(layout.KEY_EMBEDDING_LENGTH, int),
               "hidden_sizes": [int(h) for h in hidden],
               "output_activation": f.get(layout.KEY_OUTPUT_ACTIVATION, "linear"),
               "gate_order_source": layout.CANONICAL_GATE_ORDER, "name": f.get("general.name", "")}

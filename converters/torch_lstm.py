@@ -195,12 +195,15 @@ def torch_lstm_from_gguf(gguf_path):
     kernels with. `lstm` is a list of single-layer nn.LSTM (hidden sizes may differ per layer)."""
     import torch
     from . import lstm_gguf as layout
-    from .gguf_file import GGUFFile
+    from .gguf_file import MAX_LAYERS, GGUFFile
     f = GGUFFile(gguf_path)
     t = lambda name: torch.from_numpy(dequantized_tensor(f, name))   # noqa: E731
     embedding = torch.nn.Embedding.from_pretrained(t(layout.TOKEN_EMBD), freeze=True)
     layers = []
-    for l in range(int(f.get(layout.KEY_BLOCK_COUNT))):
+    n_layers = f.require(layout.KEY_BLOCK_COUNT, int)
+    if not 1 <= n_layers <= MAX_LAYERS:
+        raise ConversionError(f"{f.path}: {layout.KEY_BLOCK_COUNT} = {n_layers} is outside [1, {MAX_LAYERS}]")
+    for l in range(n_layers):
         w_ih, w_hh = t(layout.lstm_ih(l)), t(layout.lstm_hh(l))
         lstm = torch.nn.LSTM(w_ih.shape[1], w_hh.shape[1], batch_first=True)
         with torch.no_grad():

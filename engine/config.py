@@ -3,6 +3,13 @@
 `config_from_gguf(gguf_file)` looks at `general.architecture` and returns the dataclass for that
 family. Each dataclass also checks the tensors it needs against its sizes, so a file whose
 tensors disagree with its metadata fails at load time with the tensor's name.
+
+Order of the checks, so that a corrupt file costs nothing: every size is read with its range
+(the caps of converters/gguf_file.py: a flipped bit in block_count must not build 33 million
+layers' worth of expected shapes) and the layer count is compared with the file's tensor count;
+only then are the expected shapes listed and compared with the tensor infos; then each tensor's
+type is checked for its role (vectors are stored values: F32, F16, BF16; matrices any type the
+kernels read) and its blocks scanned for NaN / inf (kernels/blockcheck.py).
 """
 from __future__ import annotations
 
@@ -11,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmengine.converters import lstm_gguf as layout
-from lmengine.converters.gguf_file import GGUFFile
+from lmengine.converters.gguf_file import (MAX_CONTEXT, MAX_EMBEDDING, MAX_FFN, MAX_HEAD_DIM, MAX_HEADS,
+                                           MAX_LAYERS, MAX_LSTM_WIDTH, MAX_VOCAB, GGUFFile)
 from lmengine.kernels import quant
 from lmengine.kernels.blockcheck import check_finite_scales
 
@@ -38,7 +46,7 @@ class TransformerConfig:
     n_ctx_train: int          # {arch}.context_length
     vocab_size: int           # {arch}.vocab_size or the tokenizer's token count
     tied_output: bool         # True when output.weight is absent (token_embd is reused)
-    qkv_bias: bool            # qwen2: attn_q/k/v carry biases
+    qkv_bias: bool            # attn_q/k/v carry biases (qwen2; llama files that have them)
     name: str = ""            # general.name
     tensor_types: dict = field(default_factory=dict, compare=False)  # type name -> count
 
@@ -74,64 +82,114 @@ class TransformerConfig:
         return shapes
 
 
-def _int(f: GGUFFile, key: str, default=None) -> int:
+def _int(f: GGUFFile, key: str, default=None, lo: int = 0, hi: int | None = None) -> int:
+    """Integer metadata `key` (default when absent), which must lie in [lo, hi]."""
     value = f.get(key, default)
     if value is None:
         raise MetadataError(f"{f.path}: required metadata key {key!r} is missing")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
-        raise MetadataError(f"{f.path}: metadata key {key!r} should be a non-negative integer, found {value!r}")
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):       # NaN and inf included
+        raise MetadataError(f"{f.path}: metadata key {key!r} should be an integer, found {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise MetadataError(f"{f.path}: metadata key {key!r} is {value}, outside {bound}")
+    return value
 
 
-def _float(f: GGUFFile, key: str, default=None) -> float:
+def _float(f: GGUFFile, key: str, default=None, lo: float = 0.0, hi: float | None = None) -> float:
+    """Finite float metadata `key` (default when absent), > 0 and in [lo, hi]."""
     value = f.get(key, default)
     if value is None:
         raise MetadataError(f"{f.path}: required metadata key {key!r} is missing")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MetadataError(f"{f.path}: metadata key {key!r} should be a number, found {value!r}")
-    return float(value)
+    value = float(value)
+    if not np.isfinite(value) or value <= 0 or value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise MetadataError(f"{f.path}: metadata key {key!r} is {value!r}; it must be finite, > 0 and {bound}")
+    return value
+
+
+def _check_layer_count(f: GGUFFile, key: str, n_layers: int) -> None:
+    """The layer count against the tensors: more layers than tensors is rejected before anything
+    is built per layer (a missing tensor of a plausible count is named later, by check_shapes),
+    and so is a tensor of a layer past the count (block_count would then be wrong)."""
+    if n_layers > len(f.tensors):
+        raise MetadataError(f"{f.path}: metadata key {key!r} is {n_layers}, more layers than the file has "
+                            f"tensors ({len(f.tensors)})")
+    for name in f.tensors:
+        layer = _layer_of(name)
+        if layer >= n_layers:
+            raise MetadataError(f"{f.path}: metadata key {key!r} is {n_layers}, but the file has tensor {name!r} "
+                                f"of layer {layer}")
+
+
+def _layer_of(name: str) -> int:
+    """N of a "blk.N.*" tensor name, -1 for other names."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[1].isascii():
+        return int(parts[1])
+    return -1
 
 
 def transformer_config(f: GGUFFile) -> TransformerConfig:
     arch = f.require("general.architecture", str)
     a = arch + "."
-    n_heads = _int(f, a + "attention.head_count")
-    dim = _int(f, a + "embedding_length")
-    if n_heads == 0 or dim % n_heads:
-        raise MetadataError(f"{f.path}: embedding_length {dim} is not a multiple of head_count {n_heads}")
-    n_kv_heads = _int(f, a + "attention.head_count_kv", n_heads)
-    if n_kv_heads == 0 or n_heads % n_kv_heads:
+    # qwen2 always has q/k/v biases; a llama file may have them too, and the forward pass reads them
+    # whenever blk.0 has one (engine/models/llama.py), so they are then required and checked
+    qkv_bias = arch == "qwen2" or "blk.0.attn_q.bias" in f.tensors
+    n_layers = _int(f, a + "block_count", lo=1, hi=MAX_LAYERS)
+    _check_layer_count(f, a + "block_count", n_layers)
+    n_heads = _int(f, a + "attention.head_count", lo=1, hi=MAX_HEADS)
+    dim = _int(f, a + "embedding_length", lo=1, hi=MAX_EMBEDDING)
+    n_kv_heads = _int(f, a + "attention.head_count_kv", n_heads, lo=1, hi=n_heads)
+    if n_heads % n_kv_heads:
         raise MetadataError(f"{f.path}: head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}")
-    head_dim = _int(f, a + "attention.key_length", dim // n_heads)
+    if a + "attention.key_length" not in f.metadata and dim % n_heads:
+        raise MetadataError(f"{f.path}: embedding_length {dim} is not a multiple of head_count {n_heads}")
+    head_dim = _int(f, a + "attention.key_length", dim // n_heads, lo=2, hi=MAX_HEAD_DIM)
+    value_length = _int(f, a + "attention.value_length", head_dim, lo=1, hi=MAX_HEAD_DIM)
+    if value_length != head_dim or head_dim % 2:
+        raise MetadataError(f"{f.path}: attention.key_length {head_dim} and value_length {value_length} must be "
+                            f"equal and even (heads are rotated in pairs)")
     embd = f.tensors.get("token_embd.weight")
     if embd is None:
         raise TensorShapeError(f"{f.path}: tensor 'token_embd.weight' is missing")
-    tokens = f.get("tokenizer.ggml.tokens")
-    vocab_size = _int(f, a + "vocab_size", len(tokens) if tokens is not None else embd.shape[0])
+    tokens = f.get("tokenizer.ggml.tokens", types=list)
+    vocab_size = _int(f, a + "vocab_size", len(tokens) if tokens is not None else embd.shape[0],
+                      lo=1, hi=MAX_VOCAB)
+    rope_dim = _int(f, a + "rope.dimension_count", head_dim, lo=2, hi=head_dim)
+    if rope_dim % 2:
+        raise MetadataError(f"{f.path}: rope.dimension_count {rope_dim} must be even (pairs are rotated)")
     cfg = TransformerConfig(
         arch=arch,
-        n_layers=_int(f, a + "block_count"),
+        n_layers=n_layers,
         dim=dim,
-        ffn_dim=_int(f, a + "feed_forward_length"),
+        ffn_dim=_int(f, a + "feed_forward_length", lo=1, hi=MAX_FFN),
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        rope_base=_float(f, a + "rope.freq_base", 10000.0),
-        rope_dim=_int(f, a + "rope.dimension_count", head_dim),
-        norm_eps=_float(f, a + "attention.layer_norm_rms_epsilon", 1e-5),
-        n_ctx_train=_int(f, a + "context_length", 2048),
+        rope_base=_float(f, a + "rope.freq_base", 10000.0, lo=1.0),
+        rope_dim=rope_dim,
+        norm_eps=_float(f, a + "attention.layer_norm_rms_epsilon", 1e-5, hi=1.0),
+        n_ctx_train=_int(f, a + "context_length", 2048, lo=1, hi=MAX_CONTEXT),
         vocab_size=vocab_size,
         tied_output="output.weight" not in f.tensors,
-        qkv_bias=arch == "qwen2",
-        name=str(f.get("general.name", "")),
+        qkv_bias=qkv_bias,
+        name=f.get("general.name", "", types=str),
         tensor_types=_count_types(f),
     )
-    if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
-        raise MetadataError(f"{f.path}: rope.dimension_count {cfg.rope_dim} must be even and <= head_dim {cfg.head_dim}")
-    check_shapes(f, cfg.expected_shapes())
-    for name in cfg.expected_shapes():
-        _check_blocks(f, name)      # every weight's type is one the kernels read: fail at load, naming it
+    check_tensors(f, cfg.expected_shapes())
     return cfg
+
+
+def check_tensors(f: GGUFFile, expected: dict) -> None:
+    """Every tensor of `expected` (name -> shape) has that shape, a type for its role and finite
+    blocks."""
+    check_shapes(f, expected)
+    for name, shape in expected.items():
+        _check_blocks(f, name, vector=len(shape) == 1)
 
 
 def check_shapes(f: GGUFFile, expected: dict) -> None:
@@ -212,43 +270,50 @@ class LSTMConfig:
         arch = f.require("general.architecture", str)
         if arch != layout.ARCH:
             raise MetadataError(f"{f.path}: architecture is {arch!r}, not {layout.ARCH!r}")
-        n_layers = _int(f, layout.KEY_BLOCK_COUNT)
-        hidden = f.get(layout.KEY_HIDDEN_SIZES)
-        if not isinstance(hidden, list) or len(hidden) != n_layers or n_layers == 0 or \
-                not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-            raise MetadataError(f"{f.path}: {layout.KEY_HIDDEN_SIZES!r} should list {n_layers} positive hidden "
-                                f"sizes (one per layer of {layout.KEY_BLOCK_COUNT}), found {hidden!r}")
-        gate_order = f.get(layout.KEY_GATE_ORDER, layout.CANONICAL_GATE_ORDER)
+        n_layers = _int(f, layout.KEY_BLOCK_COUNT, lo=1, hi=MAX_LAYERS)
+        _check_layer_count(f, layout.KEY_BLOCK_COUNT, n_layers)
+        hidden = f.get(layout.KEY_HIDDEN_SIZES, types=list)
+        if hidden is None or len(hidden) != n_layers or \
+                not all(isinstance(h, int) and not isinstance(h, bool) and 0 < h <= MAX_LSTM_WIDTH for h in hidden):
+            raise MetadataError(f"{f.path}: {layout.KEY_HIDDEN_SIZES!r} should list {n_layers} hidden sizes in "
+                                f"[1, {MAX_LSTM_WIDTH}] (one per layer of {layout.KEY_BLOCK_COUNT}), found {hidden!r}")
+        gate_order = f.get(layout.KEY_GATE_ORDER, layout.CANONICAL_GATE_ORDER, types=str)
         if gate_order != layout.CANONICAL_GATE_ORDER:
             raise MetadataError(f"{f.path}: {layout.KEY_GATE_ORDER!r} is {gate_order!r}; this engine reads "
                                 f"{layout.CANONICAL_GATE_ORDER!r} (see converters/lstm_gguf.py)")
-        activation = f.get(layout.KEY_OUTPUT_ACTIVATION, "linear")
+        activation = f.get(layout.KEY_OUTPUT_ACTIVATION, "linear", types=str)
         if activation not in layout.OUTPUT_ACTIVATIONS:
             raise MetadataError(f"{f.path}: {layout.KEY_OUTPUT_ACTIVATION!r} is {activation!r}, "
                                 f"expected one of {layout.OUTPUT_ACTIVATIONS}")
         cfg = cls(
-            vocab_size=_int(f, layout.KEY_VOCAB_SIZE),
-            emb_dim=_int(f, layout.KEY_EMBEDDING_LENGTH),
+            vocab_size=_int(f, layout.KEY_VOCAB_SIZE, lo=1, hi=MAX_VOCAB),
+            emb_dim=_int(f, layout.KEY_EMBEDDING_LENGTH, lo=1, hi=MAX_LSTM_WIDTH),
             hidden_sizes=tuple(int(h) for h in hidden),
             output_activation=activation,
-            source=str(f.get(layout.KEY_SOURCE, "")),
-            name=str(f.get("general.name", "")),
-            tokenizer_kind=str(f.get("tokenizer.ggml.model", "")),
+            source=f.get(layout.KEY_SOURCE, "", types=str),
+            name=f.get("general.name", "", types=str),
+            tokenizer_kind=f.get("tokenizer.ggml.model", "", types=str),
             tensor_types=_count_types(f),
         )
-        check_shapes(f, cfg.expected_shapes())
-        for name in cfg.expected_shapes():
-            _check_blocks(f, name)
+        check_tensors(f, cfg.expected_shapes())
         return cfg
 
 
-def _check_blocks(f: GGUFFile, name: str) -> None:
-    """The tensor's type is one the kernels decode, its byte count matches its shape, and no block
-    holds a NaN or inf scale (kernels/blockcheck.py: ~0.2 s per GB, once at load)."""
+VECTOR_TYPES = quant.FLOAT_TYPES     # norm weights and biases: stored values (every writer uses F32)
+
+
+def _check_blocks(f: GGUFFile, name: str, vector: bool) -> None:
+    """The tensor's type suits its role (a vector: F32, F16 or BF16; a matrix: any type the kernels
+    decode), its byte count matches its shape, and no block holds a NaN or inf scale, no F32 / F16
+    / BF16 value is NaN or inf (kernels/blockcheck.py: ~0.2 s per GB, once at load)."""
     info = f.tensors[name]
     if info.type_id not in quant.TYPE_NAMES:
         raise UnsupportedQuantTypeError(f"{f.path}: tensor {name!r} has type {info.type_name}, which lmengine's "
                                         f"kernels do not read (supported: {sorted(quant.TYPE_IDS)})")
+    if vector and info.type_id not in VECTOR_TYPES:
+        raise UnsupportedQuantTypeError(
+            f"{f.path}: tensor {name!r} is a vector (a norm weight or bias) stored as {info.type_name}; vectors "
+            f"must be {', '.join(quant.TYPE_NAMES[t] for t in VECTOR_TYPES)}")
     n_cols = info.shape[-1]
     if n_cols % quant.BLOCK_SIZE[info.type_id]:
         raise TensorShapeError(f"{f.path}: tensor {name!r} rows of {n_cols} values are not whole "

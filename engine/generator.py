@@ -65,6 +65,18 @@ class StreamChunk:
 
 
 class Generator:
+    """One sequence's decoding loop over a cache slot of `llm` (see the module docstring).
+
+    llm: the LLM whose model, tokenizer and slots it uses. params: SamplingParams (None =
+    defaults). prompt: token ids to start with (or append them later). sample_index: which of a
+    request's n random streams it draws from. slot: a slot the caller already holds (the
+    scheduler's); None takes a free one (InvalidParameterError when all are busy).
+
+    Members: `tokens` (the whole sequence), `generated`, `text`, `finish_reason`,
+    `stop_reason`, `logprobs`; methods `append_tokens`, `step`, `is_done`, `take_text`,
+    `rewind_to`, `completion`, `close`. Use it in a `with` block, or call `close()`.
+    """
+
     def __init__(self, llm, params=None, prompt=None, *, sample_index: int = 0, slot: int | None = None):
         self.llm = llm
         self.slot: int | None = None

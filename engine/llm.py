@@ -36,7 +36,8 @@ BACKENDS = ("numba", "onnxruntime")
 class LLM:
     """A loaded model with its tokenizer, chat template, cache slots and scheduler.
 
-    model: a .gguf path, an ONNX export directory, or a bundled name ("smollm2"; None = default).
+    model: a .gguf path, an ONNX export directory, a bundled name ("smollm2"; None = default), or
+        "hf:OWNER/REPO[:GLOB]" for a Hugging Face Hub file (see `from_pretrained`).
     n_ctx: context window per sequence (prompt + generated tokens). None (default): 2048, or the
         model's training context when that is shorter. A value beyond the training context
         (`{arch}.context_length`; the model's answers degrade past it) raises ContextLengthError
@@ -91,6 +92,17 @@ class LLM:
         self.load_seconds = time.perf_counter() - t0
         if verbose:
             self._log_load(warmup)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str = "*.gguf", *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        **kwargs: Any) -> "LLM":
+        """An LLM for the one file of a Hugging Face Hub repository that matches the glob
+        `filename` (e.g. "*Q4_K_M.gguf"), downloaded once into the hub cache (huggingface_hub:
+        revisions, token, HF_HUB_OFFLINE=1 for cache-only). Other arguments as for `LLM(...)`.
+        Needs `pip install "lmengine[hub]"`."""
+        from .models.hub import hub_model_path
+        return cls(hub_model_path(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir), **kwargs)
 
     @classmethod
     def from_backend(cls, backend, tokenizer, *, chat_template=None, metadata=None, max_batch_size: int | None = None,

@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 from ..errors import InvalidParameterError, ModelNotFoundError
+from .hub import HUB_PREFIX, hub_model_path, parse_hub_name
 
 DEFAULT_MODEL = "smollm2"
 BUNDLED = {
@@ -29,17 +30,20 @@ def bundled_path(name: str) -> str:
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
-    """A path to a model file or directory. None and bundled names resolve to the bundled file."""
+    """A path to a model file or directory. None and bundled names resolve to the bundled file;
+    "hf:OWNER/REPO[:GLOB]" to a file of a Hugging Face Hub repository (models/hub.py)."""
     if model is None:
         model = DEFAULT_MODEL
     if not isinstance(model, (str, os.PathLike)):
         raise InvalidParameterError(f"model must be a path, a bundled model name or None, got "
                                     f"{type(model).__name__} {model!r}")
     model = os.fspath(model)
+    if model.startswith(HUB_PREFIX):
+        return hub_model_path(*parse_hub_name(model))
     if model.lower() in BUNDLED and not os.path.exists(model):
         return bundled_path(model.lower())
     if os.path.exists(model):
         return model
     raise ModelNotFoundError(
         f"model {model!r} not found: give a path to a .gguf file, an ONNX export directory, "
-        f"or a bundled name ({', '.join(BUNDLED)})")
+        f"a bundled name ({', '.join(BUNDLED)}), or hf:OWNER/REPO[:GLOB]")
