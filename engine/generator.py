@@ -47,10 +47,12 @@ class Completion:
 
     @property
     def n_prompt_tokens(self) -> int:
+        """len(prompt_token_ids)."""
         return len(self.prompt_token_ids)
 
     @property
     def n_completion_tokens(self) -> int:
+        """len(token_ids): the generated tokens."""
         return len(self.token_ids)
 
 
@@ -191,6 +193,7 @@ class Generator:
             self._finish("length", None)
 
     def is_done(self) -> bool:
+        """Whether the sequence has finished (`finish_reason` is set)."""
         return self.finish_reason is not None
 
     def take_text(self) -> str:
@@ -223,6 +226,7 @@ class Generator:
         self._new_text.clear()
 
     def completion(self) -> Completion:
+        """The sequence so far as a Completion (text, generated ids, finish reason, logprobs)."""
         return Completion(text=self.text, token_ids=list(self.generated),
                           finish_reason=self.finish_reason,
                           prompt_token_ids=list(self.tokens[:self.n_prompt]), stop_reason=self.stop_reason,

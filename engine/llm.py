@@ -221,6 +221,7 @@ class LLM:
         return slot
 
     def release_slot(self, slot: int) -> None:
+        """Give back a slot from `acquire_slot` (exactly once: a second release is a RuntimeError)."""
         with self._slot_lock:
             self.slots.release(slot)
 
@@ -463,6 +464,7 @@ class LLM:
         _log(f"total:       {(t_end - t0) * 1e3:.1f} ms")
 
     def set_threads(self, n_threads: int) -> None:
+        """Compute threads for the next forward passes (above the cores: clamped, with one warning)."""
         self.check_open()
         _check_positive_int("n_threads", n_threads)
         self.backend.set_threads(n_threads)
@@ -478,6 +480,7 @@ class LLM:
             self.backend.close()
 
     def check_open(self) -> None:
+        """LLMClosedError if this LLM was closed (every public call starts with this check)."""
         if self._closed:
             raise LLMClosedError(f"this LLM ({self.path}) is closed")
 
