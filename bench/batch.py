@@ -4,10 +4,9 @@ same prompts."""
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
-from .measure import peak_rss_mb
+from .measure import peak_rss_mb, spread
 from .peers import ct2_generator, ct2_tokens
 
 BATCH_PROMPT = "Story {i}: once upon a time in a land far away,"
@@ -39,9 +38,11 @@ def worker_batch(model, threads, batch_sizes, gen_tokens, backend="numba", activ
             positions = positions + 1
         return b * gen_tokens / (time.perf_counter() - t0)
 
+    spreads = {}
     for b in batch_sizes:
-        results[str(b)] = statistics.median(run(b) for _ in range(repeats))
-    return {"batch_decode_tok_s": results, "peak_rss_mb": peak_rss_mb()}
+        spreads[str(b)] = spread(run(b) for _ in range(repeats))
+        results[str(b)] = spreads[str(b)][1]
+    return {"batch_decode_tok_s": results, "batch_decode_tok_s_spread": spreads, "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_ctranslate2_batch(model, threads, batch_sizes, gen_tokens, ct2_dir=None, repeats=1):
@@ -55,7 +56,7 @@ def worker_ctranslate2_batch(model, threads, batch_sizes, gen_tokens, ct2_dir=No
     tok = Tokenizer.from_gguf(GGUFFile(resolve_model(model)))
     prompts = ct2_tokens(model, [tok.encode(BATCH_PROMPT.format(i=i))
                                   for i in range(max(batch_sizes))])
-    results = {}
+    results, spreads = {}, {}
     for b in batch_sizes:
         def run(n_new):
             t0 = time.perf_counter()
@@ -63,9 +64,9 @@ def worker_ctranslate2_batch(model, threads, batch_sizes, gen_tokens, ct2_dir=No
                                      include_prompt_in_result=False, max_batch_size=b)
             return time.perf_counter() - t0
         run(2)  # warm-up
-        results[str(b)] = statistics.median(b * gen_tokens / max(run(gen_tokens + 1) - run(1), 1e-9)
-                                            for _ in range(repeats))
-    return {"batch_decode_tok_s": results, "peak_rss_mb": peak_rss_mb()}
+        spreads[str(b)] = spread(b * gen_tokens / max(run(gen_tokens + 1) - run(1), 1e-9) for _ in range(repeats))
+        results[str(b)] = spreads[str(b)][1]
+    return {"batch_decode_tok_s": results, "batch_decode_tok_s_spread": spreads, "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_transformers_batch(model, threads, batch_sizes, gen_tokens):

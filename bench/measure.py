@@ -22,8 +22,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def spread(values) -> list[float]:
+    """[min, median, max] of the runs' values: how far a median can be trusted on a busy machine."""
+    values = list(values)
+    return [min(values), statistics.median(values), max(values)]
+
+
 def time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start):
-    """Median prefill and decode tok/s over `repeats` runs of one engine.
+    """Median prefill and decode tok/s over `repeats` runs of one engine, and under "spread" the
+    [min, median, max] of prefill tok/s, decode tok/s and time to first token.
 
     prefill(): runs the prompt as a fresh sequence and returns the decoding state;
     decode_step(state): generates one greedy token and returns the next state. The first
@@ -42,7 +49,9 @@ def time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_proc
     prefill_tok_s = statistics.median(prefill_rates)
     return {"prefill_tok_s": prefill_tok_s, "decode_tok_s": statistics.median(decode_rates),
             "ttft_s": prompt_tokens / prefill_tok_s, "start_to_first_token_s": start_to_first_token,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(),
+            "spread": {"prefill_tok_s": spread(prefill_rates), "decode_tok_s": spread(decode_rates),
+                       "ttft_s": spread(prompt_tokens / r for r in prefill_rates)}}
 
 
 def decode_weight_bytes(gguf_file) -> int:

@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 
 from .worker import run_worker
 
@@ -39,11 +40,11 @@ def run_bench(args) -> dict:
 
     # cold start: an empty Numba cache, so the first run compiles everything
     if args.backend == "numba" and not args.no_cold:
-        _say("cold start (empty Numba cache: compiles every kernel)...")
         with tempfile.TemporaryDirectory() as cache_dir:
             env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-            cold = run_worker("lmengine", {"model": first, "backend": args.backend, "threads": threads[-1],
-                                            **ours, **dict(base, repeats=1, gen_tokens=4)}, env=env)
+            cold = _run("cold start (empty Numba cache: compiles every kernel, about a minute)", "lmengine",
+                        {"model": first, "backend": args.backend, "threads": threads[-1],
+                         **ours, **dict(base, repeats=1, gen_tokens=4)}, env=env)
         results["cold_start_to_first_token_s"] = cold.get("start_to_first_token_s")
 
     peers = args.peers if args.peers is not None else list(PEER_MODULES)
@@ -52,9 +53,9 @@ def run_bench(args) -> dict:
         ours_model = args.onnx_dir if args.backend == "onnxruntime" else model
         engines = results["files"].setdefault(label, {})
         for t in threads:
-            _say(f"{label}: lmengine ({args.backend}), {t} thread(s)...")
-            engines.setdefault(f"lmengine-{args.backend}", {})[str(t)] = run_worker(
-                "lmengine", {"model": ours_model, "backend": args.backend, "threads": t, **ours, **base})
+            engines.setdefault(f"lmengine-{args.backend}", {})[str(t)] = _run(
+                f"{label}: lmengine ({args.backend}), {t} thread(s)", "lmengine",
+                {"model": ours_model, "backend": args.backend, "threads": t, **ours, **base})
             for peer in peers:
                 if not _have(PEER_MODULES.get(peer, peer)):
                     engines.setdefault(peer, {})["skipped"] = f"{peer} is not installed"
@@ -63,7 +64,6 @@ def run_bench(args) -> dict:
                     engines.setdefault(peer, {})["skipped"] = \
                         "needs --onnx-dir (lmengine convert smollm2 DIR --to onnx --weights int4)"
                     continue
-                _say(f"{label}: {peer}, {t} thread(s)...")
                 kwargs = {"threads": t, **base}
                 if peer == "onnxruntime_genai":
                     kwargs["onnx_dir"] = args.onnx_dir
@@ -71,28 +71,27 @@ def run_bench(args) -> dict:
                     kwargs["model"] = label
                 if peer == "ctranslate2":
                     kwargs["ct2_dir"] = args.ct2_dir
-                engines.setdefault(peer, {})[str(t)] = run_worker(peer, kwargs)
+                engines.setdefault(peer, {})[str(t)] = _run(f"{label}: {peer}, {t} thread(s)", peer, kwargs)
 
     # the ceiling decode is held against: a plain read loop over as many bytes as the largest model
     ours_name = f"lmengine-{args.backend}"
     sizes = [r["weight_bytes"] for engines in results["files"].values()
              for r in engines.get(ours_name, {}).values() if isinstance(r, dict) and r.get("weight_bytes")]
     if sizes:
-        _say(f"memory read loop over {max(sizes) / 1e9:.2f} GB, {threads[-1]} thread(s)...")
-        results["bandwidth"] = run_worker("bandwidth", {"n_bytes": max(sizes), "threads": threads[-1]})
+        results["bandwidth"] = _run(f"memory read loop over {max(sizes) / 1e9:.2f} GB, {threads[-1]} thread(s)",
+                                    "bandwidth", {"n_bytes": max(sizes), "threads": threads[-1]})
         results["bandwidth"]["threads"] = threads[-1]
 
     if args.batch:
-        _say(f"batched decode, {threads[-1]} thread(s), batch sizes {args.batch}...")
         batch_args = {"threads": threads[-1], "batch_sizes": args.batch, "gen_tokens": min(args.gen_tokens, 32)}
         repeat = {"repeats": args.repeats}
-        results["batch"] = run_worker("batch", {"model": first, "backend": args.backend, **ours, **batch_args,
-                                                 **repeat})
+        results["batch"] = _run(f"batched decode, {threads[-1]} thread(s), batch sizes {args.batch}", "batch",
+                                {"model": first, "backend": args.backend, **ours, **batch_args, **repeat})
         for peer, extra in (("transformers", {}), ("ctranslate2", {"ct2_dir": args.ct2_dir, **repeat})):
             if peer in peers and _have(peer):
-                _say(f"{peer} batched generate, batch sizes {args.batch}...")
-                results[f"batch_{peer}"] = run_worker(f"{peer}_batch", {
-                    "model": models[0] or "smollm2", **batch_args, **extra})
+                results[f"batch_{peer}"] = _run(f"{peer} batched generate, batch sizes {args.batch}",
+                                                f"{peer}_batch", {"model": models[0] or "smollm2", **batch_args,
+                                                                  **extra})
     if args.lstm:
         results["lstm"] = _run_lstm_bench(threads[-1])
 
@@ -116,14 +115,47 @@ def _say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def _run(label: str, name: str, kwargs: dict, env: dict | None = None) -> dict:
+    """run_worker, saying what runs and for how long: the elapsed seconds while it runs (one line
+    redrawn every second on a terminal, a line every 30 s otherwise), then the total."""
+    tty = sys.stderr.isatty()
+    if tty:
+        print(f"[bench] {label}...", end="", file=sys.stderr, flush=True)
+    else:
+        _say(f"{label}...")
+
+    def tick(elapsed: float) -> None:
+        if tty:
+            print(f"\r[bench] {label}... {elapsed:.0f} s", end="", file=sys.stderr, flush=True)
+        else:
+            _say(f"{label}: {elapsed:.0f} s so far")
+
+    t0 = time.perf_counter()
+    result = run_worker(name, kwargs, env=env, progress=tick, every=1.0 if tty else 30.0)
+    outcome = f"error: {result['error']}" if "error" in result else "done"
+    print(("\r" if tty else "") + f"[bench] {label}: {outcome} in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr, flush=True)
+    return result
+
+
 def _fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _with_spread(r: dict, key: str, digits: int = 1) -> str:
+    """'median (min-max)' of a figure measured over the repeats; the median alone without them."""
+    low_mid_high = r.get("spread", {}).get(key)
+    if not low_mid_high or low_mid_high[0] == low_mid_high[2]:
+        return _fmt(r.get(key), digits)
+    low, _, high = low_mid_high
+    return f"{_fmt(r.get(key), digits)} ({low:.{digits}f}-{high:.{digits}f})"
+
+
 def _print_table(results, threads) -> None:
     print()
-    print(f"{'file':28s} {'engine':20s} {'thr':>3s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'TTFT s':>7s} "
-          f"{'start->1st s':>12s} {'RSS MB':>7s}  ratios (ours / peer)")
+    print(f"tok/s and TTFT: median (min-max) of {results['settings']['repeats']} run(s)")
+    print(f"{'file':28s} {'engine':20s} {'thr':>3s} {'prefill tok/s':>22s} {'decode tok/s':>20s} "
+          f"{'TTFT s':>19s} {'start->1st s':>12s} {'RSS MB':>7s}  ratios (ours / peer)")
     for label, engines in results["files"].items():
         name_col = os.path.basename(label)[:28]
         ours_name = next(k for k in engines if k.startswith("lmengine"))
@@ -142,8 +174,8 @@ def _print_table(results, threads) -> None:
                 if name != ours_name and o.get("prefill_tok_s") and r.get("prefill_tok_s"):
                     ratio = (f"prefill x{o['prefill_tok_s'] / r['prefill_tok_s']:.2f}, "
                              f"decode x{o['decode_tok_s'] / r['decode_tok_s']:.2f}")
-                print(f"{name_col:28s} {name:20s} {t:>3d} {_fmt(r.get('prefill_tok_s')):>14s} "
-                      f"{_fmt(r.get('decode_tok_s')):>13s} {_fmt(r.get('ttft_s'), 3):>7s} "
+                print(f"{name_col:28s} {name:20s} {t:>3d} {_with_spread(r, 'prefill_tok_s'):>22s} "
+                      f"{_with_spread(r, 'decode_tok_s'):>20s} {_with_spread(r, 'ttft_s', 3):>19s} "
                       f"{_fmt(r.get('start_to_first_token_s'), 2):>12s} {_fmt(r.get('peak_rss_mb'), 0):>7s}  {ratio}")
     bandwidth = results.get("bandwidth", {}).get("read_gb_s")
     if bandwidth:
@@ -159,10 +191,13 @@ def _print_table(results, threads) -> None:
               f"{results['cold_start_to_first_token_s']:.1f} s")
     if "batch" in results:
         b = results["batch"].get("batch_decode_tok_s", {})
+        spreads = results["batch"].get("batch_decode_tok_s_spread", {})
         if b:
             single = b.get("1")
-            cells = ", ".join(f"{k}: {v:.1f}" + (f" (x{v / single:.1f})" if single else "") for k, v in b.items())
-            print(f"batched decode, aggregate tok/s by concurrent sequences: {cells}")
+            cells = ", ".join(f"{k}: {v:.1f}" + (" [{:.1f}-{:.1f}]".format(spreads[k][0], spreads[k][2])
+                                                  if k in spreads else "")
+                              + (f" (x{v / single:.1f})" if single else "") for k, v in b.items())
+            print(f"batched decode, aggregate tok/s by concurrent sequences, median [min-max]: {cells}")
         else:
             print(f"batched decode: {results['batch']}")
     for peer in ("transformers", "ctranslate2"):

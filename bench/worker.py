@@ -62,16 +62,31 @@ WORKERS = {"lmengine": worker_lmengine, "llama_cpp": peers.worker_llama_cpp,
 NO_START_TIME = ("batch", "transformers_batch", "ctranslate2_batch", "bandwidth")   # workers without t_process_start
 
 
-def run_worker(name: str, kwargs: dict, env: dict | None = None, timeout: int = 1800) -> dict:
-    """Run worker `name` in a fresh process; its result dict, or {"error": [last stderr line]}."""
+def run_worker(name: str, kwargs: dict, env: dict | None = None, timeout: int = 1800,
+               progress=None, every: float = 10.0) -> dict:
+    """Run worker `name` in a fresh process; its result dict, or {"error": [last stderr line]}.
+    While it runs, progress(elapsed_seconds) is called every `every` seconds."""
     env = dict(os.environ if env is None else env)
     env["LMENGINE_BENCH_T0"] = repr(time.time())
-    proc = subprocess.run([sys.executable, "-m", "lmengine.bench.worker", name, json.dumps(kwargs)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    for line in proc.stdout.splitlines():
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "lmengine.bench.worker", name, json.dumps(kwargs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=every)   # a retry after a timeout loses no output
+            break
+        except subprocess.TimeoutExpired:
+            elapsed = time.perf_counter() - t0
+            if elapsed > timeout:
+                proc.kill()
+                proc.communicate()
+                return {"error": [f"worker {name} timed out after {timeout} s"]}
+            if progress is not None:
+                progress(elapsed)
+    for line in stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
-    return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["worker failed"]}
+    return {"error": (stderr or stdout).strip().splitlines()[-1:] or ["worker failed"]}
 
 
 def main(argv) -> None:

@@ -21,4 +21,4 @@ from .llm import LLM
 from .params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "Generator", "Completion", "StreamChunk", "LMEngineError"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"   # kept equal to pyproject.toml's version (tests/integration/test_cli.py checks)

@@ -38,11 +38,14 @@ def export_onnx_model(model: str | os.PathLike | None, out_dir: str | os.PathLik
         if not isinstance(config, TransformerConfig):
             raise ConversionError(f"{path}: architecture {getattr(config, 'arch', '?')!r} has no ONNX decoder export "
                                   f"(supported: llama, qwen2)")
+        tokenizer = None
+        if "tokenizer.ggml.tokens" in f.metadata:   # built first: a bad vocabulary fails before anything is written
+            from .tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_gguf(f)
         model_path = export_onnx(f, config, out_dir, weights=weights, use_contrib_ops=use_contrib_ops,
                                  accuracy_level=accuracy_level, max_positions=max_positions, progress=progress)
-        if "tokenizer.ggml.tokens" in f.metadata:
-            from .tokenizer import Tokenizer
-            Tokenizer.from_gguf(f).save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
             if progress is not None:
                 progress(f"wrote the tokenizer to {out_dir}")
     finally:

@@ -1,7 +1,5 @@
 """The public API on the bundled SmolLM2: generate / stream / chat / logits / Generator,
-cache reuse and rewind, batching, errors, and the CLI."""
-import subprocess
-import sys
+cache reuse and rewind, batching, errors, and `lmengine convert` (the other CLI verbs: test_cli.py)."""
 
 import numpy as np
 import pytest
@@ -191,22 +189,6 @@ def test_generation_stops_at_full_context(smollm2_path):
     assert out.finish_reason == "length" and len(ids) + len(out.token_ids) == 16
 
 
-def test_cli_generate_and_info():
-    gen = subprocess.run([sys.executable, "-m", "lmengine", "generate", "Hello", "--max-tokens", "8",
-                          "--temperature", "0", "--verbose"], capture_output=True, text=True, timeout=600)
-    assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.startswith("Hello") and len(gen.stdout) > len("Hello\n")
-    assert "tok/s prefill" in gen.stderr and "tok/s)" in gen.stderr
-    info = subprocess.run([sys.executable, "-m", "lmengine", "info", "smollm2"], capture_output=True, text=True, timeout=120)
-    assert info.returncode == 0, info.stderr
-    for needle in ("n_layers             30", "dim                  576", "n_heads              9",
-                   "n_kv_heads           3", "vocab_size           49152", "Q4_1", "Q8_0"):
-        assert needle in info.stdout
-    bad = subprocess.run([sys.executable, "-m", "lmengine", "generate", "--model", "/nope.gguf"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not found" in bad.stderr
-
-
 def test_beam_search(llm):
     prompt = llm.tokenizer.encode("The best way to learn a language is")
     greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
@@ -241,15 +223,6 @@ def test_concurrent_streams_from_threads_share_the_scheduler(llm):
     for t in threads:
         t.join(timeout=300)
     assert got == expected
-
-
-def test_cli_chat_answers_each_turn():
-    proc = subprocess.run([sys.executable, "-m", "lmengine", "chat", "--max-tokens", "12", "--temperature", "0",
-                           "--n-ctx", "512"], input="What is 2+2?\nAnd what is 3+3?\n\n",
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    replies = [line for line in proc.stdout.split("> ")[1:] if line.strip()]
-    assert len(replies) == 2, proc.stdout
 
 
 def test_convert_hf_directory_to_gguf(tmp_path):
