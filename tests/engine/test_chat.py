@@ -400,6 +400,8 @@ def test_integer_chat_template_in_a_file(tmp_path, monkeypatch, capsys):
 class _FakeLLM:
     """What cmd_chat uses of an LLM: chat_prompt_ids and stream (replies "ok", or raises)."""
 
+    chat_template, path = "a template", "fake.gguf"
+
     def __init__(self, fail_on=None):
         self.prompts, self.fail_on = [], fail_on
 
@@ -412,7 +414,7 @@ class _FakeLLM:
 
     def stream(self, prompt, params):
         assert prompt == [1, 2, 3]
-        return iter([SimpleNamespace(text="ok", token_ids=[5])])
+        return (chunk for chunk in [SimpleNamespace(text="ok", token_ids=[5], finish_reason="stop")])
 
 
 def test_cli_chat_sends_token_ids_and_survives_a_failed_turn(monkeypatch, capsys):
