@@ -56,3 +56,12 @@ def test_more_threads_than_cores_warns_once(monkeypatch):
         assert base.checked_thread_count(10_000, 2) == 2
     assert [type(w.message) for w in caught] == [LMEngineWarning]
     assert "n_threads=10000" in str(caught[0].message)
+
+
+def test_perplexity_window_must_hold_two_tokens():
+    llm = make_fake_llm()
+    with pytest.raises(InvalidParameterError, match="window must be at least 2"):
+        llm.perplexity("hello world", window=1)
+    with pytest.raises(InvalidParameterError, match="window"):
+        llm.perplexity("hello world", window=0)
+    assert llm.perplexity("hello world", window=4) > 0

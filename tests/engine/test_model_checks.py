@@ -99,9 +99,11 @@ def _write_model(path, types=None, n_layers=2, biases=()):
                        ("attention.head_count_kv", N_KV_HEADS)):
         w.add_uint32(f"llama.{key}", value)
     vocab = byte_level_vocab(VOCAB)
-    w.add_tokenizer_model("gpt2")
+    vocab["tokens"][256], vocab["token_types"][256] = "\u0120\u0120", 1   # two spaces: one merge, so the
+    w.add_tokenizer_model("gpt2")                                          # tokenizer can be built
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["token_types"])
+    w.add_token_merges(["\u0120 \u0120"])
     for name, arr in _tensors(rng, n_layers, biases).items():
         qtype = (types or {}).get(name)
         if qtype is None:
@@ -158,3 +160,23 @@ def test_llama_biases_are_checked_when_present(tmp_path):
         LLM(quantized, warmup=False)
     both = _write_model(tmp_path / "c.gguf", biases=(0, 1))
     assert config_from_gguf(GGUFFile(both)).qkv_bias
+
+
+def test_n_ctx_is_checked_against_the_training_context_and_memory(tmp_path):
+    """The file says context_length 128: the default n_ctx is that, a larger one needs
+    allow_long_context=True, and a KV cache that cannot fit this machine's memory is refused
+    before anything is allocated (10**9 positions x 3 slots x 2 layers x 128 kv values x 2 bytes
+    x (k + v) = 3 TB)."""
+    from lmengine import LLM
+    from lmengine.errors import ContextLengthError, InvalidParameterError
+    path = _write_model(tmp_path / "ctx.gguf")
+    with LLM(path, warmup=False) as llm:
+        assert llm.n_ctx == 128
+    with pytest.raises(ContextLengthError, match="n_ctx=256 is beyond the training context .*128 positions"):
+        LLM(path, n_ctx=256, warmup=False)
+    with LLM(path, n_ctx=256, allow_long_context=True, warmup=False) as llm:
+        assert llm.n_ctx == 256
+    with pytest.raises(InvalidParameterError, match=r"n_ctx=1000000000 .* needs a KV cache of .* GiB"):
+        LLM(path, n_ctx=10**9, max_batch_size=2, allow_long_context=True, warmup=False)
+    with pytest.raises(InvalidParameterError, match="model must be a path"):
+        LLM(123)
