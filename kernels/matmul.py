@@ -10,7 +10,8 @@ Two kinds of arithmetic:
 
 * float path (`act_q8=False`, `matmul_f32`): blocks are decoded to float32 on the fly and dotted
   with float32 activations. Equals NumPy's `dequantize(W) @ x.T` up to float32 summation order.
-  Works for every type `lmengine.kernels.quant` can decode (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K formats).
+  Works for every type `lmengine.kernels.quant` can decode (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K formats,
+  Q5_0, Q5_1, IQ4_NL; C for the first six, Numba for the others).
 * int8 path (`act_q8=True`, `quantize_activations` + `matmul_q8`): each 32-value block of x is
   quantized to int8 with one float32 scale, as ggml's Q8_0/Q8_1 do, and each block product is an
   exact integer dot product of the weight's 4/8-bit values with those int8 values:
@@ -20,7 +21,12 @@ Two kinds of arithmetic:
                                                       with xs = dx * sum(xq)  (ggml's Q8_1 "s")
 
   (The C kernels compute Q4_0 in Q4_1's form, q = nibble and mw = -8 dw, to use unsigned x
-  signed byte products; same value, different float rounding.) F32/F16/BF16 weights have no
+  signed byte products; same value, different float rounding.)
+  Q5_0, Q5_1, IQ4_NL weights (`EXACT_TYPES`, as ggml's vec_dot_q5_0_q8_0 / q5_1_q8_1 /
+  iq4_nl_q8_0) take the same activations, in the form w = dw * q + mw (Q5_0: q = 0..31 and
+  mw = -16 dw; Q5_1: mw = m; IQ4_NL: q the codebook value, no mw), with one fixed float order
+  (blocks summed in groups of 8, see `_matmul_exact_numba`), so that the Numba reference and every
+  C SIMD path give the same bits. F32/F16/BF16 weights have no
   integer form; `matmul(..., act_q8=True)` uses the float path for them. Differences to ggml:
   scales dx and xs stay float32 (ggml rounds them to f16), and xq = round-half-to-even(x / dx)
   (ggml's reference rounds halves away from zero; its AVX code rounds to even).
@@ -50,11 +56,14 @@ from numba import njit, prange
 from . import native
 from .kquant import QK_K, k_block_bytes, matmul_k_numba, quantize_q8k_into
 from .ops import PARALLEL_MIN_TOKENS   # row-wise work goes over threads from this many tokens on
-from .quant import BF16, BLOCK_BYTES_BY_ID, BLOCK_SIZE_BY_ID, F16, F32, N_TYPE_IDS, Q4_0, Q4_1, Q8_0, QK
+from .quant import BF16, BLOCK_BYTES_BY_ID, BLOCK_SIZE_BY_ID, F16, F32, IQ4_NL, KVALUES_IQ4NL, N_TYPE_IDS
+from .quant import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK
 from .quant import dequantize_row_into, half_bits_to_float
 
 ROW_TILE = 16          # rows of W per unit of thread work (one C call per tile)
-Q8_TYPES = (Q8_0, Q4_0, Q4_1)   # weight types with an int8 path on 32-value activation blocks
+EXACT_TYPES = (Q5_0, Q5_1, IQ4_NL)          # int8 path with the same bits in C and Numba (below)
+Q8_TYPES = (Q8_0, Q4_0, Q4_1) + EXACT_TYPES   # weight types with an int8 path on 32-value activation blocks
+GROUP_BLOCKS = 8       # blocks per float group sum of the exact int8 path
 
 # Block tables indexed by type id, for Numba (0 = unsupported type).
 _N_TYPE_IDS = N_TYPE_IDS
@@ -241,10 +250,94 @@ def _decode_row_q8(w_u8, w_type, row_offset, n_blocks, wq, wd, wm):
 
 
 @njit(cache=True, nogil=True)
+def is_exact_type(w_type):
+    """Q5_0, Q5_1, IQ4_NL: int8 path with the exact (same bits in C and Numba) arithmetic."""
+    return w_type == Q5_0 or w_type == Q5_1 or w_type == IQ4_NL
+
+
+@njit(cache=True, nogil=True)
+def _decode_row_exact(w_u8, w_type, row_offset, n_blocks, wq, wd, wm):
+    """Integer form of one Q5_0/Q5_1/IQ4_NL row, W = wd * wq + wm per block (as kernels/csrc/qdot.c
+    section 4): wq int8 [n_blocks*32] (Q5_0, Q5_1: the 5-bit values 0..31; IQ4_NL: the codebook
+    values), wd float32 [n_blocks], wm float32 [n_blocks] (Q5_0: -16 wd; Q5_1: m; IQ4_NL: 0)."""
+    block_bytes = _BLOCK_BYTES_BY_ID[w_type]
+    for b in range(n_blocks):
+        o = row_offset + b * block_bytes
+        d = half_bits_to_float(np.int64(w_u8[o]) | (np.int64(w_u8[o + 1]) << 8))
+        wd[b] = d
+        if w_type == IQ4_NL:                        # [0:2] d | [2:18] qs
+            wm[b] = 0.0
+            for j in range(QK // 2):
+                byte = np.int64(w_u8[o + 2 + j])
+                wq[b * QK + j] = KVALUES_IQ4NL[byte & 0xF]
+                wq[b * QK + j + QK // 2] = KVALUES_IQ4NL[byte >> 4]
+            continue
+        qh_offset = o + 2                           # Q5_0: [0:2] d | [2:6] qh | [6:22] qs
+        if w_type == Q5_0:
+            wm[b] = np.float32(-16.0) * d
+        else:                                       # Q5_1: [0:2] d | [2:4] m | [4:8] qh | [8:24] qs
+            wm[b] = half_bits_to_float(np.int64(w_u8[o + 2]) | (np.int64(w_u8[o + 3]) << 8))
+            qh_offset = o + 4
+        qh = np.int64(0)
+        for k in range(4):
+            qh |= np.int64(w_u8[qh_offset + k]) << (8 * k)
+        for j in range(QK // 2):
+            byte = np.int64(w_u8[qh_offset + 4 + j])
+            wq[b * QK + j] = (byte & 0xF) | (((qh >> j) & 1) << 4)
+            wq[b * QK + j + QK // 2] = (byte >> 4) | (((qh >> (j + QK // 2)) & 1) << 4)
+
+
+@njit(cache=True, nogil=True)
+def _group_sum(p):
+    """The fixed order of an 8-block group's float sum (that of the C kernels' horizontal sum)."""
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_exact_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out, bytes_per_row):
+    """The exact int8 path of Q5_0/Q5_1/IQ4_NL (the reference of kernels/csrc/qdot.c section 4,
+    bit for bit): per (row, token), blocks in groups of 8, the last one padded with p = 0,
+
+        isum_b = sum_i wq_i * xq_i                    exact integer
+        p_j    = (wd_b * xd_b) * float32(isum_b)  (+ wm_b * xs_b: Q5_0, Q5_1)     b = first + j
+        acc    = acc + (((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)))
+
+    in float32 without fused multiply-adds (no fastmath here)."""
+    n_tok = xq.shape[0]
+    n_blocks = n_cols // QK
+    mins = w_type != IQ4_NL
+    n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE if n_tok > 0 else 0
+    for tile in prange(n_tiles):
+        wq = np.empty(n_cols, dtype=np.int8)
+        wd = np.empty(n_blocks, dtype=np.float32)
+        wm = np.empty(n_blocks, dtype=np.float32)
+        p = np.empty(GROUP_BLOCKS, dtype=np.float32)
+        for r in range(tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)):
+            _decode_row_exact(w_u8, w_type, r * bytes_per_row, n_blocks, wq, wd, wm)
+            for t in range(n_tok):
+                acc = np.float32(0.0)
+                for first in range(0, n_blocks, GROUP_BLOCKS):
+                    for j in range(GROUP_BLOCKS):
+                        b = first + j
+                        if b >= n_blocks:
+                            p[j] = np.float32(0.0)
+                            continue
+                        isum = np.int32(0)
+                        for i in range(b * QK, (b + 1) * QK):
+                            isum += np.int32(wq[i]) * np.int32(xq[t, i])
+                        v = (wd[b] * xd[t, b]) * np.float32(isum)
+                        if mins:
+                            v = v + wm[b] * xs[t, b]
+                        p[j] = v
+                    acc = acc + _group_sum(p)
+                out[t, r] = acc
+
+
+@njit(cache=True, nogil=True)
 def _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
     """Shared checks of the int8 entry points; returns row_bytes."""
-    if w_type != Q8_0 and w_type != Q4_0 and w_type != Q4_1:
-        raise ValueError("matmul_q8: w_type must be Q8_0, Q4_0 or Q4_1")
+    if w_type != Q8_0 and w_type != Q4_0 and w_type != Q4_1 and not is_exact_type(w_type):
+        raise ValueError("matmul_q8: w_type must be Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or IQ4_NL")
     bytes_per_row = _check_weights(w_u8, w_type, n_rows, n_cols)
     n_tok = xq.shape[0]
     if xq.shape[1] != n_cols:
@@ -256,13 +349,22 @@ def _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
     return bytes_per_row
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def matmul_q8_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
-    """Numba int8 path (the reference for the C kernels): out[t, r] = sum over blocks b of
-    wd[b] * xd[t, b] * isum(b) (+ wm[b] * xs[t, b] for Q4_1), isum an exact int32 dot product.
-    Blocks are accumulated in order b = 0, 1, ... in float32.
+    """Numba int8 path (the reference for the C kernels). Q8_0, Q4_0, Q4_1: out[t, r] = sum over
+    blocks b of wd[b] * xd[t, b] * isum(b) (+ wm[b] * xs[t, b] for Q4_1), isum an exact int32 dot
+    product, blocks accumulated in order b = 0, 1, ... in float32 (the C kernels sum in another
+    order). Q5_0, Q5_1, IQ4_NL: `_matmul_exact_numba`, bit for bit the C kernels.
     """
     bytes_per_row = _check_q8_args(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
+    if is_exact_type(w_type):
+        _matmul_exact_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out, bytes_per_row)
+    else:
+        _matmul_q8_rows_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out, bytes_per_row)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_q8_rows_numba(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out, bytes_per_row):
     n_tok = xq.shape[0]
     n_blocks = n_cols // QK
     n_tiles = (n_rows + ROW_TILE - 1) // ROW_TILE if n_tok > 0 else 0
@@ -365,8 +467,8 @@ def matmul_f32(w_u8, w_type, n_rows, n_cols, x, out):
 
 @njit(cache=True, nogil=True)
 def matmul_q8(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out):
-    """int8 path on activations from `quantize_activations` (w_type Q8_0, Q4_0 or Q4_1):
-    out float32 [n_tok, n_rows]."""
+    """int8 path on activations from `quantize_activations` (w_type Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+    or IQ4_NL): out float32 [n_tok, n_rows]."""
     if (use_native() and _is_contiguous(w_u8) and _is_contiguous(xq) and _is_contiguous(xd)
             and _is_contiguous(xs) and _is_contiguous(out)):
         matmul_q8_native(w_u8, w_type, n_rows, n_cols, xq, xd, xs, out)
@@ -461,7 +563,7 @@ def matmul_k(w_u8, w_type, n_rows, n_cols, xq, xd, xsum, out):
 @njit(cache=True, nogil=True)
 def _matmul_int_terms(w_u8, w_type, n_rows, n_cols, x, out, n_terms):
     """The integer path of `matmul`: x quantized in n_terms terms (32-value blocks for
-    Q8_0/Q4_0/Q4_1, Q8_K's 256-value blocks for the K types), one product over all terms' rows
+    Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL, Q8_K's 256-value blocks for the K types), one product over all terms' rows
     (each weight block read once), then the terms summed in a fixed order."""
     _check_weights(w_u8, w_type, n_rows, n_cols)
     if x.ndim != 2 or x.shape[1] != n_cols:
@@ -484,14 +586,15 @@ def _matmul_int_terms(w_u8, w_type, n_rows, n_cols, x, out, n_terms):
 @njit(cache=True, nogil=True)
 def has_int_path(w_type, n_cols):
     """Whether `matmul` has an integer path for this type (K types need whole superblocks)."""
-    return w_type == Q8_0 or w_type == Q4_0 or w_type == Q4_1 or (is_k_type(w_type) and n_cols % QK_K == 0)
+    return (w_type == Q8_0 or w_type == Q4_0 or w_type == Q4_1 or is_exact_type(w_type)
+            or (is_k_type(w_type) and n_cols % QK_K == 0))
 
 
 @njit(cache=True, nogil=True)
 def matmul(w_u8, w_type, n_rows, n_cols, x, out, act):
     """out float32 [n_tok, n_rows] = W @ x.T for W raw ggml blocks (n_rows, n_cols) of w_type and
     x float32 [n_tok, n_cols]. act: ACT_F32 (or False) float path (exact); ACT_INT8 (or True)
-    integer dot products on int8 activations (32-value blocks for Q8_0/Q4_0/Q4_1, Q8_K's
+    integer dot products on int8 activations (32-value blocks for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL, Q8_K's
     256-value blocks for the K types and IQ4_XS: the fast path); ACT_INT8X2 two int8 terms (see
     quantize_activations_x2). F32/F16/BF16 weights always take the float path."""
     if act != ACT_F32 and has_int_path(w_type, n_cols):

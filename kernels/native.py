@@ -4,8 +4,9 @@ quantization, f16 conversion and rope; built by cffi as `lmengine.kernels._nativ
 Numba. Every C function has a portable path beside its SIMD ones, so it runs on any CPU.
 
 Loading: `HAVE_NATIVE` says whether the extension was found and loaded (`LOAD_ERROR` says why
-not). Setting the environment variable LMENGINE_NO_NATIVE=1 before the first import makes this
-process behave as if it were missing (tests use it to run the Numba fallback end to end).
+not; `fast_path_note()` makes of it one sentence for the user). Setting the environment variable
+LMENGINE_NO_NATIVE=1 before the first import makes this process behave as if it were missing
+(tests use it to run the Numba fallback end to end).
 
 Calling from Numba, and why not `lib.fn(...)`: Numba can call functions of a cffi module in
 nopython mode (`register_module` is done below, so `lib.lme_matmul_q8(ffi.from_buffer(a), ...)`
@@ -61,6 +62,15 @@ else:
         ffi = lib = None
         LOAD_ERROR = f"lmengine.kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
 HAVE_NATIVE = lib is not None
+
+
+def fast_path_note() -> str | None:
+    """None when the C extension is loaded; otherwise one sentence for logs (`lmengine info`, the
+    verbose LLM log) saying that this process runs on the Numba kernels only, why, and the remedy."""
+    return None if HAVE_NATIVE else (
+        f"lmengine is running on its Numba kernels only (the C extension is not loaded: {LOAD_ERROR}); "
+        "for the fast path reinstall with a C compiler (gcc/clang) available or install the prebuilt wheel")
+
 
 if HAVE_NATIVE:
     from numba.core.typing import cffi_utils

@@ -1,5 +1,6 @@
 /* Pieces shared by the C kernels (internal, not part of the API in lmengine.h): platform and
- * target macros, the block formats of Q8_0 / Q4_0 / Q4_1, exact f16 <-> f32 conversion, the
+ * target macros, the block formats of the 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL)
+ * and IQ4's codebook, exact f16 <-> f32 conversion, the
  * CPU check of cpu.c, and the vector exponential of the AVX-512 kernels. */
 #ifndef LME_COMMON_H
 #define LME_COMMON_H
@@ -36,7 +37,7 @@ int lme_cpu_has_isa(int isa);
 
 /* ---- block formats (ggml's, little-endian, no alignment: a block may start at any byte) ------- */
 
-#define QK 32                                  /* values per block of Q8_0 / Q4_0 / Q4_1 */
+#define QK 32                                  /* values per block of the 32-value types */
 
 struct block_q8_0 {                            /* value i = d * qs[i] */
     uint8_t d[2];                              /* f16 scale */
@@ -54,10 +55,36 @@ struct block_q4_1 {                            /* value j = d * nibble + m */
     uint8_t qs[QK / 2];                        /* as Q4_0 */
 };
 
+struct block_q5_0 {                            /* value j = d * (q_j - 16), q_j 5 bits */
+    uint8_t d[2];                              /* f16 scale */
+    uint8_t qh[4];                             /* u32 little-endian: bit j is bit 4 of q_j */
+    uint8_t qs[QK / 2];                        /* low 4 bits of q_j: as Q4_0's nibbles */
+};
+
+struct block_q5_1 {                            /* value j = d * q_j + m */
+    uint8_t d[2];                              /* f16 scale */
+    uint8_t m[2];                              /* f16 minimum */
+    uint8_t qh[4];                             /* as Q5_0 */
+    uint8_t qs[QK / 2];
+};
+
+struct block_iq4_nl {                          /* value j = d * KVALUES_IQ4NL[nibble j] */
+    uint8_t d[2];                              /* f16 scale */
+    uint8_t qs[QK / 2];                        /* nibbles as Q4_0's */
+};
+
+/* the non-linear 4-bit codebook of IQ4_NL and IQ4_XS (ggml's kvalues_iq4nl) */
+static const int8_t KVALUES_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                         1, 13, 25, 38, 53, 69, 89, 113};
+
 _Static_assert(sizeof(struct block_q8_0) == 34 && offsetof(struct block_q8_0, qs) == 2, "Q8_0 block");
 _Static_assert(sizeof(struct block_q4_0) == 18 && offsetof(struct block_q4_0, qs) == 2, "Q4_0 block");
 _Static_assert(sizeof(struct block_q4_1) == 20 && offsetof(struct block_q4_1, m) == 2
                && offsetof(struct block_q4_1, qs) == 4, "Q4_1 block");
+_Static_assert(sizeof(struct block_q5_0) == 22 && offsetof(struct block_q5_0, qs) == 6, "Q5_0 block");
+_Static_assert(sizeof(struct block_q5_1) == 24 && offsetof(struct block_q5_1, qh) == 4
+               && offsetof(struct block_q5_1, qs) == 8, "Q5_1 block");
+_Static_assert(sizeof(struct block_iq4_nl) == 18 && offsetof(struct block_iq4_nl, qs) == 2, "IQ4_NL block");
 
 static inline int64_t block_size(int64_t w_type) {      /* values per block; 0: unsupported type */
     switch (w_type) {

@@ -54,9 +54,7 @@
 #define TILE_BYTES (48 * 1024)                 /* weight bytes per row tile (stays in L2 while
                                                 * every token group passes over it) */
 
-/* the non-linear 4-bit codebook of IQ4_XS (ggml's kvalues_iq4nl) */
-static const int8_t KVALUES_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                         1, 13, 25, 38, 53, 69, 89, 113};
+/* KVALUES_IQ4NL, the 4-bit codebook of IQ4_XS: common.h */
 
 static inline int64_t kblock_bytes(int64_t w_type) {      /* bytes per superblock; 0: not a K type */
     switch (w_type) {

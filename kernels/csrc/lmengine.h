@@ -30,12 +30,15 @@
 #define LME_TYPE_F16 1
 #define LME_TYPE_Q4_0 2
 #define LME_TYPE_Q4_1 3
+#define LME_TYPE_Q5_0 6
+#define LME_TYPE_Q5_1 7
 #define LME_TYPE_Q8_0 8
 #define LME_TYPE_Q2_K 10
 #define LME_TYPE_Q3_K 11
 #define LME_TYPE_Q4_K 12
 #define LME_TYPE_Q5_K 13
 #define LME_TYPE_Q6_K 14
+#define LME_TYPE_IQ4_NL 20
 #define LME_TYPE_IQ4_XS 23
 #define LME_TYPE_BF16 30
 
@@ -69,13 +72,23 @@ int lme_set_isa(int isa);        /* select a path (-1: the best); LME_ERR_ISA if
  *
  *     out[t * n_rows + r] = dot(W[r], x[t])
  *
- * lme_matmul_q8:  W is Q8_0, Q4_0 or Q4_1; x[t] is given as 8-bit blocks of 32 values:
- *                 xq int8 [n_tok * n_cols] in [-127, 127], xd float [n_tok * n_cols/32]
- *                 (x ~ xd * xq), xs float [n_tok * n_cols/32] (xd * sum of the block's xq).
- *                 Each block product is an exact integer sum; out accumulates
- *                 dw * xd * isum (+ mw * xs: Q4_1, and Q4_0 as nibbles with mw = -8 dw) in
- *                 float, in an order that differs between SIMD paths (within float rounding).
- *                 (An xq of -128 gives a wrong product with Q8_0 weights, never a crash.)
+ * lme_matmul_q8:  W is Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or IQ4_NL; x[t] is given as 8-bit blocks
+ *                 of 32 values: xq int8 [n_tok * n_cols] in [-127, 127], xd float
+ *                 [n_tok * n_cols/32] (x ~ xd * xq), xs float [n_tok * n_cols/32] (xd * sum of
+ *                 the block's xq). Each block product is an exact integer sum.
+ *                 Q8_0, Q4_0, Q4_1: out accumulates dw * xd * isum (+ mw * xs: Q4_1, and Q4_0
+ *                 as nibbles with mw = -8 dw) in float, in an order that differs between SIMD
+ *                 paths (within float rounding).
+ *                 Q5_0, Q5_1, IQ4_NL: the same bits on every SIMD path (and in the Numba
+ *                 reference, kernels/matmul.py): per (row, token), blocks in groups of 8, the
+ *                 last group padded with p_j = 0,
+ *                     p_j = (dw_j * xd_j) * (float)isum_j  (+ mw_j * xs_j: Q5_0, Q5_1)
+ *                     acc = acc + (((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)))
+ *                 with q_j the 5-bit values 0..31 (Q5_0: mw = -16 dw; Q5_1: mw = m) or the
+ *                 IQ4_NL codebook values (no mw); acc from 0, out = acc.
+ *                 Every type: a (row, token) result does not depend on n_tok or the token's
+ *                 place in the batch. (An xq of -128 gives a wrong product with Q8_0 and IQ4_NL
+ *                 weights, never a crash.)
  * lme_matmul_f32: W is F32, F16, BF16, Q8_0, Q4_0 or Q4_1, decoded to float exactly as ggml
  *                 does; x float [n_tok * n_cols]; float sums in a per-path order. */
 int lme_matmul_q8(int64_t w_type, const uint8_t *w, int64_t w_len,

@@ -8,7 +8,9 @@
  *      float path decodes a chunk of each row once and dots it with every token
  *   3. the ISA-specific primitives: scalar; a 256-bit integer kernel shared by AVX2 (maddubs)
  *      and AVX-512 VNNI (vpdpbusd), which differ only in the 32-byte block product
- *   4. argument checks and the entry points, which run the tile function of the path
+ *   4. the exact kernels of Q5_0, Q5_1 and IQ4_NL (scalar; AVX2 and AVX-512 VNNI): the same
+ *      bits on every path
+ *   5. argument checks and the entry points, which run the tile function of the path
  *      lme_get_isa() selects (generic loops + that ISA's primitives, compiled for it with
  *      __attribute__((target)); cpu.c picks the path by CPUID).
  *
@@ -25,6 +27,7 @@
 #define CHUNK_BLOCKS 64                        /* a row is decoded this many blocks at a time */
 #define CHUNK_VALUES (CHUNK_BLOCKS * QK)       /* 2048 values: 2 KB int8 or 8 KB float */
 #define TOKEN_GROUP_MAX 8                      /* tokens sharing each load of a weight block */
+#define GROUP_BLOCKS_EXACT 8                   /* blocks per float sum of the exact kernels (section 4) */
 
 /* ---- 1. block decoders ----------------------------------------------------------------------- */
 
@@ -451,18 +454,253 @@ TARGET_AVX512 static void tile_q8_avx512(const struct q8_args *a) { tile_q8(&KIT
 TARGET_AVX512 static void tile_f32_avx512(const struct f32_args *a) { tile_f32(&KIT_AVX512, a); }
 #endif /* LME_X86 */
 
-/* ---- 4. argument checks and entry points ---------------------------------------------------- */
+/* ---- 4. Q5_0, Q5_1, IQ4_NL: the exact kernels ------------------------------------------------ */
+/* The weights of a block in integer form, W = dw * q + mw (q int8 [32], value j as in common.h):
+ *   Q5_0    q = 5-bit value 0..31 (nibble | qh bit << 4), mw = -16 dw   (ggml: d (q - 16))
+ *   Q5_1    q = 5-bit value 0..31, mw = m
+ *   IQ4_NL  q = KVALUES_IQ4NL[nibble] (-127 .. 113), no mw
+ * Arithmetic (lmengine.h), the same IEEE operations in the same order on every path and in the
+ * Numba reference (kernels/matmul.py), so all agree bit for bit: per (row, token), blocks in
+ * groups of 8 (the last group padded with p_j = 0),
+ *     isum_j = sum_i q_ij xq_ij                                   exact integer
+ *     p_j    = (dw_j * xd_j) * (float)isum_j  (+ mw_j * xs_j)
+ *     acc    = acc + group_sum(p) = acc + (((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)))
+ * (group_sum is hsum_avx2's order). Each token has its own accumulator: batch invariant.
+ * AVX2: per block and token one maddubs (u8 x s8; IQ4_NL through the sign trick, |q| <= 127)
+ * and one madd to 8 int32 lanes; the lanes of 8 blocks are reduced to their 8 exact isums
+ * with hadds, so the float part is one 8-lane multiply(-add) and one horizontal sum per group. */
 
-/* Checks shared by both entry points. Sets *nothing_to_do when the tile is empty. */
-static int check_matrix(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows, int64_t n_cols,
-                        int64_t row_begin, int64_t row_end, int64_t n_tok, const float *out,
+static inline int64_t exact_block_bytes(int64_t w_type) {       /* 0: not one of these types */
+    switch (w_type) {
+    case LME_TYPE_Q5_0: return sizeof(struct block_q5_0);
+    case LME_TYPE_Q5_1: return sizeof(struct block_q5_1);
+    case LME_TYPE_IQ4_NL: return sizeof(struct block_iq4_nl);
+    default: return 0;
+    }
+}
+
+static ALWAYS_INLINE float group_sum(const float p[GROUP_BLOCKS_EXACT]) {
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+}
+
+/* ---- 4a. scalar ---- */
+
+/* One block blk -> q[32] (integer form above); returns dw, *mw its min (0 for IQ4_NL) */
+static float decode_exact_block(int64_t w_type, const uint8_t *blk, int8_t q[QK], float *mw) {
+    const float d = fp16_to_fp32(load_u16(blk));
+    if (w_type == LME_TYPE_IQ4_NL) {
+        const uint8_t *qs = ((const struct block_iq4_nl *)blk)->qs;
+        for (int j = 0; j < QK / 2; j++) {
+            q[j] = KVALUES_IQ4NL[qs[j] & 0x0F];
+            q[j + QK / 2] = KVALUES_IQ4NL[qs[j] >> 4];
+        }
+        *mw = 0.0f;
+        return d;
+    }
+    const uint8_t *qh_bytes = w_type == LME_TYPE_Q5_0 ? ((const struct block_q5_0 *)blk)->qh
+                                                      : ((const struct block_q5_1 *)blk)->qh;
+    const uint8_t *qs = qh_bytes + 4;                      /* both layouts: qs follows qh */
+    const uint32_t qh = (uint32_t)qh_bytes[0] | ((uint32_t)qh_bytes[1] << 8) | ((uint32_t)qh_bytes[2] << 16)
+                        | ((uint32_t)qh_bytes[3] << 24);
+    for (int j = 0; j < QK / 2; j++) {
+        q[j] = (int8_t)((qs[j] & 0x0F) | (((qh >> j) & 1) << 4));
+        q[j + QK / 2] = (int8_t)((qs[j] >> 4) | (((qh >> (j + QK / 2)) & 1) << 4));
+    }
+    *mw = w_type == LME_TYPE_Q5_0 ? -16.0f * d : fp16_to_fp32(load_u16(((const struct block_q5_1 *)blk)->m));
+    return d;
+}
+
+/* rows of the tile x tokens t0 .. t0 + n_group - 1: each group of 8 blocks of a row decoded
+ * once, then dotted with every token */
+static void rows_exact_scalar(const struct q8_args *a, int64_t t0, int n_group) {
+    const int64_t bytes = exact_block_bytes(a->w_type), nb = a->n_cols / QK;
+    const int mins = a->w_type != LME_TYPE_IQ4_NL;
+    for (int64_t row = a->row_begin; row < a->row_end; row++) {
+        const uint8_t *w_row = a->w + row * nb * bytes;
+        float acc[TOKEN_GROUP_MAX] = {0};
+        for (int64_t b0 = 0; b0 < nb; b0 += GROUP_BLOCKS_EXACT) {
+            const int n_here = nb - b0 < GROUP_BLOCKS_EXACT ? (int)(nb - b0) : GROUP_BLOCKS_EXACT;
+            int8_t q[GROUP_BLOCKS_EXACT][QK];
+            float dw[GROUP_BLOCKS_EXACT], mw[GROUP_BLOCKS_EXACT];
+            for (int j = 0; j < n_here; j++)
+                dw[j] = decode_exact_block(a->w_type, w_row + (b0 + j) * bytes, q[j], &mw[j]);
+            for (int t = 0; t < n_group; t++) {
+                const int64_t first = (t0 + t) * nb + b0;          /* token's block b0 */
+                float p[GROUP_BLOCKS_EXACT];
+                for (int j = 0; j < GROUP_BLOCKS_EXACT; j++) {
+                    if (j >= n_here) {
+                        p[j] = 0.0f;
+                        continue;
+                    }
+                    const int8_t *xq = a->xq + (first + j) * QK;
+                    int32_t isum = 0;
+                    for (int i = 0; i < QK; i++)
+                        isum += (int32_t)q[j][i] * (int32_t)xq[i];
+                    p[j] = (dw[j] * a->xd[first + j]) * (float)isum;
+                    if (mins)
+                        p[j] = p[j] + mw[j] * a->xs[first + j];
+                }
+                acc[t] = acc[t] + group_sum(p);
+            }
+        }
+        for (int t = 0; t < n_group; t++)
+            a->out[(t0 + t) * a->n_rows + row] = acc[t];
+    }
+}
+
+#if LME_X86
+/* ---- 4b. AVX2 and AVX-512 VNNI (one 256-bit kernel, as section 3b) ---- */
+
+/* The 32 weights of block blk as bytes: Q5_0, Q5_1 unsigned 0..31; IQ4_NL the signed codebook values */
+TARGET_AVX2 static ALWAYS_INLINE __m256i exact_weights_avx2(int64_t w_type, const uint8_t *blk) {
+    if (w_type == LME_TYPE_IQ4_NL) {
+        const __m256i book = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL));
+        return _mm256_shuffle_epi8(book, nibbles_256(((const struct block_iq4_nl *)blk)->qs));
+    }
+    const uint8_t *qh = w_type == LME_TYPE_Q5_0 ? ((const struct block_q5_0 *)blk)->qh
+                                                : ((const struct block_q5_1 *)blk)->qh;
+    int32_t bits;
+    memcpy(&bits, qh, sizeof bits);
+    /* byte j of qh_bytes: byte j / 8 of qh; then 0x10 where bit j % 8 of it is set, i.e. bit j of qh */
+    const __m256i qh_bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits),
+                                                 _mm256_setr_epi64x(0, 0x0101010101010101ll, 0x0202020202020202ll,
+                                                                    0x0303030303030303ll));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh_bytes, bit), bit),
+                                          _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(nibbles_256(qh + 4), high);
+}
+
+/* int32 x 8 whose sum is isum of weights w (u: their unsigned form) with the 32 xq at x; lane k
+ * holds the products 4k .. 4k + 3 both with isum_avx2 and with isum_vnni (the same lanes) */
+TARGET_AVX2 static ALWAYS_INLINE __m256i exact_lanes_256(isum_u8s8_fn isum, int64_t w_type, __m256i w, __m256i u,
+                                                         const int8_t *x) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)x);
+    if (w_type == LME_TYPE_IQ4_NL)
+        v = _mm256_sign_epi8(v, w);
+    return isum(u, v);
+}
+
+/* The 8 isums of one token's group of blocks, in block order (blocks from n_here on: 0, and
+ * their activations are not read): w, u the weights as bytes and their unsigned form, x the
+ * token's first block. The lanes of blocks j, j + 1 are pair-summed by hadd, and so on: a quad
+ * [lanes 0-3 of blocks 4h .. 4h + 3 | lanes 4-7 of them], then low half + high half. */
+TARGET_AVX2 static ALWAYS_INLINE __m256i exact_isums_256(isum_u8s8_fn isum, int64_t w_type, int n_here,
+                                                         const __m256i w[GROUP_BLOCKS_EXACT],
+                                                         const __m256i u[GROUP_BLOCKS_EXACT], const int8_t *x) {
+    __m256i quad[2];
+    for (int h = 0; h < 2; h++) {
+        __m256i lanes[4];
+        for (int k = 0; k < 4; k++) {
+            const int j = 4 * h + k;
+            lanes[k] = j < n_here ? exact_lanes_256(isum, w_type, w[j], u[j], x + j * QK) : _mm256_setzero_si256();
+        }
+        quad[h] = _mm256_hadd_epi32(_mm256_hadd_epi32(lanes[0], lanes[1]), _mm256_hadd_epi32(lanes[2], lanes[3]));
+    }
+    return _mm256_add_epi32(_mm256_permute2x128_si256(quad[0], quad[1], 0x20),
+                            _mm256_permute2x128_si256(quad[0], quad[1], 0x31));
+}
+
+/* One group of n_here <= 8 blocks of a row (blk) with the same blocks of the n_group tokens
+ * (xq, xd, xs of token t at t * nb blocks on): acc[t] = acc[t] + group_sum(p). The group's
+ * weights are put in byte form once, then each token runs through them on its own (few live
+ * registers). w_type and n_group are constants after inlining (n_here too, but for the last
+ * group of a row). */
+TARGET_AVX2 static ALWAYS_INLINE void exact_group_256(isum_u8s8_fn isum, int64_t w_type, int n_group, int n_here,
+                                                      const uint8_t *blk, const int8_t *xq, const float *xd,
+                                                      const float *xs, int64_t nb, float acc[TOKEN_GROUP_AVX2]) {
+    const int64_t bytes = exact_block_bytes(w_type);
+    __m256i w[GROUP_BLOCKS_EXACT], u[GROUP_BLOCKS_EXACT];
+    for (int j = 0; j < GROUP_BLOCKS_EXACT; j++) {
+        w[j] = j < n_here ? exact_weights_avx2(w_type, blk + j * bytes) : _mm256_setzero_si256();
+        u[j] = w_type == LME_TYPE_IQ4_NL ? _mm256_sign_epi8(w[j], w[j]) : w[j];
+    }
+    const __m256 dw = halves_256(blk, bytes, n_here);          /* lanes from n_here on 0 */
+    __m256 mw = _mm256_setzero_ps();
+    if (w_type == LME_TYPE_Q5_0)
+        mw = _mm256_mul_ps(_mm256_set1_ps(-16.0f), dw);
+    else if (w_type == LME_TYPE_Q5_1)
+        mw = halves_256(blk + offsetof(struct block_q5_1, m), bytes, n_here);
+    for (int t = 0; t < n_group; t++) {
+        const __m256i sums = exact_isums_256(isum, w_type, n_here, w, u, xq + t * nb * QK);
+        __m256 p = _mm256_mul_ps(_mm256_mul_ps(dw, load_floats_256(xd + t * nb, n_here)), _mm256_cvtepi32_ps(sums));
+        if (w_type != LME_TYPE_IQ4_NL)
+            p = _mm256_add_ps(p, _mm256_mul_ps(mw, load_floats_256(xs + t * nb, n_here)));
+        acc[t] = acc[t] + hsum_avx2(p);                        /* group_sum's order */
+    }
+}
+
+/* rows of the tile x tokens t0 .. t0 + n_group - 1 for constant w_type and n_group */
+TARGET_AVX2 static ALWAYS_INLINE void rows_exact_typed_256(isum_u8s8_fn isum, int64_t w_type, int n_group,
+                                                           const struct q8_args *a, int64_t t0) {
+    const int64_t bytes = exact_block_bytes(w_type), nb = a->n_cols / QK;
+    const int8_t *xq = a->xq + t0 * nb * QK;
+    const float *xd = a->xd + t0 * nb, *xs = a->xs + t0 * nb;
+    for (int64_t row = a->row_begin; row < a->row_end; row++) {
+        const uint8_t *w_row = a->w + row * nb * bytes;
+        float acc[TOKEN_GROUP_AVX2] = {0};
+        int64_t b = 0;
+        for (; b + GROUP_BLOCKS_EXACT <= nb; b += GROUP_BLOCKS_EXACT)
+            exact_group_256(isum, w_type, n_group, GROUP_BLOCKS_EXACT, w_row + b * bytes, xq + b * QK, xd + b,
+                            xs + b, nb, acc);
+        if (b < nb)
+            exact_group_256(isum, w_type, n_group, (int)(nb - b), w_row + b * bytes, xq + b * QK, xd + b, xs + b,
+                            nb, acc);
+        for (int t = 0; t < n_group; t++)
+            a->out[(t0 + t) * a->n_rows + row] = acc[t];
+    }
+}
+
+TARGET_AVX2 static ALWAYS_INLINE void rows_exact_group_256(isum_u8s8_fn isum, int64_t w_type, const struct q8_args *a,
+                                                           int64_t t0, int n_group) {
+    switch (n_group) {                         /* n_group as a constant (1 .. TOKEN_GROUP_AVX2) */
+    case 4: rows_exact_typed_256(isum, w_type, 4, a, t0); return;
+    case 3: rows_exact_typed_256(isum, w_type, 3, a, t0); return;
+    case 2: rows_exact_typed_256(isum, w_type, 2, a, t0); return;
+    default: rows_exact_typed_256(isum, w_type, 1, a, t0); return;
+    }
+}
+
+TARGET_AVX2 static ALWAYS_INLINE void rows_exact_any_256(isum_u8s8_fn isum, const struct q8_args *a, int64_t t0,
+                                                         int n_group) {
+    switch (a->w_type) {                       /* w_type as a constant */
+    case LME_TYPE_Q5_0: rows_exact_group_256(isum, LME_TYPE_Q5_0, a, t0, n_group); return;
+    case LME_TYPE_Q5_1: rows_exact_group_256(isum, LME_TYPE_Q5_1, a, t0, n_group); return;
+    default: rows_exact_group_256(isum, LME_TYPE_IQ4_NL, a, t0, n_group); return;
+    }
+}
+
+TARGET_AVX2 static void rows_exact_avx2(const struct q8_args *a, int64_t t0, int n_group) {
+    rows_exact_any_256(isum_avx2, a, t0, n_group);
+}
+
+/* AVX-512 VNNI: the block products by vpdpbusd, the same lanes (so the same bits); 4 tokens a
+ * group as on AVX2. (Not run by this project's CI machine, which lacks AVX-512.) */
+TARGET_AVX512 static void rows_exact_avx512(const struct q8_args *a, int64_t t0, int n_group) {
+    rows_exact_any_256(isum_vnni, a, t0, n_group);
+}
+#endif /* LME_X86 */
+
+/* Token groups outermost, as tile_q8 */
+static void tile_exact(void (*rows)(const struct q8_args *, int64_t, int), int token_group, const struct q8_args *a) {
+    for (int64_t t0 = 0; t0 < a->n_tok; t0 += token_group) {
+        const int64_t left = a->n_tok - t0;
+        rows(a, t0, left < token_group ? (int)left : token_group);
+    }
+}
+
+/* ---- 5. argument checks and entry points ---------------------------------------------------- */
+
+/* Checks shared by both entry points, for blocks of per_block values in `bytes` bytes (0: an
+ * unsupported type). Sets *nothing_to_do when the tile is empty. */
+static int check_matrix(int64_t per_block, int64_t bytes, const uint8_t *w, int64_t w_len, int64_t n_rows,
+                        int64_t n_cols, int64_t row_begin, int64_t row_end, int64_t n_tok, const float *out,
                         int64_t out_len, int *nothing_to_do) {
-    const int64_t per_block = block_size(w_type);
-    if (per_block == 0)
+    if (per_block == 0 || bytes == 0)
         return LME_ERR_TYPE;
     if (n_rows < 0 || n_cols <= 0 || n_tok < 0 || n_cols % per_block != 0)
         return LME_ERR_SHAPE;
-    const int64_t row_bytes = n_cols / per_block * block_bytes(w_type);
+    const int64_t row_bytes = n_cols / per_block * bytes;
     if ((n_rows > 0 && row_bytes > INT64_MAX / n_rows) || (n_rows > 0 && n_tok > INT64_MAX / n_rows)
         || n_tok > INT64_MAX / n_cols)
         return LME_ERR_SHAPE;
@@ -483,11 +721,12 @@ int lme_matmul_q8(int64_t w_type, const uint8_t *w, int64_t w_len,
                   const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
                   const float *xs, int64_t xs_len, int64_t n_tok,
                   float *out, int64_t out_len) {
-    if (w_type != LME_TYPE_Q8_0 && w_type != LME_TYPE_Q4_0 && w_type != LME_TYPE_Q4_1)
+    const int exact = exact_block_bytes(w_type) > 0;          /* Q5_0, Q5_1, IQ4_NL */
+    if (!exact && w_type != LME_TYPE_Q8_0 && w_type != LME_TYPE_Q4_0 && w_type != LME_TYPE_Q4_1)
         return LME_ERR_TYPE;
     int nothing_to_do = 0;
-    const int rc = check_matrix(w_type, w, w_len, n_rows, n_cols, row_begin, row_end, n_tok, out,
-                                out_len, &nothing_to_do);
+    const int rc = check_matrix(QK, exact ? exact_block_bytes(w_type) : block_bytes(w_type), w, w_len, n_rows,
+                                n_cols, row_begin, row_end, n_tok, out, out_len, &nothing_to_do);
     if (rc != LME_OK || nothing_to_do)
         return rc;
     if (xq == NULL || xd == NULL || xs == NULL)
@@ -496,6 +735,16 @@ int lme_matmul_q8(int64_t w_type, const uint8_t *w, int64_t w_len,
     if (xq_len < n_tok * n_cols || xd_len < n_blocks || xs_len < n_blocks)
         return LME_ERR_LENGTH;
     const struct q8_args a = {w_type, w, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, out};
+    if (exact) {
+        switch (lme_get_isa()) {
+#if LME_X86
+        case LME_ISA_AVX512: tile_exact(rows_exact_avx512, TOKEN_GROUP_AVX2, &a); break;
+        case LME_ISA_AVX2: tile_exact(rows_exact_avx2, TOKEN_GROUP_AVX2, &a); break;
+#endif
+        default: tile_exact(rows_exact_scalar, TOKEN_GROUP_MAX, &a); break;
+        }
+        return LME_OK;
+    }
     switch (lme_get_isa()) {
 #if LME_X86
     case LME_ISA_AVX512: tile_q8_avx512(&a); break;
@@ -511,8 +760,8 @@ int lme_matmul_f32(int64_t w_type, const uint8_t *w, int64_t w_len,
                    const float *x, int64_t x_len, int64_t n_tok,
                    float *out, int64_t out_len) {
     int nothing_to_do = 0;
-    const int rc = check_matrix(w_type, w, w_len, n_rows, n_cols, row_begin, row_end, n_tok, out,
-                                out_len, &nothing_to_do);
+    const int rc = check_matrix(block_size(w_type), block_bytes(w_type), w, w_len, n_rows, n_cols, row_begin,
+                                row_end, n_tok, out, out_len, &nothing_to_do);
     if (rc != LME_OK || nothing_to_do)
         return rc;
     if (x == NULL)

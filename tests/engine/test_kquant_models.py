@@ -1,6 +1,8 @@
 """Whole models whose matrices are K-quants (and IQ4_XS), as people download them: a tiny random
 llama (dims multiples of 256, so every matrix takes the K-quant kernels), quantized by
-`lmengine quantize` into llama.cpp's mixes, then run by the Numba backend.
+`lmengine quantize` into llama.cpp's mixes, then run by the Numba backend. Also the 32-value
+types with their own int8 kernels (Q5_0, Q5_1, IQ4_NL), quantized `--pure` so that every matrix
+has that type.
 
 References:
 - the exact path (activations="f32": float32 activations against the same blocks decoded on the
@@ -20,6 +22,7 @@ from lmengine.converters.quantize import quantize_gguf
 from tiny_models import _load_back, hf_logits, make_tiny_model
 
 MIXES = ["Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS"]
+PURE = ["Q5_0", "Q5_1", "IQ4_NL"]            # every matrix of the file of this type
 PROMPT = np.array([5, 17, 99, 3, 250, 41, 7, 120, 64, 33], dtype=np.int64)
 
 
@@ -31,11 +34,11 @@ def f32_model(tmp_path_factory):
     return path, hf
 
 
-@pytest.fixture(scope="module", params=MIXES)
+@pytest.fixture(scope="module", params=MIXES + PURE)
 def k_model(request, f32_model, tmp_path_factory):
     src, _ = f32_model
     dst = tmp_path_factory.mktemp("kq") / f"{request.param}.gguf"
-    quantize_gguf(str(src), str(dst), request.param)
+    quantize_gguf(str(src), str(dst), request.param, pure=request.param in PURE)
     f = GGUFFile(dst)
     return request.param, f, config_from_gguf(f)
 
@@ -48,6 +51,9 @@ def _backend(k_model, activations, n_slots=1):
 def test_the_mix_holds_k_types(k_model):
     name, f, _ = k_model
     types = {info.type_name for n, info in f.tensors.items() if n.endswith(".weight") and len(info.shape) == 2}
+    if name in PURE:
+        assert types == {name}, types
+        return
     expected = {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q6_K": {"Q6_K"}}.get(name)
     if expected is not None:
         assert expected <= types, types
@@ -70,10 +76,13 @@ def test_integer_paths_track_the_exact_path(k_model, activations):
     """Q8_K activations (one int8 term per 256 values, llama.cpp's arithmetic) move the logits by
     under 1% of their range on these random weights; two terms by about 1e-4. Measured over the
     four mixes (max |fast - exact| / logit range): int8 0.85-0.89%, mixed (two terms for k and v)
-    0.66-0.78%, int8x2 0.012-0.013%. Bounds: 2%, 2% and 0.05%, 2-4x those, so that a changed
-    rounding passes and a wrong scale or sub-block (errors of tens of percent) does not."""
+    0.66-0.78%, int8x2 0.012-0.013%; over the pure Q5_0 / Q5_1 / IQ4_NL files (32-value activation
+    blocks): int8 0.55-0.65%, mixed 0.47-0.57%, int8x2 0.011-0.012%. Bounds: 2%, 2% and 0.05%,
+    2-4x those, so that a changed rounding passes and a wrong scale or sub-block (errors of tens of
+    percent) does not."""
     exact = _backend(k_model, "f32").forward(0, PROMPT, 0, all_logits=True)
     fast = _backend(k_model, activations).forward(0, PROMPT, 0, all_logits=True)
+    assert not np.array_equal(fast, exact)            # the integer path was taken, not the float one
     bound = {"int8": 0.02, "mixed": 0.02, "int8x2": 5e-4}[activations]
     assert np.abs(fast - exact).max() <= bound * (exact.max() - exact.min())
     assert (fast.argmax(axis=1) == exact.argmax(axis=1)).mean() >= 0.8
