@@ -49,3 +49,18 @@ def assert_same_floats(ours, ref):
 
 def rel_err(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def random_blocks(n_blocks: int, block_bytes: int, f16_offsets, seed: int, spread: bool = True) -> np.ndarray:
+    """uint8 [n_blocks * block_bytes] of random block bytes whose f16 scale fields (at the byte
+    offsets f16_offsets of each block) are finite: of mixed sign and magnitudes 1e-4 .. 1e-1
+    (spread), or 0.009 .. 0.011."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    for offset in f16_offsets:
+        if spread:
+            scale = rng.choice([-1.0, 1.0], n_blocks) * 10.0 ** rng.uniform(-4, -1, n_blocks)
+        else:
+            scale = rng.uniform(0.009, 0.011, n_blocks)
+        blocks[:, offset:offset + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(-1)

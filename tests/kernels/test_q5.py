@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
+from checks import random_blocks
 
 from lmengine.kernels import matmul as mm
 from lmengine.kernels import native
@@ -45,18 +46,8 @@ ids = [NAMES[t] for t in TYPES]
 # -- inputs and references ------------------------------------------------------------------------
 
 def make_weights(w_type, n_rows, n_cols, seed, spread=True):
-    """Random blocks (uint8 [n_rows * row_bytes]) with finite f16 d (and m) of mixed sign and
-    magnitudes 1e-4 .. 1e-1 (spread), or 0.009 .. 0.011."""
-    rng = np.random.default_rng(seed)
-    n_blocks = n_rows * n_cols // QK
-    blocks = rng.integers(0, 256, size=(n_blocks, BLOCK_BYTES[w_type]), dtype=np.uint8)
-    for offset in F16_FIELDS[w_type]:
-        if spread:
-            scale = rng.choice([-1.0, 1.0], n_blocks) * 10.0 ** rng.uniform(-4, -1, n_blocks)
-        else:
-            scale = rng.uniform(0.009, 0.011, n_blocks)
-        blocks[:, offset:offset + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
-    return blocks.reshape(-1)
+    """Random blocks (uint8 [n_rows * row_bytes]) with finite f16 d (and m) (checks.random_blocks)."""
+    return random_blocks(n_rows * n_cols // QK, BLOCK_BYTES[w_type], F16_FIELDS[w_type], seed, spread)
 
 
 def make_x(n_tok, n_cols, seed):
