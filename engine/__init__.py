@@ -11,9 +11,13 @@ from .kernels import jit_cache as _jit_cache
 # Compiled code is cached on disk; a cached caller must never keep an old copy of a kernel it
 # inlined. The forward passes in models/ and backends/ compile the kernels into themselves, so
 # their sources are part of the fingerprint. This runs before anything loads a cached function.
+# A cache baked into a wheel (`lmengine warmup --portable`) was compiled for a portable CPU level:
+# this process compiles and loads for that level too, so that the cache matches (jit_cache.py).
 _here = _os.path.dirname(_os.path.abspath(__file__))
-_jit_cache.purge_stale_cache([_os.path.dirname(_os.path.abspath(_jit_cache.__file__)),
-                              _os.path.join(_here, "models"), _os.path.join(_here, "backends")])
+_KERNELS_DIR = _os.path.dirname(_os.path.abspath(_jit_cache.__file__))
+COMPILED_SOURCE_DIRS = (_KERNELS_DIR, _os.path.join(_here, "models"), _os.path.join(_here, "backends"))
+_jit_cache.purge_stale_cache(list(COMPILED_SOURCE_DIRS))
+_jit_cache.choose_target(_KERNELS_DIR)
 
 from .errors import LMEngineError  # noqa: E402
 from .generator import Completion, Generator, StreamChunk
