@@ -1,9 +1,15 @@
-"""Hugging Face llama / qwen2 checkpoints -> GGUF (the layout llama.cpp's converter writes).
+"""Hugging Face llama-family checkpoints -> GGUF (the layout llama.cpp's converter writes).
 
 Input: a model directory (config.json + *.safetensors or pytorch_model.bin, optional
 tokenizer.json), or an in-memory (config dict, state_dict) pair. Output: a GGUF v3 file with
-`general.architecture` llama or qwen2, tensors named as ggml names them (`blk.{i}.attn_q.weight`),
+`general.architecture` llama, qwen2, qwen3, gemma2, gemma3 or phi3, tensors named as ggml names
+them (`blk.{i}.attn_q.weight`, by the `gguf` package's TensorNameMap of the architecture),
 matrices stored as F32, F16, Q8_0, Q4_0 or Q4_1 blocks, vectors as F32.
+
+What llama.cpp's converter does beyond renaming, and so do we:
+- gemma2 / gemma3: HF's RMSNorm multiplies by (1 + weight); the file stores 1 + weight.
+- Llama 3 RoPE scaling: the per-pair frequency divisors are precomputed into `rope_freqs.weight`.
+- phi3 long-rope: the long and short factors become `rope_factors_long/short.weight`.
 
 The one subtle step: for llama, ggml's rope rotates adjacent pairs (2i, 2i+1) while HF's
 `rotate_half` rotates (i, i + head_dim/2). llama.cpp's converter therefore permutes the rows of
@@ -13,6 +19,7 @@ so our files run in llama.cpp and theirs run here. qwen2 keeps HF's order (ggml 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable
 
@@ -22,7 +29,10 @@ from lmengine.kernels.quant import quantize
 
 from .errors import ConversionError
 
-HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+            "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
+NORM_SHIFT_ARCHS = ("gemma2", "gemma3")   # HF norms scale by (1 + w): the file stores 1 + w
+SWA_PERIOD = {"gemma2": 2, "gemma3": 6}   # llama.cpp's fixed sliding-window layer pattern
 
 # HF parameter name (per layer, after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
 LAYER_NAMES = {
@@ -54,12 +64,20 @@ def _permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
              .reshape(w.shape))
 
 
-def hf_to_gguf_tensors(config: dict, state_dict: dict) -> tuple[str, dict]:
-    """Rename (and for llama permute) HF tensors. Returns (arch, {gguf_name: float32 array})."""
+def hf_arch(config: dict) -> str:
+    """The GGUF architecture of an HF config.json (its `architectures[0]`)."""
     arch = HF_ARCHS.get((config.get("architectures") or ["LlamaForCausalLM"])[0])
     if arch is None:
         raise ConversionError(f"unsupported HF architecture {config.get('architectures')} "
                               f"(supported: {', '.join(HF_ARCHS)})")
+    return arch
+
+
+def hf_to_gguf_tensors(config: dict, state_dict: dict) -> tuple[str, dict]:
+    """Rename (and for llama permute) HF tensors. Returns (arch, {gguf_name: float32 array})."""
+    arch = hf_arch(config)
+    if arch != "llama" and arch != "qwen2":
+        return arch, _mapped_tensors(arch, config, state_dict)
     n_heads = config["num_attention_heads"]
     n_kv_heads = config.get("num_key_value_heads") or n_heads
     out = {}
@@ -87,7 +105,135 @@ def hf_to_gguf_tensors(config: dict, state_dict: dict) -> tuple[str, dict]:
     if config.get("tie_word_embeddings") and "output.weight" in out:
         if np.array_equal(out["output.weight"], out["token_embd.weight"]):
             del out["output.weight"]  # tied: llama.cpp reuses token_embd
+    out.update(_rope_tensors(arch, config))
     return arch, out
+
+
+def _mapped_tensors(arch: str, config: dict, state_dict: dict) -> dict:
+    """{gguf_name: float32 array} of the newer architectures, named by gguf's TensorNameMap."""
+    import gguf
+
+    n_layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
+    out = {}
+    for name, value in state_dict.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ConversionError(f"unexpected tensor {name!r} in the {arch} checkpoint")
+        value = np.asarray(value, dtype=np.float32)
+        if arch in NORM_SHIFT_ARCHS and gname.endswith("norm.weight"):
+            value = value + np.float32(1.0)
+        out[gname] = value
+    if "output.weight" in out and (config.get("tie_word_embeddings", arch in NORM_SHIFT_ARCHS)
+                                   and np.array_equal(out["output.weight"], out["token_embd.weight"])):
+        del out["output.weight"]  # tied: llama.cpp reuses token_embd
+    out.update(_rope_tensors(arch, config))
+    return out
+
+
+def _rope_params(config: dict, layer_type: str = "full_attention") -> dict:
+    """The RoPE parameters of an HF config: `rope_parameters` (transformers 5, per layer type for
+    gemma3) or the older `rope_scaling` + `rope_theta`."""
+    params = config.get("rope_parameters") or {}
+    if layer_type in params and isinstance(params[layer_type], dict):
+        params = params[layer_type]
+    params = dict(params)
+    old = config.get("rope_scaling")
+    if isinstance(old, dict):
+        params = {**old, **params}
+    if "rope_type" not in params and "type" in params:
+        params["rope_type"] = params["type"]
+    if config.get("rope_theta") is not None and "rope_theta" not in params:
+        params["rope_theta"] = config["rope_theta"]
+    return params
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _rope_dim(config: dict) -> int:
+    partial = _rope_params(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    return int(_head_dim(config) * partial)
+
+
+def _rope_tensors(arch: str, config: dict) -> dict:
+    """rope_freqs.weight (Llama 3 scaling) or rope_factors_long/short.weight (phi3 long-rope), as
+    llama.cpp's converter computes them; {} for plain RoPE."""
+    params = _rope_params(config)
+    kind = params.get("rope_type", "default")
+    half = _rope_dim(config) // 2
+    if kind == "llama3":
+        base = float(params.get("rope_theta", 10000.0))
+        factor = float(params.get("factor", 8.0))
+        low_freq_factor = float(params.get("low_freq_factor", 1.0))
+        high_freq_factor = float(params.get("high_freq_factor", 4.0))
+        old_ctx = float(params.get("original_max_position_embeddings", 8192))
+        freqs = 1.0 / base ** (np.arange(0, 2 * half, 2, dtype=np.float32) / np.float32(2 * half))
+        wavelen = 2 * np.pi / freqs.astype(np.float64)
+        smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        factors = np.where(wavelen < old_ctx / high_freq_factor, 1.0,
+                           np.where(wavelen > old_ctx / low_freq_factor, factor,
+                                    1.0 / ((1.0 - smooth) / factor + smooth)))
+        return {"rope_freqs.weight": factors.astype(np.float32)}
+    if kind == "longrope":
+        long_f, short_f = params.get("long_factor"), params.get("short_factor")
+        if long_f is None or short_f is None or len(long_f) != half or len(short_f) != half:
+            raise ConversionError(f"longrope needs long_factor and short_factor of {half} values each")
+        return {"rope_factors_long.weight": np.asarray(long_f, dtype=np.float32),
+                "rope_factors_short.weight": np.asarray(short_f, dtype=np.float32)}
+    if kind not in ("default", "linear", "yarn"):
+        raise ConversionError(f"RoPE scaling {kind!r} is not converted (default, linear, yarn, llama3, longrope)")
+    return {}
+
+
+def _add_family_metadata(writer, arch: str, config: dict) -> None:
+    """The metadata keys of the newer architectures and of RoPE scaling (llama.cpp's names)."""
+    import gguf
+
+    params = _rope_params(config)
+    kind = params.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(params.get("original_max_position_embeddings")
+                                                 or config.get("max_position_embeddings", 2048)))
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if params.get(key) is not None:
+                add(float(params[key]))
+        if params.get("attention_factor") is not None:   # llama.cpp multiplies it by 0.1 ln(factor) + 1
+            writer.add_rope_scaling_attn_factors(float(params["attention_factor"]) /
+                                                 (0.1 * math.log(float(params["factor"])) + 1.0))
+    elif kind == "longrope":
+        orig = int(config.get("original_max_position_embeddings") or params["original_max_position_embeddings"])
+        scale = config["max_position_embeddings"] / orig
+        attn_factor = params.get("attention_factor")
+        if attn_factor is None:    # HF's and llama.cpp's default
+            attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+        writer.add_rope_scaling_orig_ctx_len(orig)
+        writer.add_rope_scaling_attn_factors(float(attn_factor))
+    if arch in SWA_PERIOD:
+        writer.add_sliding_window(int(config["sliding_window"]))
+        n = SWA_PERIOD[arch]
+        want = ["sliding_attention" if i % n < n - 1 else "full_attention" for i in range(config["num_hidden_layers"])]
+        if config.get("layer_types") not in (None, want):
+            raise ConversionError(f"{arch}: layer_types {config['layer_types']} differ from llama.cpp's fixed pattern "
+                                  f"(every {n}th layer global)")
+        for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+            if config.get(key):
+                add(float(config[key]))
+        scalar = config.get("query_pre_attn_scalar")
+        if scalar and scalar != _head_dim(config):
+            writer.add_attention_scale(float(scalar) ** -0.5)
+    if arch == "gemma3":
+        writer.add_rope_freq_base_swa(float(_rope_params(config, "sliding_attention").get("rope_theta", 10000.0)))
 
 
 def write_llama_gguf(path: str, arch: str, hparams: dict, tensors: dict, weight_type: str = "f32",
@@ -118,8 +264,13 @@ def write_llama_gguf(path: str, arch: str, hparams: dict, tensors: dict, weight_
     writer.add_float32(f"{a}.rope.freq_base", float(hparams["rope_base"]))
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(hparams["norm_eps"]))
     writer.add_uint32(f"{a}.vocab_size", hparams["vocab_size"])
-    head_dim = hparams["dim"] // hparams["n_heads"]
+    head_dim = hparams.get("head_dim") or hparams["dim"] // hparams["n_heads"]
+    if head_dim != hparams["dim"] // hparams["n_heads"] or hparams.get("head_dim"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_uint32(f"{a}.rope.dimension_count", hparams.get("rope_dim", head_dim))
+    if hparams.get("hf_config") is not None:
+        _add_family_metadata(writer, arch, hparams["hf_config"])
     writer.add_uint32("general.file_type", {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[wtype])
     if vocab is not None:
         _add_vocab(writer, vocab)
@@ -166,11 +317,19 @@ def _add_vocab(writer, vocab: dict) -> None:
 
 
 def hparams_from_hf(config: dict) -> dict:
+    """write_llama_gguf's hparams of an HF config.json ("hf_config": the config itself, for the
+    keys of the newer architectures and of RoPE scaling)."""
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        if key not in config:
+            raise ConversionError(f"config.json: required key {key!r} is missing")
     n_heads = config["num_attention_heads"]
-    rope_theta = config.get("rope_theta")
-    if rope_theta is None:
-        rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if hf_arch(config) in SWA_PERIOD and not config.get("sliding_window"):
+        raise ConversionError(f"config.json: required key 'sliding_window' is missing ({hf_arch(config)})")
+    rope_theta = _rope_params(config).get("rope_theta", 10000.0)
     return {
+        "head_dim": config.get("head_dim") or config["hidden_size"] // n_heads,
+        "rope_dim": _rope_dim(config),
+        "hf_config": config,
         "n_layers": config["num_hidden_layers"],
         "dim": config["hidden_size"],
         "ffn_dim": config["intermediate_size"],
@@ -202,7 +361,8 @@ def vocab_from_tokenizer_json(path: str, tokenizer_config: dict | None = None) -
     for added in tj.get("added_tokens", []):
         types[added["id"]] = 3 if added.get("special") else 4
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    out = {"model": "gpt2", "pre": "gpt2", "tokens": tokens, "token_types": types, "merges": merges}
+    # "gpt-2": llama.cpp's name of GPT-2's pre-tokenizer split (it refuses "gpt2"; we read both)
+    out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "token_types": types, "merges": merges}
     tc = tokenizer_config or {}
     for key, field in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
         tok = tc.get(key)
@@ -244,6 +404,7 @@ def convert_hf(model_dir: str, out_path: str, weight_type: str = "f32",
         raise ConversionError(f"{model_dir}: config.json not found (is this a Hugging Face model directory?)")
     with open(cfg_path, encoding="utf-8") as fh:
         config = json.load(fh)
+    hparams = hparams_from_hf(config)      # checks the config's keys before the weights are read
     arch, tensors = hf_to_gguf_tensors(config, load_hf_state_dict(model_dir))
     vocab = None
     tj = os.path.join(model_dir, "tokenizer.json")
@@ -251,4 +412,4 @@ def convert_hf(model_dir: str, out_path: str, weight_type: str = "f32",
         tc_path = os.path.join(model_dir, "tokenizer_config.json")
         tc = json.load(open(tc_path, encoding="utf-8")) if os.path.exists(tc_path) else {}
         vocab = vocab_from_tokenizer_json(tj, tc)
-    write_llama_gguf(out_path, arch, hparams_from_hf(config), tensors, weight_type, vocab, progress)
+    write_llama_gguf(out_path, arch, hparams, tensors, weight_type, vocab, progress)

@@ -1,4 +1,4 @@
-"""Export a llama-family GGUF (llama, qwen2) as one decoder-only ONNX graph, with a genai_config.json.
+"""Export a llama-family GGUF (llama, qwen2, qwen3) as one decoder-only ONNX graph, with a genai_config.json.
 
     export_onnx(gguf_file, config, out_dir, weights="f32" | "int4", use_contrib_ops=True)
 
@@ -55,7 +55,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
 WEIGHT_KINDS = ("f32", "int4")
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "qwen3")   # qwen3: RMSNorm of each q / k head before rope
 # archs whose GGUF attn_q / attn_k rows are in ggml's adjacent-pair rope order
 ADJACENT_PAIR_ROPE = ("llama",)
 MASKED = -1e9   # attention bias of a padded key: exp(MASKED) == 0, and never inf (no NaN anywhere)
@@ -177,10 +177,11 @@ class _Decoder:
     def _check_rope_scaling(self):
         meta = self.w.file.metadata
         kind = meta.get(f"{self.c.arch}.rope.scaling.type", "none")
-        if kind not in ("none", "linear"):
+        if kind not in ("none", "linear", "yarn"):
             raise ConversionError(f"{self.w.file.path}: rope scaling {kind!r} is not supported by the ONNX export")
         self.rope_linear_factor = float(meta.get(f"{self.c.arch}.rope.scaling.factor", 1.0)) \
             if kind == "linear" else 1.0
+        self.rope_kind = kind
 
     # -- building blocks ---------------------------------------------------------------------
     def linear(self, x: str, names: list, biases: list | None = None) -> list:
@@ -325,8 +326,16 @@ class _Decoder:
         """Values every layer's attention shares: rope tables, the mask as a bias."""
         g, c = self.g, self.c
         freq_factors = self.w.f32("rope_freqs.weight") if self.w.has("rope_freqs.weight") else None
-        cos, sin = rope_tables(self.max_positions, c.rope_dim, float(c.rope_base), freq_factors,
-                               self.rope_linear_factor)
+        if self.rope_kind == "yarn":     # YaRN frequencies, cos / sin times its attention factor
+            from lmengine.kernels.ops import rope_frequencies
+            inv_freq = rope_frequencies(c.rope_dim, float(c.rope_base), "yarn", float(c.rope_scaling_factor), None,
+                                        int(c.rope_orig_ctx), float(c.yarn_beta_fast), float(c.yarn_beta_slow))
+            angle = np.arange(self.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+            mscale = float(c.rope_attn_factor)
+            cos, sin = (np.cos(angle) * mscale).astype(np.float32), (np.sin(angle) * mscale).astype(np.float32)
+        else:
+            cos, sin = rope_tables(self.max_positions, c.rope_dim, float(c.rope_base), freq_factors,
+                                   self.rope_linear_factor)
         self.cos = g.initializer("rope.cos", cos)                                          # [max_pos, rope_dim/2]
         self.sin = g.initializer("rope.sin", sin)
         self.positions = positions
@@ -361,6 +370,9 @@ class _Decoder:
 
     def attention(self, i: int, q: str, k: str, v: str, past_k: str, past_v: str) -> str:
         g, c = self.g, self.c
+        if getattr(c, "qk_norm", False):      # qwen3: RMSNorm over each head's head_dim values
+            q = self.head_rmsnorm(q, c.n_heads, f"blk.{i}.attn_q_norm.weight")
+            k = self.head_rmsnorm(k, c.n_kv_heads, f"blk.{i}.attn_k_norm.weight")
         q3 = g.op("Reshape", [q, self.shape_bs_any])                                       # [B, S, q_dim]
         k3 = g.op("Reshape", [k, self.shape_bs_any])                                       # [B, S, kv_dim]
         v3 = g.op("Reshape", [v, self.shape_bs_any])
@@ -379,6 +391,12 @@ class _Decoder:
             out = self.standard_attention(q3, k3, v3, past_k, past_v, present_k, present_v)
         self._declare_present(present_k, present_v)
         return g.op("Reshape", [out, g.const([-1, c.q_dim])])
+
+    def head_rmsnorm(self, x: str, n_heads: int, weight: str) -> str:
+        """RMSNorm of each head of x [tokens, n_heads * head_dim] by weight [head_dim]."""
+        g, c = self.g, self.c
+        heads = g.op("Reshape", [x, g.const([-1, n_heads, c.head_dim])])                  # [tokens, heads, hd]
+        return g.op("Reshape", [self.rmsnorm(heads, weight), g.const([-1, n_heads * c.head_dim])])
 
     def _declare_present(self, present_k: str, present_v: str):
         c = self.c

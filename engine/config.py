@@ -26,14 +26,34 @@ from lmengine.kernels.blockcheck import check_finite_scales
 from .errors import (CorruptTensorError, MetadataError, TensorShapeError, UnsupportedArchitectureError,
                      UnsupportedQuantTypeError)
 
-TRANSFORMER_ARCHS = ("llama", "qwen2")
+TRANSFORMER_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+# Metadata keys each architecture must state ("{a}." is the architecture's prefix); the others
+# have llama.cpp's defaults. A missing one is named in the error.
+REQUIRED_KEYS = {
+    "llama": ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"),
+    "qwen2": ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"),
+    "qwen3": ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"),
+    "gemma2": ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+               "attention.sliding_window"),
+    "gemma3": ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+               "attention.sliding_window"),
+    "phi3": ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+             "rope.dimension_count"),
+}
+# Sliding-window layer pattern when the file does not list it (llama.cpp's set_swa_pattern):
+# layer i is a sliding-window layer when i % n < n - 1.
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+ROPE_SCALINGS = ("none", "linear", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    """A decoder-only transformer of the llama family (llama, qwen2)."""
+    """A decoder-only transformer of the llama family (llama, qwen2, qwen3, gemma2, gemma3, phi3).
+    The fields after `name` have the values of a plain llama, so a config that does not mention
+    them is one."""
 
-    arch: str                 # "llama" | "qwen2"
+    arch: str                 # one of TRANSFORMER_ARCHS
     n_layers: int             # {arch}.block_count
     dim: int                  # {arch}.embedding_length (model width)
     ffn_dim: int              # {arch}.feed_forward_length
@@ -49,6 +69,32 @@ class TransformerConfig:
     qkv_bias: bool            # attn_q/k/v carry biases (qwen2; llama files that have them)
     name: str = ""            # general.name
     tensor_types: dict = field(default_factory=dict, compare=False)  # type name -> count
+    neox: bool = False        # rope pairs (i, i + rope_dim/2): every arch but llama (llama.cpp's rope type)
+    qk_norm: bool = False     # blk.N.attn_q_norm / attn_k_norm [head_dim] (qwen3, gemma3)
+    post_norms: bool = False  # blk.N.post_attention_norm / post_ffw_norm [dim] (gemma2, gemma3)
+    fused_qkv_tensor: bool = False      # blk.N.attn_qkv holds q | k | v (phi3)
+    fused_gate_up_tensor: bool = False  # blk.N.ffn_up holds gate | up, no ffn_gate (phi3)
+    ffn_act: str = "silu"     # "silu" (SwiGLU) | "gelu" (GeGLU with gelu_tanh: gemma)
+    embd_scale: float = 1.0   # token embeddings times this (gemma: sqrt(dim))
+    attn_scale: float = 0.0   # scale of q . k ({arch}.attention.scale); 0.0: 1/sqrt(head_dim)
+    attn_softcap: float = 0.0   # {arch}.attn_logit_softcapping (gemma2); 0.0: off
+    final_softcap: float = 0.0  # {arch}.final_logit_softcapping (gemma2); 0.0: off
+    sliding_window: int = 0   # {arch}.attention.sliding_window: keys per query in SWA layers
+    swa_layers: tuple = ()    # bool per layer: a sliding-window layer (empty: none)
+    rope_base_swa: float = 0.0  # {arch}.rope.freq_base_swa: RoPE base of SWA layers (gemma3); 0.0: rope_base
+    rope_freqs: bool = False  # rope_freqs.weight: per-pair frequency divisors (Llama 3's scaling)
+    rope_scaling: str = "none"  # {arch}.rope.scaling.type: one of ROPE_SCALINGS
+    rope_scaling_factor: float = 1.0   # {arch}.rope.scaling.factor
+    rope_orig_ctx: int = 0    # {arch}.rope.scaling.original_context_length
+    rope_attn_factor: float = 1.0      # cos/sin multiplier: YaRN's 0.1 ln(factor) + 1, phi3's attn_factor
+    yarn_beta_fast: float = 32.0       # {arch}.rope.scaling.yarn_beta_fast
+    yarn_beta_slow: float = 1.0        # {arch}.rope.scaling.yarn_beta_slow
+
+    def __post_init__(self):
+        if not self.swa_layers:
+            object.__setattr__(self, "swa_layers", (False,) * self.n_layers)
+        if not self.attn_scale:
+            object.__setattr__(self, "attn_scale", 1.0 / float(np.sqrt(self.head_dim)))
 
     @property
     def q_dim(self) -> int:
@@ -63,19 +109,32 @@ class TransformerConfig:
         shapes = {"token_embd.weight": (self.vocab_size, self.dim), "output_norm.weight": (self.dim,)}
         if not self.tied_output:
             shapes["output.weight"] = (self.vocab_size, self.dim)
+        half = self.rope_dim // 2
+        if self.rope_freqs:
+            shapes["rope_freqs.weight"] = (half,)
+        if self.rope_scaling == "longrope":
+            shapes.update({"rope_factors_long.weight": (half,), "rope_factors_short.weight": (half,)})
         for i in range(self.n_layers):
             b = f"blk.{i}."
-            shapes.update({
-                b + "attn_norm.weight": (self.dim,),
-                b + "attn_q.weight": (self.q_dim, self.dim),
-                b + "attn_k.weight": (self.kv_dim, self.dim),
-                b + "attn_v.weight": (self.kv_dim, self.dim),
-                b + "attn_output.weight": (self.dim, self.q_dim),
-                b + "ffn_norm.weight": (self.dim,),
-                b + "ffn_gate.weight": (self.ffn_dim, self.dim),
-                b + "ffn_up.weight": (self.ffn_dim, self.dim),
-                b + "ffn_down.weight": (self.dim, self.ffn_dim),
-            })
+            # in the order of the forward pass (the first mismatch is the one reported)
+            shapes[b + "attn_norm.weight"] = (self.dim,)
+            if self.fused_qkv_tensor:
+                shapes[b + "attn_qkv.weight"] = (self.q_dim + 2 * self.kv_dim, self.dim)
+            else:
+                shapes.update({b + "attn_q.weight": (self.q_dim, self.dim),
+                               b + "attn_k.weight": (self.kv_dim, self.dim),
+                               b + "attn_v.weight": (self.kv_dim, self.dim)})
+            shapes.update({b + "attn_output.weight": (self.dim, self.q_dim), b + "ffn_norm.weight": (self.dim,)})
+            if self.fused_gate_up_tensor:
+                shapes[b + "ffn_up.weight"] = (2 * self.ffn_dim, self.dim)
+            else:
+                shapes.update({b + "ffn_gate.weight": (self.ffn_dim, self.dim),
+                               b + "ffn_up.weight": (self.ffn_dim, self.dim)})
+            shapes[b + "ffn_down.weight"] = (self.dim, self.ffn_dim)
+            if self.qk_norm:
+                shapes.update({b + "attn_q_norm.weight": (self.head_dim,), b + "attn_k_norm.weight": (self.head_dim,)})
+            if self.post_norms:
+                shapes.update({b + "post_attention_norm.weight": (self.dim,), b + "post_ffw_norm.weight": (self.dim,)})
             if self.qkv_bias:
                 shapes.update({b + "attn_q.bias": (self.q_dim,), b + "attn_k.bias": (self.kv_dim,),
                                b + "attn_v.bias": (self.kv_dim,)})
@@ -136,6 +195,10 @@ def _layer_of(name: str) -> int:
 def transformer_config(f: GGUFFile) -> TransformerConfig:
     arch = f.require("general.architecture", str)
     a = arch + "."
+    for key in REQUIRED_KEYS[arch]:
+        if a + key not in f.metadata:
+            raise MetadataError(f"{f.path}: required metadata key {a + key!r} is missing (architecture {arch!r} "
+                                f"needs {', '.join(a + k for k in REQUIRED_KEYS[arch])})")
     # qwen2 always has q/k/v biases; a llama file may have them too, and the forward pass reads them
     # whenever blk.0 has one (engine/models/llama.py), so they are then required and checked
     qkv_bias = arch == "qwen2" or "blk.0.attn_q.bias" in f.tensors
@@ -179,9 +242,73 @@ def transformer_config(f: GGUFFile) -> TransformerConfig:
         qkv_bias=qkv_bias,
         name=f.get("general.name", "", types=str),
         tensor_types=_count_types(f),
+        **_family_fields(f, arch, n_layers, dim, head_dim),
     )
     check_tensors(f, cfg.expected_shapes())
     return cfg
+
+
+def _family_fields(f: GGUFFile, arch: str, n_layers: int, dim: int, head_dim: int) -> dict:
+    """The TransformerConfig fields in which the architectures of the family differ."""
+    a = arch + "."
+    gemma = arch in ("gemma2", "gemma3")
+    out = {
+        "neox": arch != "llama",
+        "qk_norm": arch in ("qwen3", "gemma3"),
+        "post_norms": gemma,
+        "fused_qkv_tensor": arch == "phi3" and "blk.0.attn_qkv.weight" in f.tensors,
+        "fused_gate_up_tensor": arch == "phi3" and "blk.0.ffn_gate.weight" not in f.tensors,
+        "ffn_act": "gelu" if gemma else "silu",
+        "embd_scale": float(np.sqrt(np.float32(dim))) if gemma else 1.0,
+        "rope_freqs": "rope_freqs.weight" in f.tensors,
+    }
+    if a + "attention.scale" in f.metadata:
+        out["attn_scale"] = _float(f, a + "attention.scale", hi=1e3)
+    elif (arch, n_layers) in (("gemma2", 46), ("gemma3", 62)):   # llama.cpp's rule: the 27B models scale by
+        # 1/sqrt(dim / n_heads) (their query_pre_attn_scalar), the others by 1/sqrt(head_dim)
+        out["attn_scale"] = 1.0 / float(np.sqrt(dim // _int(f, a + "attention.head_count", lo=1)))
+    for key, name in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "final_softcap")):
+        if a + key in f.metadata:
+            out[name] = _float(f, a + key, hi=1e6)
+    if arch in SWA_PATTERN:        # (phi3 files state a window too; llama.cpp ignores it, so do we)
+        out["sliding_window"] = _int(f, a + "attention.sliding_window", lo=1, hi=MAX_CONTEXT)
+        out["swa_layers"] = _swa_layers(f, a, arch, n_layers)
+    if arch == "gemma3":
+        out["rope_base_swa"] = _float(f, a + "rope.freq_base_swa", 10000.0, lo=1.0)
+    scaling = f.get(a + "rope.scaling.type", "none", types=str)
+    if arch == "phi3" and "rope_factors_long.weight" in f.tensors:
+        scaling = "longrope"
+    if scaling not in ROPE_SCALINGS:
+        raise MetadataError(f"{f.path}: metadata key {a + 'rope.scaling.type'!r} is {scaling!r}; lmengine runs "
+                            f"{', '.join(ROPE_SCALINGS)}")
+    out["rope_scaling"] = scaling
+    if scaling in ("linear", "yarn"):
+        out["rope_scaling_factor"] = _float(f, a + "rope.scaling.factor", lo=1e-3, hi=1e4)
+    if scaling in ("yarn", "longrope"):
+        out["rope_orig_ctx"] = _int(f, a + "rope.scaling.original_context_length", lo=1, hi=MAX_CONTEXT)
+    if scaling == "yarn":
+        out["yarn_beta_fast"] = _float(f, a + "rope.scaling.yarn_beta_fast", 32.0, hi=1e4)
+        out["yarn_beta_slow"] = _float(f, a + "rope.scaling.yarn_beta_slow", 1.0, hi=1e4)
+        factor = out["rope_scaling_factor"]    # cos and sin times attn_factor * (0.1 ln(factor) + 1), as llama.cpp
+        out["rope_attn_factor"] = _float(f, a + "rope.scaling.attn_factor", 1.0, hi=100.0) * \
+            (0.1 * float(np.log(factor)) + 1.0 if factor > 1.0 else 1.0)
+    elif scaling == "longrope":
+        out["rope_attn_factor"] = _float(f, a + "rope.scaling.attn_factor", 1.0, hi=100.0)
+    return out
+
+
+def _swa_layers(f: GGUFFile, a: str, arch: str, n_layers: int) -> tuple:
+    """Which layers use the sliding window: {arch}.attention.sliding_window_pattern as a list of
+    bools (one per layer) or a period n (layer i slides when i % n < n - 1), else the
+    architecture's period (SWA_PATTERN)."""
+    key = a + "attention.sliding_window_pattern"
+    pattern = f.get(key, SWA_PATTERN.get(arch, 0))
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers or not all(isinstance(p, (bool, int)) for p in pattern):
+            raise MetadataError(f"{f.path}: metadata key {key!r} should list {n_layers} booleans, found {pattern!r}")
+        return tuple(bool(p) for p in pattern)
+    n = _int(f, key, pattern, lo=0, hi=MAX_LAYERS)
+    return tuple(n == 0 or i % n < n - 1 for i in range(n_layers)) if n else (True,) * n_layers
 
 
 def check_tensors(f: GGUFFile, expected: dict) -> None:
@@ -216,6 +343,9 @@ def config_from_gguf(f: GGUFFile):
         return transformer_config(f)
     if arch == "lstm":
         return lstm_config(f)
+    if arch in ("bert", "gpt2"):   # engine/models/bert.py, gpt2.py
+        from importlib import import_module
+        return import_module(f"lmengine.models.{arch}").config_from_gguf(f)
     raise UnsupportedArchitectureError(
         f"{f.path}: architecture {arch!r} is not supported (supported: {', '.join(TRANSFORMER_ARCHS + ('lstm',))})")
 

@@ -89,32 +89,37 @@ def write_kv(k, v, slots, positions, n_kv_heads, head_dim, k_cache, v_cache):
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g):
+def _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g, first_pos=0, cap=0.0):
     """The Numba form of lme_attention: q_g [group * head_dim] (the group's query heads side by
-    side, pre-scaled) against keys [n_tiles, head_dim, KEY_TILE] and values [n_ctx, head_dim] up
-    to position n_pos - 1; out_g [group * head_dim]. scores: scratch of at least n_tiles * KEY_TILE."""
+    side, pre-scaled) against keys [n_tiles, head_dim, KEY_TILE] and values [n_ctx, head_dim] at
+    positions first_pos .. n_pos - 1; out_g [group * head_dim]. scores: scratch of at least
+    n_tiles * KEY_TILE. cap > 0: scores are soft-capped to cap * tanh(score / cap) (gemma2)."""
     n_tiles = (n_pos + KEY_TILE - 1) // KEY_TILE
+    first_tile = first_pos // KEY_TILE
     for g in range(group):
         first = g * head_dim
-        for i in range(n_tiles):
+        for i in range(first_tile, n_tiles):
             for p in range(KEY_TILE):
                 scores[i * KEY_TILE + p] = 0.0
             for d in range(head_dim):
                 qd = q_g[first + d]
                 for p in range(KEY_TILE):
                     scores[i * KEY_TILE + p] += qd * _load(keys[i, d, p])
+        if cap > 0.0:
+            for j in range(first_pos, n_pos):
+                scores[j] = cap * math.tanh(scores[j] / cap)
         best = np.float32(-np.inf)
-        for j in range(n_pos):
+        for j in range(first_pos, n_pos):
             best = max(best, scores[j])
         total = np.float32(0.0)
-        for j in range(n_pos):
+        for j in range(first_pos, n_pos):
             e = np.exp(scores[j] - best)
             scores[j] = e
             total += e
         inv_total = np.float32(1.0) / total
         for d in range(head_dim):
             out_g[first + d] = 0.0
-        for j in range(n_pos):
+        for j in range(first_pos, n_pos):
             w = scores[j]
             for d in range(head_dim):
                 out_g[first + d] += w * _load(values[j, d])
@@ -123,16 +128,19 @@ def _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim, out):
-    """out[t, head h] = softmax(q_h . K[0..p] / sqrt(head_dim)) @ V[0..p], p = positions[t].
+def attend(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim, scale, cap, window, out):
+    """out[t, head h] = softmax(cap(q_h . K[j] * scale)) @ V[j] over the positions j of token t's
+    window: positions[t] - window < j <= positions[t] (window 0: every j <= positions[t]).
+    cap(s) = cap * tanh(s / cap) when cap > 0 (gemma2's soft-capping), s otherwise.
 
     q, out: [n_tok, n_heads*head_dim]. Query head h reads kv head h // (n_heads // n_kv_heads):
-    each kv head serves a consecutive group of query heads.
+    each kv head serves a consecutive group of query heads. The C kernel does the plain case (no
+    cap, the whole window); the Numba loop does the rest.
     """
     n_tok = q.shape[0]
     group = n_heads // n_kv_heads
     kv_type = F16 if k_cache.itemsize == 2 else F32
-    scaled = q * np.float32(1.0 / math.sqrt(head_dim))       # a contiguous copy, pre-scaled
+    scaled = q * np.float32(scale)                           # a contiguous copy, pre-scaled
     c_out = out.strides[1] == out.itemsize                   # rows of out are contiguous
     for job in prange(n_tok * n_kv_heads):
         t = job // n_kv_heads
@@ -140,9 +148,23 @@ def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_d
         keys = k_cache[slots[t], kv_head]         # [n_tiles, head_dim, KEY_TILE]
         values = v_cache[slots[t], kv_head]       # [n_ctx, head_dim]
         n_pos = positions[t] + 1
+        first_pos = max(n_pos - window, 0) if window > 0 else 0
         first = kv_head * group * head_dim        # the group's columns in q and out
         q_g = scaled[t, first: first + group * head_dim]
         out_g = out[t, first: first + group * head_dim]
         scores = np.empty(group * ((n_pos + KEY_TILE - 1) // KEY_TILE * KEY_TILE), dtype=np.float32)
-        if not c_out or native.c_attention(kv_type, q_g, group, head_dim, keys, values, n_pos, scores, out_g) != 0:
-            _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g)
+        plain = c_out and cap <= 0.0 and first_pos == 0
+        if not plain or native.c_attention(kv_type, q_g, group, head_dim, keys, values, n_pos, scores, out_g) != 0:
+            _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g, first_pos, np.float32(cap))
+
+
+@njit(cache=True, nogil=True)
+def attention(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim, out):
+    """out[t, head h] = softmax(q_h . K[0..p] / sqrt(head_dim)) @ V[0..p], p = positions[t]
+    (`attend` without soft-cap or window).
+
+    q, out: [n_tok, n_heads*head_dim]. Query head h reads kv head h // (n_heads // n_kv_heads):
+    each kv head serves a consecutive group of query heads.
+    """
+    attend(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim, 1.0 / math.sqrt(head_dim), 0.0, 0,
+           out)

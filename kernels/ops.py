@@ -40,17 +40,18 @@ def rope_inv_freq(rope_dim, base):
 
 
 @njit(cache=True, nogil=True)
-def rope_angles(positions, inv_freq):
+def rope_angles(positions, inv_freq, mscale=1.0):
     """cos, sin float32 [n_tok, rope_dim // 2] of the angles positions[t] * inv_freq[i] (computed
-    in float64), shared by q and k of every layer."""
+    in float64), times mscale (YaRN's / long-rope's attention factor: it scales the rotated dims
+    only), shared by q and k of every layer."""
     n_tok, half = positions.shape[0], inv_freq.shape[0]
     cos = np.empty((n_tok, half), dtype=np.float32)
     sin = np.empty((n_tok, half), dtype=np.float32)
     for t in range(n_tok):
         for i in range(half):
             angle = positions[t] * inv_freq[i]
-            cos[t, i] = math.cos(angle)
-            sin[t, i] = math.sin(angle)
+            cos[t, i] = math.cos(angle) * mscale
+            sin[t, i] = math.sin(angle) * mscale
     return cos, sin
 
 
@@ -132,3 +133,79 @@ def add_bias(x, bias):
     for t in range(n_tok):
         for i in range(dim):
             x[t, i] += bias[i]
+
+
+@njit(cache=True, nogil=True)
+def geglu(gate, up, out):
+    """out[t, i] = gelu_tanh(gate[t, i]) * up[t, i] (GeGLU, gemma's feed-forward; gelu_tanh is
+    0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), HF's "gelu_pytorch_tanh").
+    gate, up, out: [n_tok, ffn_dim] (out may be gate)."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            out[t, i] = np.float32(0.5) * g * (np.float32(1.0) + math.tanh(c * (g + np.float32(0.044715) * g * g * g))) \
+                * up[t, i]
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def head_rmsnorm(x, weight, n_heads, head_dim, eps):
+    """RMSNorm of every head of x [n_tok, n_heads*head_dim] in place, by weight [head_dim]
+    (qwen3's and gemma3's q/k norms)."""
+    for t in range(x.shape[0]):
+        for h in range(n_heads):
+            base = h * head_dim
+            ss = np.float32(0.0)
+            for i in range(head_dim):
+                ss += x[t, base + i] * x[t, base + i]
+            scale = np.float32(1.0 / math.sqrt(ss / head_dim + eps))
+            for i in range(head_dim):
+                x[t, base + i] = (x[t, base + i] * scale) * weight[i]
+
+
+@njit(cache=True, nogil=True)
+def softcap(x, cap):
+    """x = cap * tanh(x / cap) in place (gemma2's final logit soft-capping).   x: [n, m]."""
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[t, i] = np.float32(cap * math.tanh(x[t, i] / cap))
+
+
+# -- RoPE frequencies with the scalings GGUF files state (plain NumPy: computed once at load) ------
+
+def rope_frequencies(rope_dim: int, base: float, scaling: str = "none", factor: float = 1.0,
+                     freq_factors=None, orig_ctx: int = 0, beta_fast: float = 32.0,
+                     beta_slow: float = 1.0) -> np.ndarray:
+    """float64 [rope_dim // 2]: the angle per position of each rotated pair, base^(-2i/rope_dim)
+    with the model's scaling applied:
+
+    - freq_factors [rope_dim // 2] (GGUF tensor rope_freqs.weight: Llama 3's scaling as
+      llama.cpp's converter precomputes it; rope_factors_long/short of phi3): divide each frequency;
+    - "linear" (position interpolation): divide every frequency by `factor`;
+    - "yarn": NTK-by-parts as HF's `_compute_yarn_parameters` (pairs rotating more than beta_fast
+      times over `orig_ctx` keep their frequency, fewer than beta_slow are interpolated by
+      `factor`, a linear ramp between). Its attention factor is `yarn_attention_factor`.
+    """
+    inv_freq = 1.0 / base ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64).reshape(-1)
+    if scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif scaling == "yarn":
+        def correction_dim(n_rot):     # the pair index that rotates n_rot times over orig_ctx
+            return rope_dim * math.log(orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(rope_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+        extrapolation = 1.0 - ramp      # 1: keep the frequency, 0: interpolate it
+        inv_freq = inv_freq / factor * (1.0 - extrapolation) + inv_freq * extrapolation
+    elif scaling != "none":
+        raise ValueError(f"unknown rope scaling {scaling!r} (none, linear, yarn)")
+    return inv_freq
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's scale of cos and sin (so of every attention score, squared): 0.1 ln(factor) + 1."""
+    return 0.1 * math.log(factor) + 1.0 if factor > 1.0 else 1.0

@@ -1,4 +1,4 @@
-"""The llama-family forward pass (llama, qwen2), one compiled call per step.
+"""The llama-family forward pass (llama, qwen2, qwen3, gemma2, gemma3, phi3), one compiled call per step.
 
 Weights stay in the GGUF file's memory map. Matrices are passed to the kernels as raw ggml blocks:
 `data[offset : offset + n_bytes]` with their ggml type; only the small vectors (norm weights and
@@ -19,6 +19,16 @@ Packed matrices: on CPUs with AVX-512 VNNI the int8 paths read the Q8_0/Q4_0/Q4_
 q, k, v (and gate, up) matrices are packed back to back runs them as one product over the
 concatenated rows, quantizing its input once.
 
+One forward serves the whole family: what differs between architectures is data in the record
+(engine/config.py reads it from the GGUF), never a second compiled function. A norm weight array
+with 0 columns means "no such norm" (q/k norms of qwen3 and gemma3, the post-norms of gemma);
+a soft-cap of 0.0 means "no cap" (gemma2); a layer's window of 0 means global attention (gemma's
+sliding-window layers have their width); `gelu` picks GeGLU (gemma) over SwiGLU; the RoPE
+frequencies carry every scaling (Llama 3's factors, linear, YaRN, phi3's long-rope), and
+`rope_mscale` YaRN's / long-rope's attention factor (cos and sin times it: the rotated dims
+only). Fused tensors (phi3's attn_qkv and gate|up in ffn_up) are split into row ranges at load,
+so the forward sees q, k, v, gate, up.
+
 Shapes (n = tokens in the call):
     x        [n, dim]        residual stream
     xb       [n, dim]        normed input of a sub-layer
@@ -37,9 +47,10 @@ import numpy as np
 from numba import njit
 
 from lmengine.kernels import packing
-from lmengine.kernels.attention import attention, write_kv
+from lmengine.kernels.attention import attend, write_kv
 from lmengine.kernels.matmul import matmul, matmul_packed, matmul_packed_parts
-from lmengine.kernels.ops import add_bias, add_inplace, rmsnorm, rope, rope_angles, rope_inv_freq, swiglu
+from lmengine.kernels.ops import (add_bias, add_inplace, geglu, head_rmsnorm, rmsnorm, rope, rope_angles,
+                                  rope_frequencies, softcap, swiglu)
 from lmengine.kernels.quant import dequantize, dequantize_row_into
 
 # The matrix kinds of a layer, in the order of `acts` (the activation precision of each kind,
@@ -93,23 +104,54 @@ class LlamaModel(NamedTuple):
     rope_dim: int
     vocab_size: int
     norm_eps: float
-    inv_freq: np.ndarray     # float32 [rope_dim // 2]
-    neox: bool               # rotate pairs (i, i + rope_dim/2) (qwen2), else (2i, 2i + 1)
+    inv_freq: np.ndarray     # float64 [rope_dim // 2]: RoPE frequencies, scalings applied
+    neox: bool               # rotate pairs (i, i + rope_dim/2) (qwen2 and later), else (2i, 2i + 1)
+    q_norm: np.ndarray       # float32 [n_layers, head_dim]: per-head RMSNorm of q ([n_layers, 0]: none)
+    k_norm: np.ndarray       # float32 [n_layers, head_dim]: of k (qwen3, gemma3)
+    post_attn_norm: np.ndarray  # float32 [n_layers, dim]: norm of the attention output ([n_layers, 0]: none)
+    post_ffn_norm: np.ndarray   # float32 [n_layers, dim]: of the feed-forward output (gemma2, gemma3)
+    gelu: bool               # GeGLU (gelu_tanh(gate) * up), else SwiGLU
+    embd_scale: float        # the embedding rows are multiplied by this (gemma: sqrt(dim); else 1.0)
+    attn_scale: float        # attention scores = q . k * attn_scale (1/sqrt(head_dim) unless stated)
+    attn_softcap: float      # > 0: scores capped to c * tanh(s / c) (gemma2); 0.0: off
+    final_softcap: float     # > 0: logits likewise (gemma2); 0.0: off
+    window: np.ndarray       # int64 [n_layers]: sliding window of each layer, 0 for global attention
+    inv_freq_swa: np.ndarray  # float64 [rope_dim // 2]: RoPE frequencies of the sliding-window layers
+    rope_mscale: float       # cos and sin of the global layers times this (YaRN's, long-rope's attention factor)
 
 
 class LlamaWeights:
     """Builds the `LlamaModel` record of a GGUF file (`.model`): byte ranges of the file's map
-    for matrices, packed copies with pack=True, float32 for the vectors."""
+    for matrices, packed copies with pack=True, float32 for the vectors. n_ctx (the context the
+    model will run with) picks phi3's long-rope factors as llama.cpp does: the long ones when it
+    exceeds the original training context."""
 
-    def __init__(self, gguf_file, config, pack=False):
+    def __init__(self, gguf_file, config, pack=False, n_ctx=None):
         f, c = gguf_file, config
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         shapes = {"attn_q": (q_dim, c.dim), "attn_k": (kv_dim, c.dim), "attn_v": (kv_dim, c.dim),
                   "attn_output": (c.dim, q_dim), "ffn_gate": (c.ffn_dim, c.dim), "ffn_up": (c.ffn_dim, c.dim),
                   "ffn_down": (c.dim, c.ffn_dim)}
         self.data = np.asarray(f.data)     # uint8 [file size], read-only memory map
-        matrices = {name: _matrix([f.tensors[f"blk.{layer}.{name}.weight"] for layer in range(c.n_layers)], *shape)
-                    for name, shape in shapes.items()}
+
+        def layer_infos(name):
+            return [f.tensors[f"blk.{layer}.{name}.weight"] for layer in range(c.n_layers)]
+
+        # a fused tensor (phi3) is split into row ranges: ggml rows are contiguous whole blocks
+        fused_tensors = {}
+        if c.fused_qkv_tensor:
+            fused_tensors["attn_qkv"] = (("attn_q", "attn_k", "attn_v"), (q_dim, kv_dim, kv_dim))
+        if c.fused_gate_up_tensor:
+            fused_tensors["ffn_up"] = (("ffn_gate", "ffn_up"), (c.ffn_dim, c.ffn_dim))
+        matrices = {}
+        for source, (names, rows) in fused_tensors.items():
+            infos, first = layer_infos(source), 0
+            for name, n_rows in zip(names, rows):
+                matrices[name] = _matrix_rows(infos, first, n_rows, c.dim)
+                first += n_rows
+        for name, shape in shapes.items():
+            if name not in matrices:
+                matrices[name] = _matrix(layer_infos(name), *shape)
         embd = f.tensors["token_embd.weight"]
         matrices["token_embd"] = _matrix([embd], c.vocab_size, c.dim)
         matrices["output"] = _matrix([embd if c.tied_output else f.tensors["output.weight"]], c.vocab_size, c.dim)
@@ -127,6 +169,7 @@ class LlamaWeights:
             return np.stack([_floats(f, info).reshape(width) for info in infos])
 
         has_bias = "blk.0.attn_q.bias" in f.tensors
+        inv_freq, inv_freq_swa = _rope_frequencies(f, c, n_ctx)
         self.model = LlamaModel(
             data=self.data, packed=self.packed, **matrices,
             attn_norm=vectors("attn_norm.weight", c.dim), ffn_norm=vectors("ffn_norm.weight", c.dim),
@@ -136,8 +179,14 @@ class LlamaWeights:
             n_layers=int(c.n_layers), dim=int(c.dim), ffn_dim=int(c.ffn_dim), n_heads=int(c.n_heads),
             n_kv_heads=int(c.n_kv_heads), head_dim=int(c.head_dim), rope_dim=int(c.rope_dim),
             vocab_size=int(c.vocab_size), norm_eps=float(c.norm_eps),
-            inv_freq=rope_inv_freq(c.rope_dim, float(c.rope_base)),
-            neox=c.arch == "qwen2")   # qwen2 rotates (i, i + rope_dim/2); llama GGUFs adjacent pairs
+            inv_freq=inv_freq, neox=c.neox,
+            q_norm=vectors("attn_q_norm.weight", c.head_dim), k_norm=vectors("attn_k_norm.weight", c.head_dim),
+            post_attn_norm=vectors("post_attention_norm.weight", c.dim),
+            post_ffn_norm=vectors("post_ffw_norm.weight", c.dim),
+            gelu=c.ffn_act == "gelu", embd_scale=float(c.embd_scale), attn_scale=float(c.attn_scale),
+            attn_softcap=float(c.attn_softcap), final_softcap=float(c.final_softcap),
+            window=np.array([c.sliding_window if swa else 0 for swa in c.swa_layers], dtype=np.int64),
+            inv_freq_swa=inv_freq_swa, rope_mscale=float(c.rope_attn_factor))
 
     @property
     def n_packed(self) -> int:
@@ -175,6 +224,33 @@ def _matrix(infos, n_rows, n_cols) -> Matrix:
                   n_bytes=np.array([i.n_bytes for i in infos], dtype=np.int64),
                   w_type=np.array([i.type_id for i in infos], dtype=np.int64),
                   packed_at=np.full(len(infos), -1, dtype=np.int64), n_rows=int(n_rows), n_cols=int(n_cols))
+
+
+def _matrix_rows(infos, first_row, n_rows, n_cols) -> Matrix:
+    """A Matrix over rows first_row .. first_row + n_rows of the tensors `infos` (one per layer):
+    a part of a fused tensor (phi3's attn_qkv, ffn_up holding gate | up)."""
+    row_bytes = np.array([i.n_bytes // i.shape[0] for i in infos], dtype=np.int64)
+    return Matrix(offset=np.array([i.offset for i in infos], dtype=np.int64) + first_row * row_bytes,
+                  n_bytes=n_rows * row_bytes,
+                  w_type=np.array([i.type_id for i in infos], dtype=np.int64),
+                  packed_at=np.full(len(infos), -1, dtype=np.int64), n_rows=int(n_rows), n_cols=int(n_cols))
+
+
+def _rope_frequencies(f, c, n_ctx):
+    """(inv_freq, inv_freq_swa) of config `c`: the RoPE frequencies of the global and of the
+    sliding-window layers, with the file's scaling."""
+    factors = None
+    if c.rope_freqs:                          # Llama 3: rope_freqs.weight, as llama.cpp writes it
+        factors = _floats(f, f.tensors["rope_freqs.weight"])
+    if c.rope_scaling == "longrope":         # phi3: long factors past the original context
+        long_ctx = n_ctx is not None and c.rope_orig_ctx and n_ctx > c.rope_orig_ctx
+        factors = _floats(f, f.tensors["rope_factors_long.weight" if long_ctx else "rope_factors_short.weight"])
+    scaling = c.rope_scaling if c.rope_scaling in ("linear", "yarn") else "none"
+    inv_freq = rope_frequencies(c.rope_dim, float(c.rope_base), scaling, float(c.rope_scaling_factor), factors,
+                                int(c.rope_orig_ctx), float(c.yarn_beta_fast), float(c.yarn_beta_slow))
+    # gemma3's local layers: their own base, no scaling (llama.cpp: rope_freq_scale_train_swa = 1)
+    inv_freq_swa = rope_frequencies(c.rope_dim, float(c.rope_base_swa)) if c.rope_base_swa else inv_freq
+    return inv_freq, inv_freq_swa
 
 
 def _floats(f, info) -> np.ndarray:
@@ -240,13 +316,16 @@ def llama_forward(model, tokens, slots, positions, logit_rows, k_cache, v_cache,
     gate = gate_up[:, :ffn_dim]
     up = gate_up[:, ffn_dim:]
     hidden = np.empty((n, ffn_dim), dtype=np.float32)
-    cos, sin = rope_angles(positions, w.inv_freq)   # [n, rope_dim // 2] each
+    cos_g, sin_g = rope_angles(positions, w.inv_freq, w.rope_mscale)   # [n, rope_dim // 2] each: global layers
+    cos_l, sin_l = rope_angles(positions, w.inv_freq_swa, 1.0)         # sliding-window layers
 
     # token embedding: row tokens[t] of token_embd, decoded from its blocks
     row_bytes = w.token_embd.n_bytes[0] // w.token_embd.n_rows
     for t in range(n):
         begin = w.token_embd.offset[0] + tokens[t] * row_bytes
         dequantize_row_into(w.token_embd.w_type[0], w.data[begin: begin + row_bytes], dim, x[t])
+        if w.embd_scale != 1.0:
+            x[t] *= np.float32(w.embd_scale)
 
     for layer in range(w.n_layers):
         # attention: x += W_o @ attention(rope(W_q xb), rope(W_k xb), W_v xb)
@@ -256,18 +335,31 @@ def llama_forward(model, tokens, slots, positions, logit_rows, k_cache, v_cache,
             add_bias(q, w.q_bias[layer])
             add_bias(k, w.k_bias[layer])
             add_bias(v, w.v_bias[layer])
+        if w.q_norm.shape[1] > 0:
+            head_rmsnorm(q, w.q_norm[layer], w.n_heads, w.head_dim, w.norm_eps)
+            head_rmsnorm(k, w.k_norm[layer], w.n_kv_heads, w.head_dim, w.norm_eps)
+        window = w.window[layer]
+        cos, sin = (cos_l, sin_l) if window > 0 else (cos_g, sin_g)
         rope(q, cos, sin, w.n_heads, w.head_dim, w.rope_dim, w.neox)
         rope(k, cos, sin, w.n_kv_heads, w.head_dim, w.rope_dim, w.neox)
         write_kv(k, v, slots, positions, w.n_kv_heads, w.head_dim, k_cache[layer], v_cache[layer])
-        attention(q, k_cache[layer], v_cache[layer], slots, positions, w.n_heads, w.n_kv_heads, w.head_dim, att)
+        attend(q, k_cache[layer], v_cache[layer], slots, positions, w.n_heads, w.n_kv_heads, w.head_dim,
+               w.attn_scale, w.attn_softcap, window, att)
         project(w, w.attn_output, layer, att, xb, acts[ATTN_OUTPUT])
+        if w.post_attn_norm.shape[1] > 0:
+            rmsnorm(xb, w.post_attn_norm[layer], w.norm_eps, xb)
         add_inplace(x, xb)
 
-        # feed-forward: x += W_down @ (silu(W_gate xb) * (W_up xb))
+        # feed-forward: x += W_down @ (act(W_gate xb) * (W_up xb)), act silu or gelu_tanh
         rmsnorm(x, w.ffn_norm[layer], w.norm_eps, xb)
         project_parts(w, (w.ffn_gate, w.ffn_up), w.fused_gate_up[layer], layer, xb, gate_up, acts[FFN_GATE: FFN_UP + 1])
-        swiglu(gate, up, hidden)
+        if w.gelu:
+            geglu(gate, up, hidden)
+        else:
+            swiglu(gate, up, hidden)
         project(w, w.ffn_down, layer, hidden, xb, acts[FFN_DOWN])
+        if w.post_ffn_norm.shape[1] > 0:
+            rmsnorm(xb, w.post_ffn_norm[layer], w.norm_eps, xb)
         add_inplace(x, xb)
 
     # logits for the requested rows only: output_norm, then the output (or tied embedding) matrix
@@ -278,3 +370,5 @@ def llama_forward(model, tokens, slots, positions, logit_rows, k_cache, v_cache,
     normed = np.empty((m, dim), dtype=np.float32)
     rmsnorm(sel, w.output_norm, w.norm_eps, normed)
     project(w, w.output, 0, normed, logits, acts[OUTPUT])
+    if w.final_softcap > 0.0:
+        softcap(logits, w.final_softcap)
