@@ -23,6 +23,10 @@ def convert(source: str, dest: str, to: str | None = None, weights: str | None =
         raise InvalidParameterError(f"--to must be gguf or onnx, got {to!r}")
 
     if to == "gguf":
+        from lmengine.converters.hf_encoder import convert_encoder, is_encoder_source
+        if os.path.isdir(source) and is_encoder_source(source):   # bert / sentence-transformers / gpt2
+            convert_encoder(source, dest, weights or "f32", progress)
+            return dest
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
             from lmengine.converters.hf import convert_hf
             convert_hf(source, dest, weights or "f32", progress)

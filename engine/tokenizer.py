@@ -8,7 +8,7 @@ space, a `<0xNN>` byte token as that byte), and text is the UTF-8 decoding of th
 with invalid bytes replaced by U+FFFD, as llama.cpp's detokenizer yields bytes. The same table
 drives `IncrementalDecoder`, so streamed text always concatenates to `decode()`.
 
-Two vocab families (`tokenizer.ggml.model`):
+Three vocab families (`tokenizer.ggml.model`):
 - "gpt2": byte-level BPE with ranked `tokenizer.ggml.merges` (GPT-2, SmolLM, Llama 3, Qwen2...).
 - "llama": SentencePiece-style (Llama 2, TinyLlama, Mistral): pieces with "▁" for spaces, a "▁"
   put before the text and after each special token (`add_space_prefix`, as llama.cpp does; HF's
@@ -17,6 +17,9 @@ Two vocab families (`tokenizer.ggml.model`):
   llama.cpp repeatedly merges the adjacent pair whose concatenation is the highest-scoring piece;
   we express that as ranked BPE merges (every split of a piece into two pieces, ranked by the
   piece's score), which is how HF converts SentencePiece models too.
+
+- "bert": WordPiece (BERT encoders), stored in llama.cpp's phantom-space form ("▁word" starts a
+  word, "piece" continues one); rebuilt as HF's WordPiece with BERT's normalizer (`_wordpiece`).
 
 Token types (`tokenizer.ggml.token_type`): 1 normal, 2 unknown, 3 control, 4 user-defined,
 5 unused, 6 byte. Control and unknown tokens are matched in text only with `parse_special=True`
@@ -69,7 +72,7 @@ _DEFAULT = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]
 
 PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {
     "default": _DEFAULT,
-    "gpt2": [_GPT2], "mpt": [_GPT2], "olmo": [_GPT2], "jais": [_GPT2],
+    "gpt2": [_GPT2], "gpt-2": [_GPT2], "mpt": [_GPT2], "olmo": [_GPT2], "jais": [_GPT2],
     "smollm": [r"\p{N}", _GPT2], "starcoder": [r"\p{N}", _GPT2], "refact": [r"\p{N}", _GPT2],
     "command-r": [r"\p{N}", _GPT2], "codeshell": [r"\p{N}", _GPT2], "exaone": [r"\p{N}", _GPT2],
     "llama-bpe": [_LLAMA3], "llama3": [_LLAMA3], "dbrx": [_LLAMA3], "smaug-bpe": [_LLAMA3],
@@ -149,9 +152,9 @@ class Tokenizer(Vocabulary):
             return value
 
         model = need("tokenizer.ggml.model", str)
-        if model not in ("gpt2", "llama"):
+        if model not in ("gpt2", "llama", "bert"):
             raise TokenizerError(
-                f"{source}: tokenizer.ggml.model {model!r} is not supported (supported: 'gpt2', 'llama')")
+                f"{source}: tokenizer.ggml.model {model!r} is not supported (supported: 'gpt2', 'llama', 'bert')")
         tokens = list(need("tokenizer.ggml.tokens", (list, tuple)))
         n_vocab = len(tokens)
         if n_vocab == 0:
@@ -182,9 +185,12 @@ class Tokenizer(Vocabulary):
                 return bool(value)
             raise TokenizerError(f"{source}: metadata key {key!r} should be a bool, found {value!r}")
 
-        default_bos = model == "llama"  # llama.cpp's defaults when the file does not say
+        default_bos = model in ("llama", "bert")  # llama.cpp's defaults when the file does not say
         add_bos = flag("tokenizer.ggml.add_bos_token", default_bos)
-        add_eos = flag("tokenizer.ggml.add_eos_token", False)
+        add_eos = flag("tokenizer.ggml.add_eos_token", model == "bert")   # bert: [CLS] text [SEP]
+        if model == "bert":   # llama.cpp's bert files may name [CLS]/[SEP] only as cls/seperator ids
+            bos_id = bos_id if bos_id is not None else token_id("cls")
+            eos_id = eos_id if eos_id is not None else token_id("seperator")
         add_space_prefix = flag("tokenizer.ggml.add_space_prefix", model == "llama")
         chat_template = meta.get("tokenizer.chat_template")
         if chat_template is not None and not isinstance(chat_template, str):
@@ -199,6 +205,8 @@ class Tokenizer(Vocabulary):
                                      f"found {type(pre).__name__}")
             merges = need("tokenizer.ggml.merges", (list, tuple))
             hf = _byte_level_bpe(tokens, merges, pre, source)
+        elif model == "bert":
+            hf = _wordpiece(tokens, types, unk_id, source)
         else:
             scores = need("tokenizer.ggml.scores", (list, tuple))
             if len(scores) != n_vocab:
@@ -390,7 +398,7 @@ class Tokenizer(Vocabulary):
 
     def _strips(self, strip_leading_space: bool | None) -> bool:
         if strip_leading_space is None:
-            return self.model == "llama" and self.add_space_prefix
+            return (self.model == "llama" and self.add_space_prefix) or self.model == "bert"
         return bool(strip_leading_space)
 
     def _piece_bytes(self) -> list[bytes]:
@@ -474,6 +482,36 @@ def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str, source: 
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _wordpiece(tokens: list[str], types: list[int], unk_id: int | None, source: str) -> HFTokenizer:
+    """BERT's WordPiece from a GGUF vocab in llama.cpp's phantom-space form (a word-initial piece
+    is "▁piece", a continuation is "piece"; converters/hf_encoder.py writes it): back to HF's
+    "piece" / "##piece" form, with BERT's normalizer and pre-tokenizer. The GGUF does not say
+    whether the model lowercases: a vocab without upper-case letters in its normal pieces is
+    taken as uncased (lowercase, strip accents: bert-base-uncased, all-MiniLM), else as cased."""
+    vocab: dict[str, int] = {}
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN) or not text:
+            piece = text
+        elif text.startswith(SPIECE_SPACE):
+            piece = text[len(SPIECE_SPACE):]
+        else:
+            piece = "##" + text
+        vocab.setdefault(piece, i)
+    unk = tokens[unk_id] if unk_id is not None else "[UNK]"
+    if unk not in vocab:
+        raise TokenizerError(f"{source}: a bert vocab needs an unknown token (tokenizer.ggml.unknown_token_id)")
+    uncased = not any(t != t.lower() for t, k in zip(tokens, types) if k == TOKEN_NORMAL)
+    try:
+        hf = HFTokenizer(models.WordPiece(vocab=vocab, unk_token=unk, max_input_chars_per_word=100))
+    except Exception as e:
+        raise TokenizerError(f"{source}: cannot build the WordPiece vocab: {e}") from e
+    hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                               lowercase=uncased)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##")
     return hf
 
 

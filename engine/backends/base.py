@@ -60,6 +60,57 @@ class Backend(ABC):
         """Release memory maps and native resources."""
 
 
+def forward_calls(token_ids, slot: int, start_pos: int, all_logits: bool, *, vocab_size: int,
+                  n_slots: int, n_ctx: int, chunk: int):
+    """Check `Backend.forward`'s arguments and split the prompt into compiled calls of at most
+    `chunk` tokens: a list of (tokens, slots, positions, rows) int64 arrays, rows being the
+    positions within the call whose logits are wanted (every one with all_logits, else only the
+    last token of the last call)."""
+    from ..errors import ContextLengthError
+    from ..validation import check_token_ids
+    token_ids = np.ascontiguousarray(check_token_ids(token_ids, vocab_size), dtype=np.int64)
+    n = token_ids.shape[0]
+    if n == 0:
+        raise InvalidParameterError("forward needs at least one token")
+    if not 0 <= slot < n_slots:
+        raise InvalidParameterError(f"slot {slot} out of range [0, {n_slots})")
+    if start_pos < 0 or start_pos + n > n_ctx:
+        raise ContextLengthError(
+            f"positions {start_pos}..{start_pos + n - 1} do not fit the context of {n_ctx} tokens")
+    calls = []
+    for begin in range(0, n, chunk):
+        tokens = token_ids[begin: begin + chunk]
+        m = tokens.shape[0]
+        if all_logits:
+            rows = np.arange(m, dtype=np.int64)
+        elif begin + chunk >= n:
+            rows = np.array([m - 1], dtype=np.int64)
+        else:
+            rows = np.zeros(0, dtype=np.int64)      # only the last call's last row is wanted
+        positions = np.arange(start_pos + begin, start_pos + begin + m, dtype=np.int64)
+        calls.append((tokens, np.full(m, slot, dtype=np.int64), positions, rows))
+    return calls
+
+
+def batch_call(slots, token_ids, positions, *, vocab_size: int, n_slots: int, n_ctx: int):
+    """Check `Backend.forward_batch`'s arguments (one token per distinct slot): its one compiled
+    call, (tokens, slots, positions, rows) int64 arrays, every row wanted."""
+    from ..errors import ContextLengthError
+    from ..validation import check_token_ids
+    token_ids = np.ascontiguousarray(check_token_ids(token_ids, vocab_size), dtype=np.int64)
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    if not (slots.shape == positions.shape == token_ids.shape):
+        raise InvalidParameterError("slots, token_ids and positions must have the same length")
+    if slots.size and (slots.min() < 0 or slots.max() >= n_slots):
+        raise InvalidParameterError(f"slot out of range [0, {n_slots})")
+    if positions.size and (positions.min() < 0 or positions.max() >= n_ctx):
+        raise ContextLengthError(f"a position is outside the context of {n_ctx} tokens")
+    if len(set(slots.tolist())) != slots.size:
+        raise InvalidParameterError("forward_batch takes one token per slot")
+    return token_ids, slots, positions, np.arange(token_ids.shape[0], dtype=np.int64)
+
+
 def checked_thread_count(n_threads, max_threads: int | None) -> int | None:
     """n_threads validated (a positive int, not a bool) and clamped to max_threads; None ->
     max_threads."""

@@ -7,14 +7,13 @@ import os
 import numba
 import numpy as np
 
-from ..errors import ContextLengthError, InvalidParameterError
+from ..errors import InvalidParameterError
 from lmengine.kernels import native
 from lmengine.kernels.attention import KEY_TILE, KV_DTYPES, cache_shapes
 from lmengine.kernels.matmul import ACT_F32, ACT_INT8, ACT_INT8X2
 
 from ..models.llama import LlamaWeights, llama_forward
-from ..validation import check_token_ids
-from .base import Backend
+from .base import Backend, batch_call, forward_calls
 
 # Prompt tokens per compiled call: bounds the scratch memory of a long prefill
 # (8 arrays of [chunk, ~ffn_dim] floats) without costing speed (weights are read once per chunk).
@@ -115,7 +114,7 @@ class NumbaLlamaBackend(Backend):
         k_shape, v_shape = cache_shapes(config.n_layers, self.n_slots, config.n_kv_heads, self.n_ctx,
                                         config.head_dim)
         _check_cache_fits(k_shape, v_shape, KV_DTYPES[kv_cache_dtype], self.n_ctx, self.n_slots)
-        self.weights = LlamaWeights(gguf_file, config, pack=self.packed)
+        self.weights = LlamaWeights(gguf_file, config, pack=self.packed, n_ctx=self.n_ctx)
         self._gguf_file = gguf_file  # keeps the memory map alive
         self.k_cache = _lazy_zeros(k_shape, KV_DTYPES[kv_cache_dtype])
         self.v_cache = _lazy_zeros(v_shape, KV_DTYPES[kv_cache_dtype])
@@ -127,41 +126,14 @@ class NumbaLlamaBackend(Backend):
 
     # -- Backend -------------------------------------------------------------------------------
     def forward(self, slot, token_ids, start_pos, all_logits=False):
-        token_ids = check_token_ids(token_ids, self.vocab_size)   # bounds checked before compiled code reads
-        n = token_ids.shape[0]
-        if n == 0:
-            raise InvalidParameterError("forward needs at least one token")
-        if not 0 <= slot < self.n_slots:
-            raise InvalidParameterError(f"slot {slot} out of range [0, {self.n_slots})")
-        if start_pos < 0 or start_pos + n > self.n_ctx:
-            raise ContextLengthError(
-                f"positions {start_pos}..{start_pos + n - 1} do not fit the context of {self.n_ctx} tokens")
-        outputs = []
-        for begin in range(0, n, PREFILL_CHUNK):
-            chunk = token_ids[begin: begin + PREFILL_CHUNK]
-            m = chunk.shape[0]
-            rows = np.arange(m, dtype=np.int64) if all_logits else np.array([m - 1], dtype=np.int64)
-            if not all_logits and begin + PREFILL_CHUNK < n:
-                rows = np.zeros(0, dtype=np.int64)  # only the last chunk's last row is wanted
-            slots = np.full(m, slot, dtype=np.int64)
-            positions = np.arange(start_pos + begin, start_pos + begin + m, dtype=np.int64)
-            outputs.append(self._run(chunk, slots, positions, rows))
+        calls = forward_calls(token_ids, slot, start_pos, all_logits, vocab_size=self.vocab_size,
+                              n_slots=self.n_slots, n_ctx=self.n_ctx, chunk=PREFILL_CHUNK)
+        outputs = [self._run(*call) for call in calls]   # ids bounds-checked before compiled code reads
         return np.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
     def forward_batch(self, slots, token_ids, positions):
-        token_ids = check_token_ids(token_ids, self.vocab_size)   # bounds checked before compiled code reads
-        slots = np.ascontiguousarray(slots, dtype=np.int64)
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
-        if not (slots.shape == positions.shape == token_ids.shape):
-            raise InvalidParameterError("slots, token_ids and positions must have the same length")
-        if slots.size and (slots.min() < 0 or slots.max() >= self.n_slots):
-            raise InvalidParameterError(f"slot out of range [0, {self.n_slots})")
-        if positions.size and (positions.min() < 0 or positions.max() >= self.n_ctx):
-            raise ContextLengthError(f"a position is outside the context of {self.n_ctx} tokens")
-        if len(set(slots.tolist())) != slots.size:
-            raise InvalidParameterError("forward_batch takes one token per slot")
-        rows = np.arange(token_ids.shape[0], dtype=np.int64)
-        return self._run(token_ids, slots, positions, rows)
+        return self._run(*batch_call(slots, token_ids, positions, vocab_size=self.vocab_size,
+                                     n_slots=self.n_slots, n_ctx=self.n_ctx))
 
     def warmup(self) -> None:
         """Run one token through the model (slot 0, position 0) so that the compiled code is

