@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from lmengine.errors import InvalidParameterError
 from lmengine.validation import check_token_ids
+
+# The fields that set a structured-output constraint (at most one; see engine/constraints.py).
+CONSTRAINT_FIELDS = ("json_schema", "regex", "grammar", "json_object")
 
 
 class _Unset:
@@ -90,6 +95,11 @@ DEFAULTS: dict[str, Any] = dict(
     skip_special_tokens=True,
     include_stop_str_in_output=False,
     beam_width=1,
+    json_schema=None,
+    regex=None,
+    grammar=None,
+    json_object=False,
+    logits_processors=(),
 )
 
 # GGUF metadata key (llama.cpp's recommended-sampler keys, gguf.Keys.General.SAMPLING_*) -> field.
@@ -147,6 +157,24 @@ class SamplingParams:
         include_stop_str_in_output: keep the matched stop string at the end of the output text.
         beam_width: > 1 runs beam search with this many beams instead of sampling; it is
             deterministic, so it requires temperature=0, and returns the n <= beam_width best.
+        json_schema: structured output: the generated text is JSON valid under this JSON schema
+            (a dict, or its JSON text; stored as compact JSON text). Written without whitespace
+            between JSON tokens unless the schema says {"x-guidance": {"whitespace_flexible": true}}.
+        regex: structured output: the generated text fully matches this regular expression
+            (Rust `regex` syntax, as llguidance takes it; no look-around or backreferences).
+        grammar: structured output: the generated text is a sentence of this Lark grammar
+            (llguidance's Lark dialect, start rule `start`).
+        json_object: structured output: the generated text is one JSON object (any keys).
+            At most one of json_schema, regex, grammar, json_object may be set. The constraint
+            is a token mask in the sampler (see engine/constraints.py and docs/STRUCTURED.md):
+            EOS is allowed exactly when the text is complete, so a generation that ends with
+            finish_reason "stop" is valid; one cut by max_tokens ("length") or a stop string
+            may be an unfinished prefix. Invalid values raise InvalidParameterError here.
+        logits_processors: callables f(generated_ids, logits) -> None, called for this request
+            at every step, in order, after penalties/logit_bias/bans and before the constraint
+            mask and the filters. generated_ids: read-only int32 [n_generated]; logits: the
+            float32 [vocab] row of this request, to edit in place. An exception fails only
+            this request. Stored as a tuple.
         fields_set: (read-only, not an argument) names of the fields the caller passed.
     """
 
@@ -173,6 +201,11 @@ class SamplingParams:
     skip_special_tokens: bool = UNSET
     include_stop_str_in_output: bool = UNSET
     beam_width: int = UNSET
+    json_schema: str | None = UNSET
+    regex: str | None = UNSET
+    grammar: str | None = UNSET
+    json_object: bool = UNSET
+    logits_processors: tuple[Callable[[np.ndarray, np.ndarray], None], ...] = UNSET
     fields_set: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +233,18 @@ class SamplingParams:
                 raise InvalidParameterError(
                     f"n must be <= beam_width with beam search, got n={self.n} and "
                     f"beam_width={self.beam_width}")
+        constraints = [name for name in CONSTRAINT_FIELDS if getattr(self, name) not in (None, False)]
+        if len(constraints) > 1:
+            raise InvalidParameterError(
+                f"at most one of json_schema, regex, grammar, json_object may be set, got {', '.join(constraints)}")
+        if constraints or self.logits_processors:
+            what = constraints[0] if constraints else "logits_processors"
+            if self.beam_width > 1:
+                raise InvalidParameterError(f"{what} cannot be combined with beam search (beam_width > 1)")
+            if constraints and self.ignore_eos:
+                raise InvalidParameterError(
+                    f"{what} cannot be combined with ignore_eos=True: a constrained output ends at EOS "
+                    f"once it is complete")
 
     # ------------------------------------------------------------------ derived views
 
@@ -207,6 +252,16 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field name, llguidance grammar text) of the structured-output constraint, or None."""
+        for name in CONSTRAINT_FIELDS:
+            value = getattr(self, name)
+            if value not in (None, False):
+                from lmengine.constraints import grammar_for
+                return name, grammar_for(name, value)
+        return None
 
     # ------------------------------------------------------------------ copies
 
@@ -357,6 +412,32 @@ def _seed(name, value):
     return number
 
 
+def _constraint_field(kind: str):
+    """Validator of json_schema / regex / grammar: None, or a value llguidance compiles (checked
+    here, without a tokenizer, so an invalid one fails when the SamplingParams is built)."""
+    def check(name, value):
+        if value is None:
+            return None
+        from lmengine.constraints import check_grammar, grammar_for, normalize_json_schema
+        if kind == "json":
+            value = normalize_json_schema(value)
+        elif not isinstance(value, str):
+            raise InvalidParameterError(f"{name} must be a str or None, got {type(value).__name__}")
+        check_grammar(name, grammar_for(name, value))
+        return value
+    return check
+
+
+def _logits_processors(name, value):
+    if callable(value) or isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidParameterError(f"{name} must be a sequence of callables f(generated_ids, logits), got {value!r}")
+    processors = tuple(value)
+    for i, f in enumerate(processors):
+        if not callable(f):
+            raise InvalidParameterError(f"{name}[{i}] must be callable f(generated_ids, logits), got {f!r}")
+    return processors
+
+
 _VALIDATORS = dict(
     n=_int_field(1),
     temperature=_float_field(lo=0.0),
@@ -381,5 +462,10 @@ _VALIDATORS = dict(
     skip_special_tokens=_bool_field,
     include_stop_str_in_output=_bool_field,
     beam_width=_int_field(1),
+    json_schema=_constraint_field("json"),
+    regex=_constraint_field("regex"),
+    grammar=_constraint_field("grammar"),
+    json_object=_bool_field,
+    logits_processors=_logits_processors,
 )
 assert set(_VALIDATORS) == set(DEFAULTS) == {f.name for f in fields(SamplingParams)} - {"fields_set"}

@@ -14,6 +14,12 @@
   3. allowed_token_ids   every other token gets -inf.
   4. bans         -inf for: the last token of a bad word whose other tokens end the output so
                   far; EOS and stop_token_ids while fewer than min_tokens tokens were generated.
+  4a. logits_processors   the request's own callables f(generated_ids, logits_row), in order,
+                  on a read-only int32 view of its generated ids and its float32 logits row.
+  4b. constraint  structured output (json_schema / regex / grammar / json_object): -inf for
+                  every token that cannot continue a valid output (engine/constraints.py).
+                  Last of the edits, so nothing before can re-allow a token the grammar forbids.
+                  Rows without a constraint do no mask work at all.
   5. temperature -> top-k -> top-p -> typical-p -> min-p   (kernels/sampling.py); greedy rows
                   (temperature 0 or top_k 1) take the argmax of the logits after steps 1-4.
   6. draw         with one uniform number from the request's own generator.
@@ -25,6 +31,10 @@ position always equals the number of generated tokens, which makes `rewind_to` e
 
 `sample` records the chosen token in each state (penalty counts, bad-word history, min_tokens).
 The logits array is used as scratch: steps 1-4 overwrite it in place.
+
+Failures (a logits processor that raises, a constraint that leaves no token) raise before any
+draw, so a failed call draws and records nothing; the scheduler then samples each row on its own
+to end only the failing request (other rows' processors run again for that step).
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmengine.constraints import Constraint, ConstraintCompiler, apply_mask
 from lmengine.errors import InvalidParameterError
 from lmengine.params import SamplingParams
 from lmengine.kernels import sampling as K
@@ -99,8 +110,11 @@ class SamplerState:
 
     def __init__(self, params: SamplingParams, vocab_size: int, eos_token_ids: Sequence[int],
                  prompt_token_ids: Sequence[int], bad_words_ids: Sequence[Sequence[int]],
-                 sample_index: int = 0) -> None:
+                 sample_index: int = 0, constraint: Constraint | None = None) -> None:
         self.params = params
+        self.constraint = constraint                   # structured output: advanced in record()
+        self.processors = params.logits_processors
+        self._generated_ids = _GrowableInt32()         # int32 copy of generated_token_ids (processors' view)
         self.vocab_size = vocab_size
         # The ids the kernels will index the logits with are checked here, once: SamplingParams
         # knows no vocabulary; eos_token_ids were checked by the Sampler.
@@ -156,6 +170,10 @@ class SamplerState:
         self.generated_token_ids.append(int(token_id))
         if self.has_penalties:
             self._see(int(token_id), generated=True)
+        if self.processors:
+            self._generated_ids.append(token_id)
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
 
     def rewind_to(self, n_generated: int) -> None:
         """Keep the first n_generated generated tokens; the generator restarts after n draws."""
@@ -166,6 +184,9 @@ class SamplerState:
         prompt = self.prompt_token_ids
         self.prompt_token_ids, self.generated_token_ids = [], []
         self._seen_position, self._seen_ids, self._output_counts = {}, _GrowableInt32(), _GrowableInt32()
+        self._generated_ids = _GrowableInt32()
+        if self.constraint is not None:
+            self.constraint.reset()                   # record() below replays the kept tokens
         self.extend_prompt(prompt, checked=True)
         for t in kept:
             self.record(t)
@@ -173,8 +194,16 @@ class SamplerState:
 
     def copy(self) -> SamplerState:
         """An independent copy: same history and same random-stream position (beam search and
-        other forks continue from here without sharing state)."""
-        return copy.deepcopy(self)
+        other forks continue from here without sharing state). The params (and the logits
+        processors in them) are shared, not copied; the constraint's matcher is copied."""
+        shared = (self.params, self.processors)
+        return copy.deepcopy(self, {id(x): x for x in shared})
+
+    def generated_ids_view(self) -> np.ndarray:
+        """Read-only int32 [n_generated] view of the generated tokens (what processors get)."""
+        view = self._generated_ids.view()
+        view.flags.writeable = False
+        return view
 
     def _see(self, token_id: int, generated: bool) -> None:
         position = self._seen_position.get(token_id)
@@ -220,15 +249,18 @@ class Sampler:
 
     vocab_size: logits width. eos_token_ids: the model's end-of-sequence ids (banned under
     min_tokens). encode: text -> token ids without special tokens, used to tokenize bad_words
-    (required only by requests that set bad_words).
+    (required only by requests that set bad_words). constraints: compiles structured-output
+    constraints for this vocabulary (required only by requests that set one).
     """
 
     def __init__(self, vocab_size: int, eos_token_ids: Iterable[int] = (),
-                 encode: Callable[[str], Sequence[int]] | None = None) -> None:
+                 encode: Callable[[str], Sequence[int]] | None = None,
+                 constraints: ConstraintCompiler | None = None) -> None:
         self.vocab_size = int(vocab_size)
         self.eos_token_ids = tuple(
             check_token_ids(list(eos_token_ids), self.vocab_size, "eos_token_ids token id").tolist())
         self.encode = encode
+        self.constraints = constraints
 
     def new_state(self, params: SamplingParams, prompt_token_ids: Sequence[int] = (),
                   sample_index: int = 0) -> SamplerState:
@@ -237,8 +269,15 @@ class Sampler:
         if params.bad_words and self.encode is None:
             raise InvalidParameterError("bad_words needs a tokenizer: build the Sampler with encode=")
         bad_ids = bad_words_token_ids(params.bad_words, self.encode) if params.bad_words else ()
+        constraint = None
+        spec = params.constraint
+        if spec is not None:
+            if self.constraints is None:
+                raise InvalidParameterError(
+                    f"{spec[0]} needs the model's vocabulary: build the Sampler with constraints=")
+            constraint = self.constraints.compile(*spec)
         return SamplerState(params, self.vocab_size, self.eos_token_ids, prompt_token_ids, bad_ids,
-                            sample_index)
+                            sample_index, constraint)
 
     def sample(self, logits: np.ndarray, states: Sequence[SamplerState]) -> SampleResult:
         """One token per row of logits (float32 [b, vocab], overwritten) for states[row]."""
@@ -314,6 +353,27 @@ class Sampler:
         if any(banned):
             row_ptr, ids = _csr([np.asarray(b, dtype=np.int32) for b in banned])
             K.ban_tokens(logits, row_ptr, ids)
+        for row, s in enumerate(states):
+            for i, processor in enumerate(s.processors):
+                try:
+                    processor(s.generated_ids_view(), logits[row])
+                except Exception as e:
+                    raise InvalidParameterError(
+                        f"logits_processors[{i}] ({getattr(processor, '__name__', type(processor).__name__)}) "
+                        f"raised {type(e).__name__}: {e}") from e
+        constrained = [row for row, s in enumerate(states) if s.constraint is not None]
+        if constrained:
+            _apply_constraints(logits, states, constrained)
+
+
+def _apply_constraints(logits: np.ndarray, states: Sequence[SamplerState], rows: list[int]) -> None:
+    """Step 4b: -inf for the tokens each constrained row's grammar does not allow next."""
+    vocab = logits.shape[1]
+    words = np.empty((len(rows), (vocab + 31) // 32), dtype=np.int32)   # one bitmask per row
+    for i, row in enumerate(rows):
+        states[row].constraint.fill_mask(words[i])
+    for i, row in enumerate(rows):
+        apply_mask(logits[row], words[i])
 
 
 def _filter_arrays(states: Sequence[SamplerState]) -> tuple[np.ndarray, ...]:
@@ -328,7 +388,8 @@ def _filter_arrays(states: Sequence[SamplerState]) -> tuple[np.ndarray, ...]:
 def _raise_nothing_left(row: int) -> None:
     raise InvalidParameterError(
         f"no token left to sample for batch row {row}: allowed_token_ids, bad_words, "
-        f"logit_bias and min_tokens together exclude every token")
+        f"logit_bias, min_tokens, logits_processors and the structured-output constraint together "
+        f"exclude every token")
 
 
 _EMPTY = np.empty(0, dtype=np.int32)

@@ -11,21 +11,40 @@ free their slot. One `step()`:
      `backend.forward_batch` call, so weights are read once for the whole batch;
   3. samples the next token of every sequence in ONE `Sampler.sample` call.
 
-Threads: there is no background thread. Whoever wants progress (a `generate` call, or the
-consumer of a `stream` iterator in any thread) takes the lock and runs steps for everybody until
-its own request has news, so concurrent streams from several threads share the batched steps.
+Threads, two modes:
+  - caller-driven (the default, the offline API): there is no background thread. Whoever wants
+    progress (a `generate` call, or the consumer of a `stream` iterator in any thread) takes the
+    lock and runs steps for everybody until its own request has news, so concurrent streams from
+    several threads share the batched steps.
+  - background loop (`start()`, what a server uses): one daemon thread runs steps while there is
+    work and sleeps when there is none; waiters only wait (`wait_for_news`), and a request's
+    `listener` callback (if set) is called from the loop thread whenever the request has news, so
+    an asyncio event loop can be woken (engine/async_llm.py). `stop()` returns to caller-driven.
+
+`submit` never waits for a step: new requests go to an inbox (a deque, whose append is atomic)
+that the next step moves into the queue, so an event loop that submits is never blocked by a
+forward pass. `request_cancel` likewise only flags the request; the next step ends it.
+
+Chunked prefill (`prefill_chunk`, None = off): a prompt longer than the per-step prompt-token
+budget is computed over several steps, `prefill_chunk` tokens per step for all prompts together,
+and every step still runs the batched decode of the other sequences, so their tokens keep coming
+while a long prompt is computed. The cache already records partially computed prompts
+(engine/cache.py: `plan` starts where the slot's tokens end), so a chunk is a forward at an
+offset, exactly like a prompt whose prefix was cached.
 """
 from __future__ import annotations
 
 import threading
 import time
+import sys
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from .cache import common_prefix
-from .errors import LLMClosedError, NonFiniteLogitsError
+from .errors import InvalidParameterError, LLMClosedError, NonFiniteLogitsError
 from .generator import Generator, StreamChunk, check_finite_logits
 
 # A prompt prefix at least this long, already computed in another slot, is copied from there
@@ -44,6 +63,16 @@ class Request:
     cancelled: bool = False
     error: BaseException | None = None
     t_first: float | None = None        # time.perf_counter() when its first token was sampled
+    listener: Callable[[], None] | None = None  # called (from the stepping thread) on news
+
+    def notify(self) -> None:
+        """Tell the listener (if any) that chunks were added or the request ended. A listener
+        that fails (an event loop that is closed already) is dropped: the request goes on."""
+        if self.listener is not None:
+            try:
+                self.listener()
+            except Exception:
+                self.listener = None
 
 
 class Scheduler:
@@ -58,20 +87,48 @@ class Scheduler:
     the caller driving the step is never handed another caller's error and no waiting request is
     stranded: every caller drives steps until its own requests are done."""
 
-    def __init__(self, llm):
+    def __init__(self, llm, prefill_chunk: int | None = None):
         self.llm = llm
         self.lock = threading.RLock()
+        self.news = threading.Condition(self.lock)   # notified after every step of the loop thread
+        self.inbox: deque[Request] = deque()         # submitted, not yet seen by a step
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.closed = False
+        self.prefill_chunk = prefill_chunk
+        self.stats = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0}   # totals, for /metrics
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._work = threading.Event()               # set when the loop thread may have work
 
-    def submit(self, prompt_ids: list[int], params, sample_index: int = 0) -> Request:
-        request = Request(list(prompt_ids), params, sample_index)
-        with self.lock:
-            if self.closed:
-                raise LLMClosedError("the LLM is closed")
-            self.waiting.append(request)
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Prompt tokens computed per step, all prompts together (None: whole prompts at once)."""
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+            raise InvalidParameterError(f"prefill_chunk must be an integer >= 2 or None, got {value!r}")
+        self._prefill_chunk = value
+
+    def submit(self, prompt_ids: list[int], params, sample_index: int = 0,
+               listener: Callable[[], None] | None = None) -> Request:
+        """Queue a request (never waits for a step). LLMClosedError once the LLM is closed."""
+        request = Request(list(prompt_ids), params, sample_index, listener=listener)
+        if self.closed:
+            raise LLMClosedError("the LLM is closed")
+        self.inbox.append(request)
+        if self.closed:                  # closed while we appended: make sure it ends too
+            self.close()
+        self._work.set()
         return request
+
+    def request_cancel(self, request: Request) -> None:
+        """Ask for a request to end at the next step, without waiting for the lock (an event
+        loop's task that was cancelled, a client that disconnected). `cancel` ends it now."""
+        request.cancelled = True
+        self._work.set()
 
     def cancel(self, request: Request) -> None:
         """End a request now: its slot (if it has one) is free when this returns."""
@@ -79,6 +136,7 @@ class Scheduler:
             if request.done:
                 return
             request.cancelled = True
+            self._take_inbox()
             if request in self.waiting:
                 self.waiting.remove(request)
             elif request in self.running:
@@ -89,26 +147,99 @@ class Scheduler:
         """End every waiting and running request with LLMClosedError; later submits raise it."""
         with self.lock:
             self.closed = True
+            self._stopping = True            # the loop thread (if any) exits; nothing to join here
+            self._work.set()
+            self._take_inbox()
             for r in list(self.waiting) + self.running:
                 self._end(r, LLMClosedError("the LLM was closed while this request was in progress"))
             self.waiting.clear()
             self.running = []
+            self.news.notify_all()
 
+    # -- the background loop -----------------------------------------------------------------------
+    @property
+    def background(self) -> bool:
+        """Whether a loop thread runs the steps (`start`)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run steps in a daemon thread from now on (idempotent)."""
+        with self.lock:
+            if self.closed:
+                raise LLMClosedError("the LLM is closed")
+            if self.background:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lmengine-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop thread after its current step; callers drive the steps again. Requests in
+        progress are kept (their waiters go on driving them)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._work.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+        with self.lock:
+            self._thread = None
+            self.news.notify_all()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._work.clear()               # cleared before looking: a later submit sets it again
+            with self.lock:
+                if self._stopping or self.closed:
+                    break
+                self._take_inbox()
+                busy = bool(self.waiting or self.running)
+                if busy:
+                    try:
+                        self.step()
+                    except BaseException as e:   # the step failed its requests already; go on
+                        print(f"lmengine: scheduler step failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    self.news.notify_all()
+                stalled = busy and not self.running    # waiting for a slot held outside the scheduler
+            if not busy:
+                self._work.wait()
+            elif stalled:
+                self._work.wait(0.01)
+
+    # -- waiting -----------------------------------------------------------------------------------
     def wait_for_news(self, request: Request) -> None:
-        """Run steps until `request` has a chunk to read or is done."""
+        """Until `request` has a chunk to read or is done: run steps (caller-driven mode) or wait
+        for the loop thread's."""
         while True:
             with self.lock:
                 if request.chunks or request.done:
                     return
-                self.step()
+                if self.background:
+                    self.news.wait(0.5)
+                else:
+                    self.step()
 
     def run_until_done(self, requests: list[Request]) -> None:
         with self.lock:
             while not all(r.done for r in requests):
-                self.step()
+                if self.background:
+                    self.news.wait(0.5)
+                else:
+                    self.step()
+
+    def queue_depth(self) -> int:
+        """Requests submitted and not yet running (no slot yet)."""
+        return len(self.inbox) + len(self.waiting)
 
     # -- one step --------------------------------------------------------------------------------
+    def _take_inbox(self) -> None:
+        while self.inbox:
+            self.waiting.append(self.inbox.popleft())
+
     def step(self) -> None:
+        self.stats["steps"] += 1
+        self._take_inbox()
         self._retire()
         self._admit()
         if not self.running:
@@ -135,11 +266,16 @@ class Scheduler:
         if g is not None:
             g.close()
         request.done = True
+        request.notify()
 
     def _admit(self) -> None:
         # at most max_batch_size running: the LLM keeps one slot for logits()/perplexity()
         while self.waiting and len(self.running) < self.llm.max_batch_size:
             request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()
+                self._end(request)
+                continue
             slot = self.llm.acquire_slot(request.prompt_ids, or_raise=False)
             if slot is None:
                 return
@@ -167,6 +303,7 @@ class Scheduler:
         sampling call over the rows that are finite. Failures end only their requests."""
         backend = self.llm.backend
         decode = []
+        budget = self.prefill_chunk          # prompt tokens left for this step (None: no limit)
         for r in self.running:
             g = r.generator
             if g.logits is not None:
@@ -176,13 +313,23 @@ class Scheduler:
             if len(new) == 1:
                 decode.append((r, start, new[0]))
                 continue
+            if budget is not None:
+                take = _chunk_length(len(new), budget)
+                if take == 0:
+                    continue                 # this step's budget is spent: the next step goes on
+                budget -= take
+                if take < len(new):
+                    self._prefill_part(r, start, new[:take])
+                    continue
             try:
                 logits = backend.forward(g.slot, np.asarray(new, dtype=np.int64), start)
             except Exception as e:
                 self._end(r, e)
                 continue
+            self.stats["prefill_tokens"] += len(new)
             self._take_logits(r, logits[-1], start)
         if decode:
+            self.stats["decode_rows"] += len(decode)
             slots = np.array([r.generator.slot for r, _, _ in decode], dtype=np.int64)
             tokens = np.array([t for _, _, t in decode], dtype=np.int64)
             positions = np.array([s for _, s, _ in decode], dtype=np.int64)
@@ -195,9 +342,20 @@ class Scheduler:
                 for i, (r, start, _) in enumerate(decode):
                     self._take_logits(r, logits[i], start)
 
-        ready = [r for r in self.running if not r.done]
+        ready = [r for r in self.running if not r.done and r.generator.logits is not None]
         if ready:
             self._sample(ready)
+
+    def _prefill_part(self, r: Request, start: int, part: list[int]) -> None:
+        """Compute one chunk of a prompt into its slot (no logits needed: more of it follows)."""
+        g = r.generator
+        try:
+            self.llm.backend.forward(g.slot, np.asarray(part, dtype=np.int64), start)
+        except Exception as e:
+            self._end(r, e)
+            return
+        self.stats["prefill_tokens"] += len(part)
+        self.llm.slots.commit(g.slot, start, part)
 
     def _take_logits(self, r: Request, logits: np.ndarray, start: int) -> None:
         try:
@@ -233,6 +391,8 @@ class Scheduler:
                                         finish_reason=g.finish_reason, index=r.sample_index))
             if g.is_done():
                 self._end(r)
+            else:
+                r.notify()
 
     def _share_prefix(self, g: Generator) -> None:
         """If another slot holds a longer prefix of g's tokens than g's own slot, copy it over
@@ -251,3 +411,16 @@ class Scheduler:
         if best_slot is not None and best - own >= MIN_SHARED_PREFIX:
             self.llm.backend.copy_slot(best_slot, g.slot, best)
             slots.commit(g.slot, 0, g.tokens[:best])
+
+
+def _chunk_length(n_new: int, budget: int) -> int:
+    """How many of a prompt's n_new uncached tokens to compute in a step with `budget` prompt
+    tokens left: all of them if they fit, else as many as fit, but never leaving exactly one
+    behind (a lone last prompt token would take the batched decode path instead of the prompt
+    forward that computes a prompt's last token unchunked)."""
+    if n_new <= budget:
+        return n_new
+    take = budget
+    if n_new - take == 1:
+        take -= 1
+    return take if take >= 1 else 0
