@@ -71,5 +71,11 @@ class LLMClosedError(LMEngineError, RuntimeError):
     waiting or running when the LLM was closed."""
 
 
+class BatchFileError(LMEngineError, ValueError):
+    """A batch job's INPUT or OUTPUT file that cannot be used as a whole (`lmengine batch`): an
+    unknown format, an OUTPUT written for another INPUT, a corrupt line in the middle of OUTPUT.
+    A problem of one row is an error row of the output instead."""
+
+
 class LMEngineWarning(UserWarning):
     """Something accepted but probably not what the caller meant (e.g. more threads than cores)."""
