@@ -1,5 +1,5 @@
 """The `lmengine` command line (also `python -m lmengine`): generate, chat, info, convert,
-quantize, bench.
+quantize, bench; serve, embed, batch, warmup (each in its own module, engine/cli_<verb>.py).
 
     lmengine generate "Once upon a time" --max-tokens 64
     echo "Once upon a time" | lmengine generate        # the prompt read from standard input
@@ -17,13 +17,16 @@ line, `lmengine: warning: ...`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
 import time
 import warnings
 
+from . import cli_batch, cli_embed, cli_serve, cli_warmup
 from .errors import InvalidParameterError, LMEngineError, ModelFileError
+from .kernels.jit_cache import CompileProgress
 
 DEFAULT_PROMPT = "Once upon a time"
 
@@ -141,10 +144,13 @@ def _load(args):
     from .llm import LLM
     t0 = time.perf_counter()
     if sys.stderr.isatty() or getattr(args, "verbose", False):
-        _say("loading the model and its compiled kernels (the very first run compiles them, about a "
-             "minute; later runs load them from the disk cache)...")
-    llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend, activations=args.activations,
-              kv_cache_dtype=args.kv_cache_dtype)
+        _say("loading the model and its compiled kernels (a first run compiles them, for a few minutes "
+             "on a slow machine, with progress below; later runs load them from the disk cache in about "
+             "a second; `lmengine warmup` does it ahead)...")
+    show_compiles = sys.stderr.isatty() or getattr(args, "verbose", False)
+    with CompileProgress() if show_compiles else contextlib.nullcontext():
+        llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend,
+                  activations=args.activations, kv_cache_dtype=args.kv_cache_dtype)
     if getattr(args, "verbose", False):
         _say(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s")
     return llm
@@ -583,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CTranslate2 model dir (default: converted once into ~/.cache/lmengine/ct2)")
     p.add_argument("--json", default="bench_results.json", help="where to write the JSON results")
     p.set_defaults(func=cmd_bench)
+
+    for verb in (cli_serve, cli_embed, cli_batch, cli_warmup):    # verbs with modules of their own
+        verb.add_parser(sub)
     return parser
 
 

@@ -21,6 +21,7 @@ from lmengine.converters.gguf_file import GGUFFile
 
 from .cache import SlotTable
 from .config import config_from_gguf
+from .constraints import ConstraintCompiler
 from .errors import ContextLengthError, InvalidParameterError, LLMClosedError, NonFiniteLogitsError
 from .generator import Completion, Generator, StreamChunk
 from .models.registry import resolve_model
@@ -135,7 +136,8 @@ class LLM:
         self._closed = False
         self.eos_token_ids = frozenset(self.tokenizer.eot_ids)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids,
-                               encode=lambda s: self.tokenizer.encode(s, add_bos=False, parse_special=False))
+                               encode=lambda s: self.tokenizer.encode(s, add_bos=False, parse_special=False),
+                               constraints=ConstraintCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids))
         self.scheduler = Scheduler(self)
         if warmup:
             self.backend.warmup()
@@ -164,6 +166,12 @@ class LLM:
             self.tokenizer = tokenizer_from_gguf(self.gguf)
             self.chat_template = None
             self.backend = LSTMBackend(self.gguf, self.config, n_ctx, n_slots, n_threads)
+            return
+        if self.config.arch in ("bert", "gpt2"):   # engine/backends/encoder_backend.py
+            from .backends.encoder_backend import load_backend
+            n_ctx = _context_size(n_ctx, self.config.n_ctx_train, False, self.path)   # learned positions
+            self.tokenizer, self.chat_template, self.backend = load_backend(self.gguf, self.config, n_ctx, n_slots,
+                                                                            n_threads)
             return
         from .backends.numba_backend import NumbaLlamaBackend
         from .chat import ChatTemplate
@@ -354,6 +362,17 @@ class LLM:
                 if not r.done:
                     self.scheduler.cancel(r)
 
+    def create_chat_completion(self, messages, **request: Any):
+        """An OpenAI chat completion dict (stream=True: an iterator of chunk dicts), the same as
+        `lmengine serve` returns; keyword arguments are the request's fields (engine/openai_compat.py)."""
+        from .openai_compat import create_chat_completion
+        return create_chat_completion(self, messages, **request)
+
+    def create_completion(self, prompt, **request: Any):
+        """An OpenAI text completion dict (stream=True: an iterator of chunk dicts), as the server's."""
+        from .openai_compat import create_completion
+        return create_completion(self, prompt, **request)
+
     def chat(self, messages, params: SamplingParams | None = None, *, parse_special_in_content: bool = False,
              **kwargs: Any) -> Completion:
         """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template.
@@ -386,6 +405,13 @@ class LLM:
             raise ChatTemplateError(f"{self.path}: this model has no chat template")
 
     # -- evaluation --------------------------------------------------------------------------------
+    def embed(self, texts: str | Sequence[str], normalize: bool = True, pooling: str | None = None,
+              batch_size: int = 32) -> np.ndarray:
+        """Embeddings float32 [n, dim] of texts (bert and gpt2 models): pooling "mean" | "cls" |
+        "last" (None: the model's; see engine/embed.py), L2-normalized unless normalize=False."""
+        from .embed import embed_texts
+        return embed_texts(self, texts, normalize=normalize, pooling=pooling, batch_size=batch_size)
+
     def logits(self, token_ids) -> np.ndarray:
         """float32 [n_tokens, vocab]: the next-token logits at every position of token_ids."""
         ids = self._prompt_ids(list(token_ids) if not isinstance(token_ids, str) else token_ids)
