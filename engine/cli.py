@@ -145,8 +145,8 @@ def _load(args):
     t0 = time.perf_counter()
     if sys.stderr.isatty() or getattr(args, "verbose", False):
         _say("loading the model and its compiled kernels (a first run compiles them, for a few minutes "
-             "on a slow machine, with progress below; later runs load them from the disk cache in about "
-             "a second; `lmengine warmup` does it ahead)...")
+             "on a slow machine, with progress below; later runs load them from the disk cache in a "
+             "second or two; `lmengine warmup` does it ahead)...")
     show_compiles = sys.stderr.isatty() or getattr(args, "verbose", False)
     with CompileProgress() if show_compiles else contextlib.nullcontext():
         llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend,

@@ -2,7 +2,7 @@
 wheel.
 
 A first start compiles the Numba code (the model forward, the samplers, the load-time block
-checks: about 150 functions) and caches it on disk; later starts load it in about a second. Where
+checks: about 150 functions) and caches it on disk; later starts load it in a second or two. Where
 that first compile should not happen in front of a user (a container image, a fleet of machines,
 a CI job), `warmup()` does it ahead:
 
