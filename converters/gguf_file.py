@@ -262,6 +262,28 @@ class GGUFFile:
         except UnicodeDecodeError as e:
             raise ModelFileError(f"{self.path}: {where}: a string is not valid UTF-8 ({e})") from None
 
+    def _string_array(self, pos: int, n: int, where: str):
+        """n strings from pos, as _string reads them, in one tight loop (a 49k-token vocabulary and
+        its merges take ~0.05 s here instead of ~0.3 s through _string); any string that is
+        truncated, over the limit or not UTF-8 goes through _string, which raises its error."""
+        buf, end_of_file, limit = self._buf, self.file_size, MAX_STRING_BYTES
+        read_length = _U64.unpack_from
+        items = [""] * n
+        for i in range(n):
+            start = pos + 8
+            if start <= end_of_file:
+                (length,) = read_length(buf, pos)
+                end = start + length
+                if end <= end_of_file and length <= limit:
+                    try:
+                        items[i] = str(buf[start:end], "utf-8")
+                        pos = end
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            items[i], pos = self._string(pos, where)     # the slow path: raises the error that fits
+        return items, pos
+
     def _value(self, vtype: int, pos: int, where: str, depth: int):
         if vtype in _SCALAR_FORMATS:
             (value,), pos = self._unpack(_SCALAR_FORMATS[vtype], pos, where)
@@ -293,10 +315,7 @@ class GGUFFile:
             return values.tolist(), pos + n * min_item
         items = []
         if item_type == _STRING:    # vocabularies and merges: ~100k strings, the hot loop of a load
-            for _ in range(n):
-                item, pos = self._string(pos, where)
-                items.append(item)
-            return items, pos
+            return self._string_array(pos, n, where)
         for _ in range(n):
             item, pos = self._array(pos, where, depth + 1)
             items.append(item)
@@ -345,6 +364,7 @@ class GGUFFile:
 # GGUF value types (gguf.GGUFValueType): struct formats of the scalar ones
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                    10: "<Q", 11: "<q", 12: "<d"}
+_U64 = struct.Struct("<Q")
 _SCALAR_SIZES = {vtype: struct.calcsize(fmt) for vtype, fmt in _SCALAR_FORMATS.items()}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
 

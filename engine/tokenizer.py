@@ -110,6 +110,14 @@ _BYTE_TO_CHAR = _gpt2_byte_to_char()
 _CHAR_TO_LATIN1 = {ord(c): chr(b) for b, c in _BYTE_TO_CHAR.items()}
 
 
+def _all_of(values, plain: type, kind: type) -> bool:
+    """Every value is a `kind` number (numbers.Integral / numbers.Real), not a bool. The values of
+    a GGUF array are plain ints / floats, tested first by exact type: the ABC test costs about
+    0.3 s over a 49k-token vocabulary."""
+    return (all(type(v) is plain for v in values)
+            or all(isinstance(v, kind) and not isinstance(v, bool) for v in values))
+
+
 class Tokenizer(Vocabulary):
     """Text <-> token ids for one model. Build with `from_gguf`, `from_metadata` or `from_pretrained_dir`.
     The vocabulary lookups (vocab_size, bos_id, eot_ids, id_to_token, ...) are `Vocabulary`'s."""
@@ -159,11 +167,11 @@ class Tokenizer(Vocabulary):
         n_vocab = len(tokens)
         if n_vocab == 0:
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens is empty")
-        if not all(isinstance(t, str) for t in tokens):
+        if not all(type(t) is str for t in tokens) and not all(isinstance(t, str) for t in tokens):
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens must hold strings")
         if "tokenizer.ggml.token_type" in meta:
             types = need("tokenizer.ggml.token_type", (list, tuple))
-            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in types):
+            if not _all_of(types, int, numbers.Integral):
                 raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.token_type' should hold integers")
             types = [int(t) for t in types]
             if len(types) != n_vocab:
@@ -212,7 +220,7 @@ class Tokenizer(Vocabulary):
             if len(scores) != n_vocab:
                 raise TokenizerError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries "
                                      f"but tokenizer.ggml.tokens has {n_vocab}")
-            if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in scores):
+            if not _all_of(scores, float, numbers.Real):
                 raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.scores' should hold numbers")
             hf = _sentencepiece_bpe(tokens, types, scores, unk_id, add_space_prefix, source)
         _add_special_tokens(hf, tokens, types)

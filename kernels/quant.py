@@ -693,10 +693,21 @@ def dequantize(type_id, raw_u8, shape) -> np.ndarray:
         raise QuantShapeError(
             f"dequantize: {TYPE_NAMES[tid]} tensor of shape {shape} needs {n_rows} x {bytes_per_row} = "
             f"{n_rows * bytes_per_row} bytes, got {raw.size}")
+    if tid in _FLOAT_VIEWS:     # norms and biases at load: NumPy, no compiled code to load (same bits)
+        return _FLOAT_VIEWS[tid](raw).reshape(shape)
     out = np.empty((n_rows, n_cols), dtype=np.float32)
     if out.size:
         _dequantize_rows(tid, raw.reshape(n_rows, bytes_per_row), n_cols // BLOCK_SIZE[tid], out)
     return out.reshape(shape)
+
+
+# F32 / F16 / BF16 bytes -> a new float32 array, exactly as _dequantize_blocks decodes them
+# (f16 -> f32 and bf16 -> f32 are exact widenings)
+_FLOAT_VIEWS = {
+    F32: lambda raw: raw.view("<f4").astype(np.float32),
+    F16: lambda raw: raw.view("<f2").astype(np.float32),
+    BF16: lambda raw: (raw.view("<u2").astype(np.uint32) << 16).view(np.float32),
+}
 
 
 # -- quantize: one block --------------------------------------------------------------------------

@@ -172,15 +172,26 @@ def test_fields_are_the_float_fields_gguf_decodes(type_id):
 
 # -- tests: first_nonfinite_block ---------------------------------------------------------------
 
+@pytest.fixture(params=["numba", "numpy"])
+def scan(request, monkeypatch):
+    """first_nonfinite_block (Numba, parallel over chunks) or first_nonfinite_block_numpy (what
+    check_finite_scales runs on all but large float tensors), which must give the same answers;
+    the NumPy scan in steps of 1000 blocks, so that the test tensors span several steps."""
+    if request.param == "numba":
+        return bc.first_nonfinite_block
+    monkeypatch.setattr(bc, "NUMPY_CHUNK_BLOCKS", 1000)
+    return bc.first_nonfinite_block_numpy
+
+
 @pytest.mark.parametrize("type_id", ALL_TYPES, ids=lambda t: q.TYPE_NAMES[t])
-def test_clean_tensor_scans_clean(type_id):
+def test_clean_tensor_scans_clean(type_id, scan):
     raw = clean_tensor(type_id)
     n = n_test_blocks(type_id)
     assert n > 2 * chunk_blocks(type_id)          # the parallel path runs
     assert not ref_bad_blocks(type_id, raw, n).any()
-    assert bc.first_nonfinite_block(type_id, raw, n) == -1
-    assert bc.first_nonfinite_block(type_id, raw[:5 * block_bytes(type_id)], 5) == -1
-    assert bc.first_nonfinite_block(type_id, np.zeros(0, np.uint8), 0) == -1
+    assert scan(type_id, raw, n) == -1
+    assert scan(type_id, raw[:5 * block_bytes(type_id)], 5) == -1
+    assert scan(type_id, np.zeros(0, np.uint8), 0) == -1
 
 
 def planted_positions(type_id):
@@ -190,7 +201,7 @@ def planted_positions(type_id):
 
 
 @pytest.mark.parametrize("type_id", ALL_TYPES, ids=lambda t: q.TYPE_NAMES[t])
-def test_planted_nonfinite_field_is_found(type_id):
+def test_planted_nonfinite_field_is_found(type_id, scan):
     clean = clean_tensor(type_id)
     n = n_test_blocks(type_id)
     for position, block in planted_positions(type_id).items():
@@ -201,11 +212,11 @@ def test_planted_nonfinite_field_is_found(type_id):
                 what = f"{position} block {block}, field {name}, bits {bits:#x}"
                 assert ref_first_bad(type_id, raw, n) == block, what
                 assert not gguf_block_is_finite(type_id, raw, block), what
-                assert bc.first_nonfinite_block(type_id, raw, n) == block, what
+                assert scan(type_id, raw, n) == block, what
 
 
 @pytest.mark.parametrize("type_id", ALL_TYPES, ids=lambda t: q.TYPE_NAMES[t])
-def test_finite_edge_values_are_not_flagged(type_id):
+def test_finite_edge_values_are_not_flagged(type_id, scan):
     clean = clean_tensor(type_id)
     n = n_test_blocks(type_id)
     for name, offset, kind in fields_of(type_id):
@@ -214,24 +225,24 @@ def test_finite_edge_values_are_not_flagged(type_id):
             for block in planted_positions(type_id).values():
                 put_bits(raw, type_id, block, offset, kind, bits)
             assert ref_first_bad(type_id, raw, n) == -1
-            assert bc.first_nonfinite_block(type_id, raw, n) == -1, (name, hex(bits))
+            assert scan(type_id, raw, n) == -1, (name, hex(bits))
 
 
 @pytest.mark.parametrize("type_id", ALL_TYPES, ids=lambda t: q.TYPE_NAMES[t])
-def test_first_of_several_bad_blocks(type_id):
+def test_first_of_several_bad_blocks(type_id, scan):
     """Bad blocks in several chunks: the smallest index wins, whichever thread finds its own first."""
     n, c = n_test_blocks(type_id), chunk_blocks(type_id)
     name, offset, kind = fields_of(type_id)[-1]
     raw = clean_tensor(type_id)
     for block in (n - 1, 2 * c + 7, c + 1):
         put_bits(raw, type_id, block, offset, kind, BAD_BITS[kind][2])
-    assert bc.first_nonfinite_block(type_id, raw, n) == c + 1
+    assert scan(type_id, raw, n) == c + 1
     # and only blocks 0 .. n_blocks - 1 are scanned: a bad block past them is not seen
-    assert bc.first_nonfinite_block(type_id, raw, c + 1) == -1
+    assert scan(type_id, raw, c + 1) == -1
 
 
 @pytest.mark.parametrize("type_id", ALL_TYPES, ids=lambda t: q.TYPE_NAMES[t])
-def test_random_bytes_match_numpy_reference(type_id):
+def test_random_bytes_match_numpy_reference(type_id, scan):
     """Random bytes: every bad block, found one after another, equals the NumPy scan's list."""
     rng = np.random.default_rng(100 + type_id)
     bb = block_bytes(type_id)
@@ -240,7 +251,7 @@ def test_random_bytes_match_numpy_reference(type_id):
     for trial in range(200):
         n, skip = int(rng.integers(1, 80)), trial % 4
         raw = rng.integers(0, 256, n * bb + skip, dtype=np.uint8)[skip:]
-        assert bc.first_nonfinite_block(type_id, raw, n) == ref_first_bad(type_id, raw, n), trial
+        assert scan(type_id, raw, n) == ref_first_bad(type_id, raw, n), trial
     # one large, mostly finite matrix: random bytes with every inf/NaN field made finite (the
     # exponent's top bit cleared), then the exponent bits of one field set in ~40 random blocks
     n = n_test_blocks(type_id)
@@ -261,7 +272,7 @@ def test_random_bytes_match_numpy_reference(type_id):
     assert expected.size == 40
     found, start = [], 0
     while True:   # scan the rest of the tensor after each bad block (whole-value offsets: aligned)
-        b = bc.first_nonfinite_block(type_id, raw[start * bb:], n - start)
+        b = scan(type_id, raw[start * bb:], n - start)
         if b < 0:
             break
         found.append(start + b)
@@ -270,38 +281,38 @@ def test_random_bytes_match_numpy_reference(type_id):
 
 
 @pytest.mark.parametrize("type_id", FLOAT_TYPES, ids=lambda t: q.TYPE_NAMES[t])
-def test_unaligned_float_buffer_uses_the_byte_path(type_id):
+def test_unaligned_float_buffer_uses_the_byte_path(type_id, scan):
     """A float tensor that does not start on a whole word: same answers (generic byte path)."""
     n = n_test_blocks(type_id)
     storage = np.zeros(n * block_bytes(type_id) + 1, np.uint8)
     raw = storage[1:]
     raw[:] = clean_tensor(type_id)
     assert raw.ctypes.data % block_bytes(type_id) != 0
-    assert bc.first_nonfinite_block(type_id, raw, n) == -1
+    assert scan(type_id, raw, n) == -1
     name, offset, kind = fields_of(type_id)[0]
     for block in planted_positions(type_id).values():
         for bits in BAD_BITS[kind]:
             broken = storage.copy()[1:]
             put_bits(broken, type_id, block, offset, kind, bits)
-            assert bc.first_nonfinite_block(type_id, broken, n) == block
+            assert scan(type_id, broken, n) == block
     broken = storage.copy()[1:]
     for block, bits in zip(planted_positions(type_id).values(), EDGE_FINITE_BITS[kind]):
         put_bits(broken, type_id, block, offset, kind, bits)
-    assert bc.first_nonfinite_block(type_id, broken, n) == -1
+    assert scan(type_id, broken, n) == -1
 
 
-def test_first_nonfinite_block_rejects_bad_arguments():
+def test_first_nonfinite_block_rejects_bad_arguments(scan):
     raw = np.zeros(10 * 18, np.uint8)
     with pytest.raises(ValueError, match="shorter"):
-        bc.first_nonfinite_block(q.Q4_0, raw, 11)
+        scan(q.Q4_0, raw, 11)
     with pytest.raises(ValueError, match="unsupported"):
-        bc.first_nonfinite_block(4, raw, 1)                   # a removed ggml type (Q4_2)
+        scan(4, raw, 1)                   # a removed ggml type (Q4_2)
     with pytest.raises(ValueError, match="unsupported"):
-        bc.first_nonfinite_block(99, raw, 1)
+        scan(99, raw, 1)
     with pytest.raises(ValueError, match="unsupported"):
-        bc.first_nonfinite_block(-1, raw, 1)
+        scan(-1, raw, 1)
     with pytest.raises(ValueError, match="negative"):
-        bc.first_nonfinite_block(q.Q4_0, raw, -1)
+        scan(q.Q4_0, raw, -1)
 
 
 # -- tests: check_finite_scales -----------------------------------------------------------------
@@ -369,3 +380,20 @@ def test_check_finite_scales_rejects_bad_arguments():
     with pytest.raises(ValueError, match="C-contiguous"):
         bc.check_finite_scales(q.Q8_0, np.zeros(2 * 4 * 34, np.uint8)[::2], 4, 32, "w")
     assert bc.check_finite_scales(q.Q8_0, np.zeros(0, np.uint8), 0, 32, "w") is None
+
+
+@pytest.mark.parametrize("type_id", FLOAT_TYPES, ids=lambda t: q.TYPE_NAMES[t])
+def test_check_finite_scales_large_float_tensor_takes_the_numba_scan(type_id, monkeypatch):
+    """Float tensors from NUMBA_SCAN_MIN_BYTES on go to the parallel Numba scan: same message."""
+    n = n_test_blocks(type_id)
+    raw = clean_tensor(type_id)
+    block = planted_positions(type_id)["middle"]
+    name, offset, kind = fields_of(type_id)[0]
+    put_bits(raw, type_id, block, offset, kind, BAD_BITS[kind][3])
+    n_rows, n_cols = n // BLOCKS_PER_ROW, BLOCKS_PER_ROW * q.BLOCK_SIZE[type_id]
+    small = bc.check_finite_scales(type_id, raw, n_rows, n_cols, "w")
+    calls, numba_scan = [], bc.first_nonfinite_block
+    monkeypatch.setattr(bc, "NUMBA_SCAN_MIN_BYTES", 0)
+    monkeypatch.setattr(bc, "first_nonfinite_block", lambda *a: calls.append(a) or numba_scan(*a))
+    assert bc.check_finite_scales(type_id, raw, n_rows, n_cols, "w") == small
+    assert calls and f"value {block} " in small
