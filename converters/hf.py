@@ -343,23 +343,40 @@ def hparams_from_hf(config: dict) -> dict:
     }
 
 
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4     # gguf.TokenType values
+
+
+def token_table(spec: dict, path: str, model_type: str) -> tuple[dict, list, list]:
+    """(vocab, tokens, types) of a parsed tokenizer.json `spec` whose model is `model_type` ("BPE",
+    "WordPiece"; another type is a ConversionError naming `path`): vocab maps text -> id with the
+    added tokens merged in; tokens[id] is its text ("[PAD<id>]" where no token has that id, as
+    llama.cpp's converter fills gaps); types[id] is TOKEN_CONTROL for a special added token,
+    TOKEN_USER_DEFINED for another added one, else TOKEN_NORMAL."""
+    model = spec.get("model") or {}
+    if model.get("type") != model_type:
+        raise ConversionError(f"{path}: expected a {model_type} tokenizer (found {model.get('type')!r})")
+    vocab = dict(model.get("vocab") or {})
+    added_tokens = spec.get("added_tokens") or []
+    for added in added_tokens:
+        vocab[added["content"]] = added["id"]
+    if not vocab:
+        raise ConversionError(f"{path}: the tokenizer has no vocabulary")
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for text, i in vocab.items():
+        tokens[i] = text
+    types = [TOKEN_NORMAL] * n
+    for added in added_tokens:
+        types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
+    return vocab, tokens, types
+
+
 def vocab_from_tokenizer_json(path: str, tokenizer_config: dict | None = None) -> dict:
     """GGUF tokenizer metadata from a byte-level BPE tokenizer.json (gpt2 / llama 3 / qwen2 style)."""
     with open(path, encoding="utf-8") as fh:
         tj = json.load(fh)
     model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise ConversionError(f"{path}: only BPE tokenizer.json files are converted (found {model.get('type')})")
-    vocab = dict(model["vocab"])
-    for added in tj.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    n = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    for tok, idx in vocab.items():
-        tokens[idx] = tok
-    types = [1] * n
-    for added in tj.get("added_tokens", []):
-        types[added["id"]] = 3 if added.get("special") else 4
+    vocab, tokens, types = token_table(tj, path, "BPE")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     # "gpt-2": llama.cpp's name of GPT-2's pre-tokenizer split (it refuses "gpt2"; we read both)
     out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "token_types": types, "merges": merges}
@@ -375,6 +392,49 @@ def vocab_from_tokenizer_json(path: str, tokenizer_config: dict | None = None) -
     return out
 
 
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                       "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors_widened(path: str) -> dict:
+    """The tensors of a .safetensors file as NumPy arrays, BF16 ones widened to float32 (exact: the
+    bf16 bits are the top half of the float32's). The format: a little-endian u64 header length,
+    a JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}} and the data after it.
+    Used where `safetensors.numpy` refuses a file for its bfloat16 tensors; ConversionError naming
+    the file and tensor for anything malformed."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    if data.size < 8:
+        raise ConversionError(f"{path}: too short for a safetensors header")
+    n_header = int(data[:8].view("<u8")[0])
+    if n_header > min(data.size - 8, 100 << 20):
+        raise ConversionError(f"{path}: safetensors header length {n_header} is past the file's end or over 100 MB")
+    try:
+        header = json.loads(bytes(data[8: 8 + n_header]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: the safetensors header is not JSON ({e})") from None
+    body = data[8 + n_header:]
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], [int(d) for d in spec["shape"]], spec["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise ConversionError(f"{path}: tensor {name!r}: a malformed header entry ({e})") from None
+        item = 2 if dtype == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(dtype, "V1")).itemsize
+        if dtype != "BF16" and dtype not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f"{path}: tensor {name!r} has dtype {dtype}, which lmengine does not read")
+        if not 0 <= begin <= end <= body.size or end - begin != int(np.prod(shape, dtype=np.int64)) * item:
+            raise ConversionError(f"{path}: tensor {name!r} ({dtype}, shape {shape}): its data offsets "
+                                  f"{begin}..{end} do not fit the shape or the file")
+        raw = body[begin:end]
+        if dtype == "BF16":
+            out[name] = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        else:
+            out[name] = raw.view(_SAFETENSORS_DTYPES[dtype]).reshape(shape)
+    return out
+
+
 def load_hf_state_dict(model_dir: str) -> dict:
     """float32 NumPy arrays from *.safetensors (preferred) or pytorch_model.bin."""
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
@@ -385,7 +445,12 @@ def load_hf_state_dict(model_dir: str) -> dict:
         except ImportError as e:  # pragma: no cover - safetensors comes with transformers
             raise ConversionError("reading .safetensors needs the `safetensors` package") from e
         for f in files:
-            for k, v in load_file(os.path.join(model_dir, f)).items():
+            path = os.path.join(model_dir, f)
+            try:
+                tensors = load_file(path)
+            except TypeError:              # NumPy has no bfloat16: most HF checkpoints are bf16
+                tensors = read_safetensors_widened(path)
+            for k, v in tensors.items():
                 state[k] = v.astype(np.float32) if v.dtype != np.float32 else v
         return state
     bin_path = os.path.join(model_dir, "pytorch_model.bin")

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConversionError
-from .hf import load_hf_state_dict, vocab_from_tokenizer_json
+from .hf import TOKEN_CONTROL, load_hf_state_dict, token_table, vocab_from_tokenizer_json
 
 ENCODER_ARCHS = {"BertModel": "bert", "BertForMaskedLM": "bert", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
 POOLING_TYPES = {"none": 0, "mean": 1, "cls": 2, "last": 3}
@@ -207,22 +207,12 @@ def _add_wordpiece_vocab(writer, src: str, n_token_types: int) -> None:
     path = os.path.join(src, "tokenizer.json")
     spec = _read_json(path)
     model = spec.get("model") or {}
-    if model.get("type") != "WordPiece":
-        raise ConversionError(f"{path}: a bert model needs a WordPiece tokenizer (found {model.get('type')!r})")
-    vocab = dict(model.get("vocab") or {})
-    for added in spec.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    n = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    for text, i in vocab.items():
-        tokens[i] = text
-    types = [int(gguf.TokenType.NORMAL)] * n
-    for added in spec.get("added_tokens", []):
-        types[added["id"]] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
+    _, tokens, types = token_table(spec, path + " (a bert model)", "WordPiece")
+    n = len(tokens)
     prefix = model.get("continuing_subword_prefix", "##")
 
     def phantom(text, kind):
-        if kind == gguf.TokenType.CONTROL:
+        if kind == TOKEN_CONTROL:
             return text
         return text[len(prefix):] if text.startswith(prefix) else "\u2581" + text
 

@@ -1,4 +1,4 @@
-"""Export a llama-family GGUF (llama, qwen2, qwen3) as one decoder-only ONNX graph, with a genai_config.json.
+"""Export a decoder GGUF (llama, qwen2, qwen3, gpt2) as one decoder-only ONNX graph, with a genai_config.json.
 
     export_onnx(gguf_file, config, out_dir, weights="f32" | "int4", use_contrib_ops=True)
 
@@ -38,11 +38,20 @@ under that permutation since q and k rows move together.
 `use_contrib_ops=True` builds rotary embedding, RMSNorm (+ residual add) and attention from
 onnxruntime's contrib ops (RotaryEmbedding, SimplifiedLayerNormalization,
 SkipSimplifiedLayerNormalization, GroupQueryAttention); False uses standard ONNX ops only.
+GroupQueryAttention needs head_dim % 8 == 0: other head sizes get the standard-op attention (and
+rope) with the contrib norms and matmuls.
+
+gpt2 (`_GPT2Decoder`): the same inputs and outputs (n_kv_heads = n_heads), no rope: learned
+positions (position_embd gathered at position_ids), LayerNorm with bias (LayerNormalization;
+SkipLayerNormalization with contrib ops), fused q|k|v with bias (one matmul, split in three),
+tanh-approximated GELU (FastGelu with contrib ops, else written out), output tied to token_embd
+unless the file has output.weight. max_positions cannot pass gpt2.context_length.
 """
 from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -55,7 +64,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
 WEIGHT_KINDS = ("f32", "int4")
-ARCHS = ("llama", "qwen2", "qwen3")   # qwen3: RMSNorm of each q / k head before rope
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2")   # qwen3: RMSNorm of each q / k head before rope
 # archs whose GGUF attn_q / attn_k rows are in ggml's adjacent-pair rope order
 ADJACENT_PAIR_ROPE = ("llama",)
 MASKED = -1e9   # attention bias of a padded key: exp(MASKED) == 0, and never inf (no NaN anywhere)
@@ -85,6 +94,9 @@ def export_onnx(gguf_file, config, out_dir: str, weights: str = "f32", use_contr
     max_positions = int(max_positions or config.n_ctx_train)
     if max_positions < 1:
         raise ConversionError(f"max_positions={max_positions} must be positive")
+    if config.arch == "gpt2" and max_positions > config.n_ctx_train:
+        raise ConversionError(f"max_positions={max_positions} is beyond gpt2's {config.n_ctx_train} learned positions")
+    config = _graph_config(config)
     os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, MODEL_FILE)
     data_path = os.path.join(out_dir, DATA_FILE)
@@ -93,8 +105,9 @@ def export_onnx(gguf_file, config, out_dir: str, weights: str = "f32", use_contr
 
     say = progress or (lambda message: None)
     g = GraphBuilder(InitializerSink(data_path), use_contrib_ops)
-    _Decoder(g, GGUFWeights(gguf_file, config), config, weights, accuracy_level, max_positions, say).build()
-    model = g.model(f"{config.arch}_decoder", "lmengine", doc=f"{config.name or config.arch} from "
+    decoder = _GPT2Decoder if config.arch == "gpt2" else _Decoder
+    decoder(g, GGUFWeights(gguf_file, config), config, weights, accuracy_level, max_positions, say).build()
+    model = g.model(f"{config.arch}_decoder", "lmengine", doc=f"{getattr(config, 'name', None) or config.arch} from "
                     f"{os.path.basename(gguf_file.path)}, {weights} weights")
     for key, value in {"lmengine.weights": weights, "lmengine.use_contrib_ops": str(int(use_contrib_ops)),
                        "lmengine.source": os.path.basename(gguf_file.path), "lmengine.arch": config.arch,
@@ -105,6 +118,14 @@ def export_onnx(gguf_file, config, out_dir: str, weights: str = "f32", use_contr
     save_model(model, model_path, g.held)
     write_genai_config(out_dir, gguf_file, config, max_positions)
     return model_path
+
+
+def _graph_config(config):
+    """`config` with the fields the graph and genai_config.json read: a gpt2 config
+    (lmengine.models.gpt2.GPT2Config) gains n_kv_heads = n_heads, q_dim = dim and rope_dim = 0."""
+    if config.arch != "gpt2":
+        return config
+    return SimpleNamespace(**vars(config), n_kv_heads=config.n_heads, q_dim=config.dim, rope_dim=0)
 
 
 # -- weights ---------------------------------------------------------------------------------
@@ -163,6 +184,8 @@ def rope_tables(max_positions: int, rope_dim: int, base: float, freq_factors=Non
 class _Decoder:
     """Builds the decoder graph into a GraphBuilder, reading weights from GGUFWeights."""
 
+    rotary = True     # rope on q and k (False: gpt2's learned positions)
+
     def __init__(self, g: GraphBuilder, w: GGUFWeights, config, weights: str, accuracy_level: int,
                  max_positions: int, say):
         self.g, self.w, self.c = g, w, config
@@ -172,6 +195,9 @@ class _Decoder:
         self.say = say
         self._blocksums = {}   # value name -> its per-32-block sums (shared by the matrices it feeds)
         self._nbits = {}       # tuple of GGUF names -> (NBitsMatrix, initializer names)
+        # onnxruntime's GroupQueryAttention (and RotaryEmbedding with it) wants head_dim % 8 == 0:
+        # other heads get the standard-op attention, contrib ops elsewhere
+        self.gqa = g.use_contrib_ops and config.head_dim % 8 == 0
         self._check_rope_scaling()
 
     def _check_rope_scaling(self):
@@ -285,7 +311,9 @@ class _Decoder:
         return self.rmsnorm(total, weight), total
 
     # -- the forward pass --------------------------------------------------------------------
-    def build(self):
+    def graph_inputs(self):
+        """(input_ids, attention_mask, position_ids, [(past key, past value) per layer]) declared
+        as the graph's inputs; also sets self.shape_bs_any, the shape [B, S, -1]."""
         g, c = self.g, self.c
         ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
         mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
@@ -293,10 +321,25 @@ class _Decoder:
         kv_shape = ["batch_size", c.n_kv_heads, "past_sequence_length", c.head_dim]
         past = [(g.input(f"past_key_values.{i}.key", FLOAT, kv_shape), g.input(f"past_key_values.{i}.value", FLOAT, kv_shape))
                 for i in range(c.n_layers)]
-
-        self.say("embedding")
         batch_seq = g.op("Shape", [ids], name="batch_seq")                                # [B, S]
         self.shape_bs_any = g.op("Concat", [batch_seq, g.const([-1])], axis=0)            # [B, S, -1]
+        return ids, mask, positions, past
+
+    def output_logits(self, xn: str) -> None:
+        """Declare the logits output [B, S, vocab] of the final normed states xn [B*S, dim]:
+        output.weight, or the tied token_embd. Logits come first among the outputs."""
+        g, c = self.g, self.c
+        self.say("output")
+        out_name = "output.weight" if self.w.has("output.weight") else "token_embd.weight"
+        logits = self.linear(xn, [out_name])[0]                                           # [B*S, vocab]
+        logits = g.op("Reshape", [logits, self.shape_bs_any])
+        g.output(logits, "logits", FLOAT, ["batch_size", "sequence_length", c.vocab_size])
+        g.outputs.insert(0, g.outputs.pop())   # logits first, then present.{i}.key|value
+
+    def build(self):
+        g, c = self.g, self.c
+        ids, mask, positions, past = self.graph_inputs()
+        self.say("embedding")
         h = g.op("Reshape", [self.embedding(ids), g.const([-1, c.dim])])                   # [B*S, dim]
         self.attention_inputs(mask, positions)
 
@@ -314,34 +357,17 @@ class _Decoder:
             down = self.linear(act, [blk + "ffn_down.weight"])[0]
             next_norm = f"blk.{i + 1}.attn_norm.weight" if i + 1 < c.n_layers else "output_norm.weight"
             xn, h = self.add_rmsnorm(down, h, next_norm)
-
-        self.say("output")
-        out_name = "output.weight" if self.w.has("output.weight") else "token_embd.weight"
-        logits = self.linear(xn, [out_name])[0]                                           # [B*S, vocab]
-        logits = g.op("Reshape", [logits, self.shape_bs_any])
-        g.output(logits, "logits", FLOAT, ["batch_size", "sequence_length", c.vocab_size])
-        g.outputs.insert(0, g.outputs.pop())   # logits first, then present.{i}.key|value
+        self.output_logits(xn)
 
     def attention_inputs(self, mask: str, positions: str):
         """Values every layer's attention shares: rope tables, the mask as a bias."""
-        g, c = self.g, self.c
-        freq_factors = self.w.f32("rope_freqs.weight") if self.w.has("rope_freqs.weight") else None
-        if self.rope_kind == "yarn":     # YaRN frequencies, cos / sin times its attention factor
-            from lmengine.kernels.ops import rope_frequencies
-            inv_freq = rope_frequencies(c.rope_dim, float(c.rope_base), "yarn", float(c.rope_scaling_factor), None,
-                                        int(c.rope_orig_ctx), float(c.yarn_beta_fast), float(c.yarn_beta_slow))
-            angle = np.arange(self.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-            mscale = float(c.rope_attn_factor)
-            cos, sin = (np.cos(angle) * mscale).astype(np.float32), (np.sin(angle) * mscale).astype(np.float32)
-        else:
-            cos, sin = rope_tables(self.max_positions, c.rope_dim, float(c.rope_base), freq_factors,
-                                   self.rope_linear_factor)
-        self.cos = g.initializer("rope.cos", cos)                                          # [max_pos, rope_dim/2]
-        self.sin = g.initializer("rope.sin", sin)
+        g = self.g
+        if self.rotary:
+            self.rope_inputs()
         self.positions = positions
         total = g.op("Gather", [g.op("Shape", [mask]), g.const(1)], name="total_len")     # T (scalar)
         keep = g.op("Cast", [mask], to=9)                                                  # bool [B, T]
-        if g.use_contrib_ops:
+        if self.gqa:
             # GroupQueryAttention: every row holds T positions (padding is masked by the bias);
             # it applies the causal mask itself from seqlens_k = T - 1.
             batch = g.op("Gather", [g.op("Shape", [mask]), g.const([0])], name="batch")    # [1]
@@ -365,8 +391,26 @@ class _Decoder:
             self.bias = g.op("Unsqueeze", [g.op("Where", [visible, g.const(0.0, np.float32),
                                                           g.const(MASKED, np.float32)]), g.const([1, 2])],
                              name="attention_bias")                                                   # [B,1,1,S,T]
-            self.cos_at = g.op("Unsqueeze", [g.op("Gather", [self.cos, positions]), g.const([2])])    # [B,S,1,half]
-            self.sin_at = g.op("Unsqueeze", [g.op("Gather", [self.sin, positions]), g.const([2])])
+            if self.rotary:
+                self.cos_at = g.op("Unsqueeze", [g.op("Gather", [self.cos, positions]), g.const([2])])  # [B,S,1,half]
+                self.sin_at = g.op("Unsqueeze", [g.op("Gather", [self.sin, positions]), g.const([2])])
+
+    def rope_inputs(self):
+        """The rope tables cos, sin [max_positions, rope_dim/2] (initializers), with the file's scaling."""
+        g, c = self.g, self.c
+        freq_factors = self.w.f32("rope_freqs.weight") if self.w.has("rope_freqs.weight") else None
+        if self.rope_kind == "yarn":     # YaRN frequencies, cos / sin times its attention factor
+            from lmengine.kernels.ops import rope_frequencies
+            inv_freq = rope_frequencies(c.rope_dim, float(c.rope_base), "yarn", float(c.rope_scaling_factor), None,
+                                        int(c.rope_orig_ctx), float(c.yarn_beta_fast), float(c.yarn_beta_slow))
+            angle = np.arange(self.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+            mscale = float(c.rope_attn_factor)
+            cos, sin = (np.cos(angle) * mscale).astype(np.float32), (np.sin(angle) * mscale).astype(np.float32)
+        else:
+            cos, sin = rope_tables(self.max_positions, c.rope_dim, float(c.rope_base), freq_factors,
+                                   self.rope_linear_factor)
+        self.cos = g.initializer("rope.cos", cos)                                          # [max_pos, rope_dim/2]
+        self.sin = g.initializer("rope.sin", sin)
 
     def attention(self, i: int, q: str, k: str, v: str, past_k: str, past_v: str) -> str:
         g, c = self.g, self.c
@@ -377,12 +421,13 @@ class _Decoder:
         k3 = g.op("Reshape", [k, self.shape_bs_any])                                       # [B, S, kv_dim]
         v3 = g.op("Reshape", [v, self.shape_bs_any])
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        if g.use_contrib_ops:
-            rope = dict(interleaved=0, rotary_embedding_dim=c.rope_dim)
-            q3 = g.contrib("RotaryEmbedding", [q3, self.positions, self.cos, self.sin], name="rope_q",
-                           num_heads=c.n_heads, **rope)
-            k3 = g.contrib("RotaryEmbedding", [k3, self.positions, self.cos, self.sin], name="rope_k",
-                           num_heads=c.n_kv_heads, **rope)
+        if self.gqa:
+            if self.rotary:
+                rope = dict(interleaved=0, rotary_embedding_dim=c.rope_dim)
+                q3 = g.contrib("RotaryEmbedding", [q3, self.positions, self.cos, self.sin], name="rope_q",
+                               num_heads=c.n_heads, **rope)
+                k3 = g.contrib("RotaryEmbedding", [k3, self.positions, self.cos, self.sin], name="rope_k",
+                               num_heads=c.n_kv_heads, **rope)
             out = g.contrib("GroupQueryAttention",
                             [q3, k3, v3, past_k, past_v, self.seqlens_k, self.total_len, "", "", "", self.bias],
                             3, outputs=[g.name("attn"), present_k, present_v],
@@ -421,8 +466,9 @@ class _Decoder:
         g, c = self.g, self.c
         group = c.n_heads // c.n_kv_heads
         heads = lambda x, n: g.op("Reshape", [x, g.const([0, 0, n, c.head_dim])])          # [B, S, n, hd]
-        q4 = self.rotate_half(heads(q3, c.n_heads))
-        k4 = self.rotate_half(heads(k3, c.n_kv_heads))
+        rope = self.rotate_half if self.rotary else (lambda x4: x4)
+        q4 = rope(heads(q3, c.n_heads))
+        k4 = rope(heads(k3, c.n_kv_heads))
         new_k = g.op("Transpose", [k4], perm=[0, 2, 1, 3])                                 # [B, kv, S, hd]
         new_v = g.op("Transpose", [heads(v3, c.n_kv_heads)], perm=[0, 2, 1, 3])
         g.op("Concat", [past_k, new_k], outputs=[present_k], axis=2)                       # [B, kv, T, hd]
@@ -436,6 +482,73 @@ class _Decoder:
         out = g.op("MatMul", [probs, g.op("Unsqueeze", [present_v, g.const([2])])])         # [B, kv, G, S, hd]
         out = g.op("Reshape", [out, g.const([0, c.n_heads, -1, c.head_dim])])              # [B, H, S, hd]
         return g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), self.shape_bs_any])  # [B, S, q_dim]
+
+
+class _GPT2Decoder(_Decoder):
+    """GPT-2 (GGUF `gpt2`, tensor names as llama.cpp writes them), with _Decoder's inputs,
+    outputs, matmuls and attention (one K/V head per head, no rope):
+
+        h = token_embd[input_ids] + position_embd[position_ids]                [B*S, dim]
+        per layer i:  h += attn_output(attention(split3(attn_qkv(LN_attn_norm(h)))))     (all with bias)
+                      h += ffn_down(gelu_tanh(ffn_up(LN_ffn_norm(h))))
+        logits = output(LN_output_norm(h))             output.weight, or token_embd when tied
+    """
+
+    rotary = False
+
+    def build(self):
+        g, c = self.g, self.c
+        ids, mask, positions, past = self.graph_inputs()
+        self.say("embedding")
+        table = g.initializer("position_embd.weight", self.w.f32("position_embd.weight")[: self.max_positions])
+        h = g.op("Add", [self.embedding(ids), g.op("Gather", [table, positions], name="position_embd")])
+        h = g.op("Reshape", [h, g.const([-1, c.dim])])                                    # [B*S, dim]
+        self.attention_inputs(mask, positions)
+
+        xn = self.layernorm(h, "blk.0.attn_norm")
+        for i in range(c.n_layers):
+            self.say(f"layer {i + 1}/{c.n_layers}")
+            blk = f"blk.{i}."
+            qkv = self.linear(xn, [blk + "attn_qkv.weight"], [blk + "attn_qkv.bias"])[0]  # [B*S, 3 * dim]
+            q, k, v = self.split(qkv, [c.dim] * 3)
+            attn = self.attention(i, q, k, v, *past[i])                                   # [B*S, dim]
+            out = self.linear(attn, [blk + "attn_output.weight"], [blk + "attn_output.bias"])[0]
+            xn, h = self.add_layernorm(out, h, blk + "ffn_norm")
+            up = self.linear(xn, [blk + "ffn_up.weight"], [blk + "ffn_up.bias"])[0]       # [B*S, ffn_dim]
+            down = self.linear(self.gelu_tanh(up), [blk + "ffn_down.weight"], [blk + "ffn_down.bias"])[0]
+            next_norm = f"blk.{i + 1}.attn_norm" if i + 1 < c.n_layers else "output_norm"
+            xn, h = self.add_layernorm(down, h, next_norm)
+        self.output_logits(xn)
+
+    def layernorm(self, x: str, name: str) -> str:
+        """LayerNorm of x [tokens, dim] by `name`.weight and `name`.bias (ONNX LayerNormalization)."""
+        g = self.g
+        w = g.initializer(name + ".weight", self.w.f32(name + ".weight"))
+        b = g.initializer(name + ".bias", self.w.f32(name + ".bias"))
+        return g.op("LayerNormalization", [x, w, b], name="layernorm", axis=-1, epsilon=float(self.c.norm_eps))
+
+    def add_layernorm(self, x: str, residual: str, name: str):
+        """(LayerNorm(residual + x), residual + x)."""
+        g = self.g
+        if g.use_contrib_ops:
+            w = g.initializer(name + ".weight", self.w.f32(name + ".weight"))
+            b = g.initializer(name + ".bias", self.w.f32(name + ".bias"))
+            normed, _, _, total = g.contrib("SkipLayerNormalization", [x, residual, w, b], 4,
+                                            name="add_layernorm", epsilon=float(self.c.norm_eps))
+            return normed, total
+        total = g.op("Add", [residual, x], name="residual")
+        return self.layernorm(total, name), total
+
+    def gelu_tanh(self, x: str) -> str:
+        """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's GELU (FastGelu with contrib ops)."""
+        g = self.g
+        if g.use_contrib_ops:
+            return g.contrib("FastGelu", [x], name="gelu")
+        inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [g.op("Mul", [g.op("Mul", [x, x]), x]),
+                                                         g.const(0.044715, np.float32)])]),
+                             g.const(np.sqrt(2.0 / np.pi), np.float32)])
+        half_x = g.op("Mul", [x, g.const(0.5, np.float32)])
+        return g.op("Mul", [half_x, g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, np.float32)])], name="gelu")
 
 
 def _value_info(name, shape):

@@ -15,10 +15,12 @@ either form:
   - plain rows: {"prompt": "Once upon a time"} or {"messages": [...]}, with an optional
     custom_id and sampling fields beside them ({"prompt": "...", "temperature": 0}).
 
-A row without a custom_id is named "row-N", N its 0-based index in INPUT. Sampling fields use
-OpenAI's names (max_tokens, max_completion_tokens, temperature, top_p, stop, seed, n = 1,
-presence_penalty, frequency_penalty, logit_bias) and vLLM's (top_k, min_p, repetition_penalty,
-min_tokens, stop_token_ids, ignore_eos); a row's fields override the job's `defaults`.
+A row without a custom_id is named "row-N", N its 0-based index in INPUT. Sampling fields are
+those the server takes, mapped by the same code (lmengine.openai_compat): OpenAI's names
+(max_tokens, max_completion_tokens, temperature, top_p, stop, seed, n = 1, presence_penalty,
+frequency_penalty, logit_bias, response_format), vLLM's (top_k, min_p, repetition_penalty,
+min_tokens, stop_token_ids, ignore_eos, ...) and the structured-output extras (json_schema,
+regex, grammar, guided_json, ...); a row's fields override the job's `defaults`.
 
 OUTPUT is JSONL, one line per input row, in the order rows finish (match them by custom_id):
 
@@ -50,6 +52,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .errors import (BatchFileError, ChatTemplateError, ContextLengthError, InvalidParameterError, LMEngineError,
                      TokenizerError)
+from .openai_compat import SAMPLING_MAP, RequestError, apply_response_format, sampling_fields
 from .params import SamplingParams
 
 
@@ -63,14 +66,10 @@ class RowError(Exception):
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 
-# body field -> SamplingParams field (OpenAI names, plus vLLM's extras under their own names)
-SAMPLING_FIELDS: dict[str, str] = {
-    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-    "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
-    "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "min_tokens": "min_tokens",
-    "logit_bias": "logit_bias", "n": "n",
-}
+# body fields besides those of openai_compat.SAMPLING_MAP (the server's mapping: OpenAI's sampling
+# fields, vLLM's extras, structured output), which batch rows take too
+LENGTH_FIELDS = ("max_tokens", "max_completion_tokens")
+SAMPLING_FIELDS = frozenset(SAMPLING_MAP) | {"logit_bias", "response_format", *LENGTH_FIELDS}
 # body fields accepted and ignored: they describe the request, not how to answer it
 IGNORED_FIELDS = frozenset({"model", "user", "metadata", "store", "stream", "logprobs"})
 ROW_FIELDS = frozenset({"custom_id", "method", "url", "body", "prompt", "messages", "row"})
@@ -174,8 +173,8 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
 
 
 def _sampling(fields: dict, where: str) -> dict[str, Any]:
-    """SamplingParams overrides from a row's fields; RowError for an unknown or invalid one."""
-    out: dict[str, Any] = {}
+    """SamplingParams overrides from a row's fields, mapped as the server maps a request body
+    (openai_compat.sampling_fields); RowError for an unknown or invalid field."""
     for key, value in fields.items():
         if key in ("prompt", "messages") or key in IGNORED_FIELDS and not _asks_unsupported(key, value):
             continue
@@ -183,12 +182,16 @@ def _sampling(fields: dict, where: str) -> dict[str, Any]:
             raise RowError("invalid_request", f"{where}{key}={value!r} is not supported by batch jobs")
         if key not in SAMPLING_FIELDS:
             raise RowError("invalid_request", f"unknown field {where}{key}")
-        if key == "logit_bias" and isinstance(value, dict):   # OpenAI's keys are token ids as text
-            try:
-                value = {int(k): v for k, v in _drop_nulls(value).items()}
-            except ValueError:
-                raise RowError("invalid_parameter", f"{where}logit_bias keys must be token ids") from None
-        out[SAMPLING_FIELDS[key]] = value
+    if all(key in fields for key in LENGTH_FIELDS):
+        raise RowError("invalid_parameter", f"{where}max_tokens and {where}max_completion_tokens are both set")
+    try:
+        out = sampling_fields(fields)
+        apply_response_format(fields.get("response_format"), out)
+    except RequestError as e:
+        raise RowError("invalid_parameter", f"{where}{e}") from None
+    for key in LENGTH_FIELDS:
+        if key in fields:
+            out["max_tokens"] = fields[key]
     if out.get("n", 1) != 1:
         raise RowError("invalid_parameter", f"{where}n must be 1 in a batch job (one row per answer), got {out['n']!r}")
     out.pop("n", None)

@@ -511,6 +511,9 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.serve:
+        from .bench.serve_bench import run_from_bench_args
+        return run_from_bench_args(args)
     from .bench.runner import run_bench
     run_bench(args)
     return 0
@@ -588,6 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct2-dir", default=None,
                    help="CTranslate2 model dir (default: converted once into ~/.cache/lmengine/ct2)")
     p.add_argument("--json", default="bench_results.json", help="where to write the JSON results")
+    p.add_argument("--serve", action="store_true",
+                   help="benchmark `lmengine serve` against llama_cpp.server: streaming clients, TTFT, "
+                        "inter-token latency, a long prompt arriving, structured output (bench/serve_bench.py)")
+    p.add_argument("--clients", type=int, nargs="+", default=None,
+                   help="--serve: concurrent streaming clients (default: 1 8 32)")
     p.set_defaults(func=cmd_bench)
 
     for verb in (cli_serve, cli_embed, cli_batch, cli_warmup):    # verbs with modules of their own

@@ -14,11 +14,11 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("embed", help="embed texts into vectors (bert models; default: the bundled minilm)",
+    p = sub.add_parser("embed", help="embed texts into vectors (bert, gpt2, llama-family models; default: the bundled minilm)",
                        description="Print one embedding per text (a JSON array per line), or write all of "
                                    "them as a float32 [n, dim] .npy file with -o.")
     p.add_argument("texts", nargs="*", help="texts to embed")
-    p.add_argument("--model", "-m", default="minilm", help="a bert/gpt2 .gguf, or a bundled name (default: minilm)")
+    p.add_argument("--model", "-m", default="minilm", help="a bert, gpt2 or llama-family .gguf, or a bundled name (default: minilm)")
     p.add_argument("--file", "-f", default=None, help="also embed each line of this file ('-': stdin)")
     p.add_argument("--output", "-o", default=None, help="write the vectors to this .npy file instead of printing")
     p.add_argument("--pooling", choices=("mean", "cls", "last"), default=None,

@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per scheduler step, so long prompts do not stall streams (default: 256)")
+    p.add_argument("--prefill-pace", type=float, default=None,
+                   help="while streams decode, a step's prompt chunk takes about this many times the decode "
+                        "step's time, measured (default: 1.0, streams slow about 2x while a long prompt is "
+                        "computed; 0 turns pacing off: fixed --prefill-chunk)")
     p.add_argument("--cors-origin", action="append", default=None,
                    help="allow browser requests from this origin (repeatable; default: CORS off)")
     p.set_defaults(func=run)
@@ -77,6 +81,8 @@ def run(args) -> int:
                                      cors_origins=args.cors_origin).items() if v is not None}
     if args.prefill_chunk is not None:
         options["prefill_chunk"] = args.prefill_chunk
+    if args.prefill_pace is not None:
+        options["prefill_pace"] = args.prefill_pace or None
     app = create_app(llm, api_key=api_key, close_llm=True, **options)
     print(f"lmengine: serving {llm.path} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"n_ctx {llm.n_ctx})", file=sys.stderr, flush=True)

@@ -14,7 +14,9 @@
   MAX_BATCH_TOKENS padded tokens), so padding stays small; attention never reads padded
   positions, so a text's vector does not depend on its batch.
 * Pooling: the model's (GGUF `bert.pooling_type`), or `pooling=` "mean" | "cls" | "last".
-  Decoder models (gpt2) default to "last" (the final token has read the whole text).
+  Decoder models (gpt2, and the llama family: llama, qwen2, qwen3, gemma2/3, phi3) default to
+  "last" (the final token has read the whole text). The llama family keeps K/V while it runs: each
+  text runs alone through a cache slot borrowed as LLM.logits() borrows one (see `_hidden`).
 * normalize: divide by the L2 norm (a zero vector stays zero), as sentence-transformers'
   Normalize module does.
 """
@@ -32,13 +34,16 @@ MAX_BATCH_TOKENS = 8192      # padded tokens per forward (bounds the [B, heads, 
 
 
 def embed_texts(llm, texts: str | Sequence[str], normalize: bool = True, pooling: str | None = None,
-                batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+                batch_size: int = DEFAULT_BATCH_SIZE,
+                return_counts: bool = False) -> np.ndarray | tuple[np.ndarray, list[int]]:
     """Embeddings float32 [len(texts), dim] of `texts` (a str counts as a list of one) with the
-    model of `llm`. See the module docstring for truncation, batching and pooling."""
+    model of `llm`. See the module docstring for truncation, batching and pooling.
+    return_counts: return (embeddings, tokens computed per text, after truncation) instead, so a
+    caller that reports token usage (the server's /v1/embeddings) does not encode twice."""
     backend = llm.backend
     if not hasattr(backend, "hidden"):
-        raise InvalidParameterError(f"{type(backend).__name__} cannot embed: LLM.embed runs on bert and gpt2 "
-                                    f"GGUF models")
+        raise InvalidParameterError(f"{type(backend).__name__} cannot embed: LLM.embed runs on bert, gpt2 and "
+                                    f"llama-family GGUF models")
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
@@ -52,7 +57,7 @@ def embed_texts(llm, texts: str | Sequence[str], normalize: bool = True, pooling
     llm.check_open()
     out = np.zeros((len(texts), backend.hidden_size), dtype=np.float32)
     if not texts:
-        return out
+        return (out, []) if return_counts else out
     ids = [truncate(llm.tokenizer, llm.tokenizer.encode(t), backend.max_embed_tokens)
            for t in texts]
     for i, seq in enumerate(ids):
@@ -65,12 +70,28 @@ def embed_texts(llm, texts: str | Sequence[str], normalize: bool = True, pooling
         tokens = np.full((len(batch), int(lengths.max())), _pad_id(llm.tokenizer), dtype=np.int64)
         for row, i in enumerate(batch):
             tokens[row, :lengths[row]] = ids[i]
-        hidden = backend.hidden(tokens, lengths)          # [B, T, dim]
+        hidden = _hidden(llm, tokens, lengths)            # [B, T, dim]
         out[batch] = pool(hidden, lengths, pooling)
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out /= np.maximum(norms, np.float32(1e-12))
-    return out
+    return (out, [len(seq) for seq in ids]) if return_counts else out
+
+
+def _hidden(llm, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """backend.hidden [B, T, dim]. A backend that writes K/V while it embeds (hidden_uses_slot:
+    the llama family) gets a free cache slot, taken and given back under the scheduler's lock as
+    LLM.logits() does, so no request's cached tokens are touched; the slot's contents are forgotten."""
+    backend = llm.backend
+    if not getattr(backend, "hidden_uses_slot", False):
+        return backend.hidden(tokens, lengths)
+    with llm.scheduler.lock:
+        slot = llm.acquire_slot(or_raise=True)
+        try:
+            return backend.hidden(tokens, lengths, slot=slot)
+        finally:
+            llm.slots.invalidate(slot)
+            llm.release_slot(slot)
 
 
 def truncate(tokenizer, ids: list[int], max_tokens: int) -> list[int]:

@@ -35,9 +35,9 @@ def export_onnx_model(model: str | os.PathLike | None, out_dir: str | os.PathLik
     f = GGUFFile(path)
     try:
         config = config_from_gguf(f)
-        if not isinstance(config, TransformerConfig):
+        if not isinstance(config, TransformerConfig) and getattr(config, "arch", None) != "gpt2":
             raise ConversionError(f"{path}: architecture {getattr(config, 'arch', '?')!r} has no ONNX decoder export "
-                                  f"(supported: llama, qwen2)")
+                                  f"(supported: llama, qwen2, qwen3, gpt2)")
         tokenizer = None
         if "tokenizer.ggml.tokens" in f.metadata:   # built first: a bad vocabulary fails before anything is written
             from .tokenizer import Tokenizer

@@ -407,7 +407,7 @@ class LLM:
     # -- evaluation --------------------------------------------------------------------------------
     def embed(self, texts: str | Sequence[str], normalize: bool = True, pooling: str | None = None,
               batch_size: int = 32) -> np.ndarray:
-        """Embeddings float32 [n, dim] of texts (bert and gpt2 models): pooling "mean" | "cls" |
+        """Embeddings float32 [n, dim] of texts (bert, gpt2 and llama-family models): pooling "mean" | "cls" |
         "last" (None: the model's; see engine/embed.py), L2-normalized unless normalize=False."""
         from .embed import embed_texts
         return embed_texts(self, texts, normalize=normalize, pooling=pooling, batch_size=batch_size)

@@ -81,7 +81,7 @@ def plan_chat(llm, body: Mapping[str, Any], model: str) -> Plan:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of messages", "messages")
-    sampling = _sampling_fields(body)
+    sampling = sampling_fields(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     sampling["max_tokens"] = max_tokens                 # None: until the context is full (OpenAI's chat default)
     logprobs = None
@@ -91,7 +91,7 @@ def plan_chat(llm, body: Mapping[str, Any], model: str) -> Plan:
     elif body.get("top_logprobs") is not None:
         raise RequestError("top_logprobs requires logprobs=true", "top_logprobs")
     sampling["logprobs"] = logprobs
-    _response_format(body.get("response_format"), sampling)
+    apply_response_format(body.get("response_format"), sampling)
     tools = plan_tools(body.get("tools"), body.get("tool_choice"), llm.chat_template)
     if tools is not None and tools.json_schema is not None:
         if any(sampling.get(k) not in (None, False) for k in ("json_schema", "regex", "grammar", "json_object")):
@@ -128,13 +128,13 @@ def plan_completion(llm, body: Mapping[str, Any], model: str) -> Plan:
         raise RequestError(str(e), "prompt") from None
     if not prompt_ids:
         raise RequestError("prompt is empty (no tokens)", "prompt")
-    sampling = _sampling_fields(body)
+    sampling = sampling_fields(body)
     sampling["max_tokens"] = body.get("max_tokens", 16)   # OpenAI's completions default
     logprobs = body.get("logprobs")
     if logprobs is not None:
         _check_int_range("logprobs", logprobs, 0, 5)
     sampling["logprobs"] = logprobs
-    _response_format(body.get("response_format"), sampling)
+    apply_response_format(body.get("response_format"), sampling)
     params = _params(llm, sampling, body)
     _check_prompt(llm, prompt_ids, params)
     echo = None
@@ -144,7 +144,10 @@ def plan_completion(llm, body: Mapping[str, Any], model: str) -> Plan:
                 include_usage=_include_usage(body), logprobs=logprobs, echo_prompt=echo, tokenizer=llm.tokenizer)
 
 
-def _sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+def sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    """SamplingParams fields from a request body's SAMPLING_MAP fields and logit_bias (checked:
+    RequestError naming the field); max_tokens, logprobs and response_format are the caller's.
+    The server and batch jobs (lmengine.batch) share it."""
     out = {}
     for name, target in SAMPLING_MAP.items():
         value = body.get(name)
@@ -171,7 +174,8 @@ def _sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _response_format(fmt: Any, sampling: dict[str, Any]) -> None:
+def apply_response_format(fmt: Any, sampling: dict[str, Any]) -> None:
+    """A request's response_format (text, json_object, json_schema) set as constraints in `sampling`."""
     if fmt is None:
         return
     if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "json_object", "json_schema"):

@@ -31,6 +31,15 @@ and every step still runs the batched decode of the other sequences, so their to
 while a long prompt is computed. The cache already records partially computed prompts
 (engine/cache.py: `plan` starts where the slot's tokens end), so a chunk is a forward at an
 offset, exactly like a prompt whose prefix was cached.
+
+Paced chunks (`prefill_pace`, None = off; the server sets 1.0): while sequences are decoding, a
+step's prompt budget shrinks to the number of prompt tokens that take about `prefill_pace` times
+the decode step's own time, from moving averages of the measured seconds per prompt token and per
+batched decode step (at least 2 tokens, at most `prefill_chunk`). So a long prompt arriving slows
+the ongoing streams' inter-token latency by about (1 + prefill_pace)x, on any machine, instead of
+by a fixed chunk's cost, which is 28x the decode step where prompt tokens cost about as much as
+decode rows (the 2-core AVX2 machine, docs/SERVER.md); the long prompt's first token comes later
+in exchange. With nothing decoding, a step takes the whole `prefill_chunk`.
 """
 from __future__ import annotations
 
@@ -96,6 +105,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.closed = False
         self.prefill_chunk = prefill_chunk
+        self.prefill_pace = None
+        self._prompt_token_s: float | None = None    # moving average: seconds per prompt token
+        self._decode_step_s: float | None = None     # moving average: seconds per batched decode step
         self.stats = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0}   # totals, for /metrics
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -111,6 +123,34 @@ class Scheduler:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
             raise InvalidParameterError(f"prefill_chunk must be an integer >= 2 or None, got {value!r}")
         self._prefill_chunk = value
+
+    @property
+    def prefill_pace(self) -> float | None:
+        """While sequences decode, a step's prompt chunk takes about this many times the decode
+        step's time (None: the fixed prefill_chunk). See the module docstring."""
+        return self._prefill_pace
+
+    @prefill_pace.setter
+    def prefill_pace(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value <= 1000):
+            raise InvalidParameterError(f"prefill_pace must be a number in (0, 1000] or None, got {value!r}")
+        self._prefill_pace = None if value is None else float(value)
+
+    def _prompt_budget(self, n_decoding: int) -> int | None:
+        """Prompt tokens this step may compute (None: no limit): prefill_chunk, or with
+        prefill_pace set and rows decoding, as many as fit in prefill_pace decode steps' time."""
+        chunk = self.prefill_chunk
+        if (chunk is None or self.prefill_pace is None or n_decoding == 0
+                or self._prompt_token_s is None or self._decode_step_s is None):
+            return chunk
+        fit = int(self.prefill_pace * self._decode_step_s / self._prompt_token_s)
+        return max(2, min(chunk, fit))
+
+    def _timed(self, average: str, seconds: float) -> None:
+        """Fold one measurement into the moving average named `average` (weight 0.2)."""
+        old = getattr(self, average)
+        setattr(self, average, seconds if old is None else 0.8 * old + 0.2 * seconds)
 
     def submit(self, prompt_ids: list[int], params, sample_index: int = 0,
                listener: Callable[[], None] | None = None) -> Request:
@@ -303,7 +343,9 @@ class Scheduler:
         sampling call over the rows that are finite. Failures end only their requests."""
         backend = self.llm.backend
         decode = []
-        budget = self.prefill_chunk          # prompt tokens left for this step (None: no limit)
+        # rows past their prompt (they decode this step) set the pace of prompt chunks
+        n_decoding = sum(1 for r in self.running if r.generator.logits is None and r.generator.generated)
+        budget = self._prompt_budget(n_decoding)   # prompt tokens left for this step (None: no limit)
         for r in self.running:
             g = r.generator
             if g.logits is not None:
@@ -311,7 +353,7 @@ class Scheduler:
             self._share_prefix(g)
             start, new = g.uncached()
             if len(new) == 1:
-                decode.append((r, start, new[0]))
+                decode.append((r, start, new))
                 continue
             if budget is not None:
                 take = _chunk_length(len(new), budget)
@@ -322,23 +364,27 @@ class Scheduler:
                     self._prefill_part(r, start, new[:take])
                     continue
             try:
+                t0 = time.perf_counter()
                 logits = backend.forward(g.slot, np.asarray(new, dtype=np.int64), start)
             except Exception as e:
                 self._end(r, e)
                 continue
+            self._timed("_prompt_token_s", (time.perf_counter() - t0) / len(new))
             self.stats["prefill_tokens"] += len(new)
             self._take_logits(r, logits[-1], start)
         if decode:
             self.stats["decode_rows"] += len(decode)
             slots = np.array([r.generator.slot for r, _, _ in decode], dtype=np.int64)
-            tokens = np.array([t for _, _, t in decode], dtype=np.int64)
+            tokens = np.array([new[0] for _, _, new in decode], dtype=np.int64)
             positions = np.array([s for _, s, _ in decode], dtype=np.int64)
             try:
+                t0 = time.perf_counter()
                 logits = backend.forward_batch(slots, tokens, positions)
             except Exception as e:
                 for r, _, _ in decode:
                     self._end(r, e)
             else:
+                self._timed("_decode_step_s", time.perf_counter() - t0)
                 for i, (r, start, _) in enumerate(decode):
                     self._take_logits(r, logits[i], start)
 
@@ -350,10 +396,12 @@ class Scheduler:
         """Compute one chunk of a prompt into its slot (no logits needed: more of it follows)."""
         g = r.generator
         try:
+            t0 = time.perf_counter()
             self.llm.backend.forward(g.slot, np.asarray(part, dtype=np.int64), start)
         except Exception as e:
             self._end(r, e)
             return
+        self._timed("_prompt_token_s", (time.perf_counter() - t0) / len(part))
         self.stats["prefill_tokens"] += len(part)
         self.llm.slots.commit(g.slot, start, part)
 

@@ -57,7 +57,7 @@ class BertBackend(Backend):
         from ..models.bert import bert_hidden
         numba.set_num_threads(self.n_threads)
         with blas_threads(self.n_threads):
-            return bert_hidden(self.weights, tokens, lengths)
+            return bert_hidden(self.weights, tokens, lengths, self.n_threads)
 
     def forward(self, slot, token_ids, start_pos, all_logits=False):
         raise InvalidParameterError(

@@ -118,6 +118,11 @@ class NumbaLlamaBackend(Backend):
         self._gguf_file = gguf_file  # keeps the memory map alive
         self.k_cache = _lazy_zeros(k_shape, KV_DTYPES[kv_cache_dtype])
         self.v_cache = _lazy_zeros(v_shape, KV_DTYPES[kv_cache_dtype])
+        # LLM.embed (engine/embed.py): final hidden states, pooled; a decoder's last token has read the whole text
+        self.max_embed_tokens = self.n_ctx
+        self.default_pooling = "last"
+        self.hidden_size = int(config.dim)
+        self.hidden_uses_slot = True    # hidden() writes K/V: embed_texts lends it a free cache slot
         self.set_threads(n_threads)
 
     @property
@@ -134,6 +139,24 @@ class NumbaLlamaBackend(Backend):
     def forward_batch(self, slots, token_ids, positions):
         return self._run(*batch_call(slots, token_ids, positions, vocab_size=self.vocab_size,
                                      n_slots=self.n_slots, n_ctx=self.n_ctx))
+
+    def hidden(self, tokens: np.ndarray, lengths: np.ndarray, *, slot: int) -> np.ndarray:
+        """float32 [B, T, dim] final hidden states (after output_norm, before the output matrix) of
+        int64 tokens [B, T], row b valid up to lengths[b]; padded positions are zero. Each text
+        runs alone through cache `slot` (positions 0 .. lengths[b] - 1, PREFILL_CHUNK tokens per
+        compiled call), so its vector never depends on the other texts of the batch. The slot's
+        K/V are scratch afterwards: the caller lends a free slot and forgets its contents."""
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        B, T = tokens.shape
+        out = np.zeros((B, T, self.config.dim), dtype=np.float32)
+        for b in range(B):
+            calls = forward_calls(tokens[b, :lengths[b]], slot, 0, True, vocab_size=self.vocab_size,
+                                  n_slots=self.n_slots, n_ctx=self.n_ctx, chunk=PREFILL_CHUNK)
+            for call in calls:
+                begin = int(call[2][0])                  # the call's first position
+                out[b, begin: begin + call[0].shape[0]] = self._run(*call, hidden=True)
+        return out
 
     def warmup(self) -> None:
         """Run one token through the model (slot 0, position 0) so that the compiled code is
@@ -153,9 +176,17 @@ class NumbaLlamaBackend(Backend):
         self._gguf_file = None
 
     # -- internals -----------------------------------------------------------------------------
-    def _run(self, tokens, slots, positions, rows):
-        logits = np.empty((rows.shape[0], self.vocab_size), dtype=np.float32)
+    def _run(self, tokens, slots, positions, rows, hidden=False):
+        """One compiled call: logits [len(rows), vocab] of rows `rows`, or with hidden=True their
+        final hidden states [len(rows), dim] (the output matrix is skipped)."""
+        dim = self.config.dim
+        if hidden:
+            logits = np.empty((0, self.vocab_size), dtype=np.float32)
+            out = np.empty((rows.shape[0], dim), dtype=np.float32)
+        else:
+            logits = np.empty((rows.shape[0], self.vocab_size), dtype=np.float32)
+            out = np.empty((0, dim), dtype=np.float32)
         numba.set_num_threads(self.n_threads)
         llama_forward(self.weights.model, tokens, slots, positions, rows, self.k_cache, self.v_cache, logits,
-                      self.acts)
-        return logits
+                      self.acts, out)
+        return out if hidden else logits

@@ -7,9 +7,11 @@
 The output is the hidden state of every token; engine/embed.py pools it into one vector.
 
 Attention is bidirectional within a sequence and masked past its length, so a batch of texts of
-different lengths runs as one padded [B, T] forward (`bert_hidden`). Its products are NumPy
-batched matmuls ([B, heads, T, T] scores, float32): at the lengths encoders take (<= 512) that is
-what a BLAS does best; the weight products go through `Linear` (engine/models/linear.py).
+different lengths runs as one padded [B, T] forward (`bert_hidden`). Attention runs sequence by
+sequence (only the real length x length block), as NumPy products over the heads ([heads, n, n]
+scores, float32, in the cache), the sequences shared among n_threads Python threads; the weight
+products go through `Linear` (engine/models/linear.py): q, k and v as one fused GEMM, the biases
+and residual adds fused into the passes that follow (bias_gelu, add_rows_bias).
 
 Config keys (llama.cpp's names): bert.block_count, bert.embedding_length, bert.feed_forward_length,
 bert.attention.head_count, bert.context_length, bert.attention.layer_norm_epsilon; optional:
@@ -19,11 +21,12 @@ bert.context_length), tokenizer.ggml.token_type_count.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from lmengine.kernels.layernorm import GELU_ERF, gelu, layernorm
+from lmengine.kernels.layernorm import GELU_ERF, bias_gelu, layernorm
 
 from ..config import _float, _int
 from ..errors import MetadataError
@@ -81,12 +84,12 @@ class BertLayer:
 
     def __init__(self, f, c: BertConfig, i: int):
         b = f"blk.{i}."
-        self.q = Linear(f, b + "attn_q.weight", c.dim, c.dim, b + "attn_q.bias")
-        self.k = Linear(f, b + "attn_k.weight", c.dim, c.dim, b + "attn_k.bias")
-        self.v = Linear(f, b + "attn_v.weight", c.dim, c.dim, b + "attn_v.bias")
+        self.qkv = Linear.fused([Linear(f, b + f"attn_{n}.weight", c.dim, c.dim, b + f"attn_{n}.bias")
+                                 for n in "qkv"])                          # [3*dim, dim]
         self.o = Linear(f, b + "attn_output.weight", c.dim, c.dim, b + "attn_output.bias")
         self.attn_norm = (tensor(f, b + "attn_output_norm.weight", (c.dim,)), tensor(f, b + "attn_output_norm.bias", (c.dim,)))
         self.up = Linear(f, b + "ffn_up.weight", c.ffn_dim, c.dim, b + "ffn_up.bias")
+        self.up_bias = self.up.bias if self.up.bias is not None else np.zeros(c.ffn_dim, dtype=np.float32)
         self.down = Linear(f, b + "ffn_down.weight", c.dim, c.ffn_dim, b + "ffn_down.bias")
         self.out_norm = (tensor(f, b + "layer_output_norm.weight", (c.dim,)), tensor(f, b + "layer_output_norm.bias", (c.dim,)))
 
@@ -107,39 +110,54 @@ class BertWeights:
 
 
 def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray, n_heads: int,
-                    causal: bool) -> np.ndarray:
+                    causal: bool, n_threads: int = 1) -> np.ndarray:
     """Multi-head attention within each sequence of a padded batch.
 
-    q, k, v: float32 [B, T, n_heads * head_dim]; lengths: [B] (positions >= lengths[b] are
-    padding: no query attends to them). causal: a query attends to keys at or before it only.
-    Returns float32 [B * T, n_heads * head_dim] (padded rows hold finite values to be ignored).
+    q, k, v: float32 [B, T, n_heads * head_dim] (views with unit column stride are fine: the
+    columns of a fused qkv product); lengths: [B] (positions >= lengths[b] are padding: only the
+    lengths[b] x lengths[b] block of a sequence is computed). causal: a query attends to keys at
+    or before it only. n_threads: sequences are shared among this many Python threads (NumPy
+    releases the GIL in its products and ufuncs), each running one-thread BLAS.
+    Returns float32 [B * T, n_heads * head_dim] (padded rows are zeros, to be ignored).
     """
-    with blas_threads(1):     # [B * heads] small products: one BLAS thread each is fastest
-        return _dense_attention(q, k, v, lengths, n_heads, causal)
-
-
-def _dense_attention(q, k, v, lengths, n_heads, causal):
     B, T, width = q.shape
-    head_dim = width // n_heads
-    def heads(x):   # [B, T, H*d] -> [B, H, T, d], contiguous (each [T, d] a BLAS operand)
-        return np.ascontiguousarray(x.reshape(B, T, n_heads, head_dim).transpose(0, 2, 1, 3))
-    scores = np.matmul(heads(q), heads(k).transpose(0, 1, 3, 2))          # [B, H, T, T]
-    scores *= np.float32(1.0 / np.sqrt(head_dim))
-    blocked = np.arange(T)[None, :] >= np.asarray(lengths)[:, None]        # [B, T] padded keys
-    mask = np.broadcast_to(blocked[:, None, None, :], (B, 1, T, T))
+    out = np.zeros((B, T, width), dtype=np.float32)
+    scale = np.float32(1.0 / np.sqrt(width // n_heads))
+
+    def run(rows) -> None:
+        for b in rows:
+            _attend(q[b], k[b], v[b], int(lengths[b]), n_heads, scale, causal, out[b])
+
+    with blas_threads(1):     # per-sequence [heads, T, T] products: one BLAS thread each
+        if n_threads > 1 and B > 1:
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(run, np.array_split(np.arange(B), min(n_threads, B))))
+        else:
+            run(range(B))
+    return out.reshape(B * T, width)
+
+
+def _attend(q, k, v, n: int, n_heads: int, scale, causal: bool, out) -> None:
+    """One sequence: q, k, v [T, heads*d] (rows < n real), out [T, heads*d] (rows < n written)."""
+    d = q.shape[1] // n_heads
+
+    def heads(x):    # [n, H*d] -> [H, n, d]: a view whose [n, d] matrices BLAS reads in place
+        return x[:n].reshape(n, n_heads, d).transpose(1, 0, 2)
+    scores = np.matmul(heads(q * scale), heads(k).transpose(0, 2, 1))    # [H, n, n]
     if causal:
-        mask = mask | np.triu(np.ones((T, T), dtype=bool), 1)[None, None]
-    scores = np.where(mask, np.float32(-np.inf), scores)
+        scores[:, np.triu(np.ones((n, n), dtype=bool), 1)] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, heads(v))                                      # [B, H, T, d]
-    return np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(B * T, width)
+    total = scores.sum(axis=-1, keepdims=True)                           # [H, n, 1]
+    o = heads(out)                                                       # [H, n, d] view of out
+    np.matmul(scores, heads(v), out=o)
+    o /= total                       # softmax's division after the product: d < n values a row
 
 
-def bert_hidden(w: BertWeights, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def bert_hidden(w: BertWeights, tokens: np.ndarray, lengths: np.ndarray, n_threads: int = 1) -> np.ndarray:
     """Hidden states float32 [B, T, dim] of token ids int64 [B, T] (row b valid up to lengths[b];
-    T <= n_ctx_train, ids < vocab_size: the caller checks)."""
+    T <= n_ctx_train, ids < vocab_size: the caller checks). n_threads: attention's threads (the
+    caller sets BLAS's and Numba's)."""
     c = w.config
     B, T = tokens.shape
     x = w.token_embd[tokens]                                               # [B, T, dim]
@@ -148,12 +166,13 @@ def bert_hidden(w: BertWeights, tokens: np.ndarray, lengths: np.ndarray) -> np.n
     x = np.ascontiguousarray(x.reshape(B * T, c.dim))
     layernorm(x, w.embd_norm[0], w.embd_norm[1], c.norm_eps, x)
     for layer in w.layers:
-        q, k, v = (p(x).reshape(B, T, c.dim) for p in (layer.q, layer.k, layer.v))
-        att = dense_attention(q, k, v, lengths, c.n_heads, causal=False)
-        x += layer.o(att)
+        qkv = layer.qkv(x).reshape(B, T, 3 * c.dim)                       # [B, T, 3*dim]
+        q, k, v = qkv[..., :c.dim], qkv[..., c.dim:2 * c.dim], qkv[..., 2 * c.dim:]
+        att = dense_attention(q, k, v, lengths, c.n_heads, causal=False, n_threads=n_threads)
+        layer.o(att, residual=x)                                           # x += o(att)
         layernorm(x, layer.attn_norm[0], layer.attn_norm[1], c.norm_eps, x)
-        hidden = layer.up(x)                                               # [B*T, ffn_dim]
-        gelu(hidden, GELU_ERF)
-        x += layer.down(hidden)
+        hidden = layer.up(x, add_bias=False)                               # [B*T, ffn_dim]
+        bias_gelu(hidden, layer.up_bias, GELU_ERF)
+        layer.down(hidden, residual=x)                                     # x += down(hidden)
         layernorm(x, layer.out_norm[0], layer.out_norm[1], c.norm_eps, x)
     return x.reshape(B, T, c.dim)

@@ -62,6 +62,7 @@ class Linear:
             raise TensorShapeError(f"{f.path}: tensor {name!r} has shape {tuple(info.shape)}, "
                                    f"expected ({n_rows}, {n_cols})")
         self.name, self.n_rows, self.n_cols, self.type_id = name, n_rows, n_cols, info.type_id
+        self.parts = None
         if info.type_id == quant.F32:
             self.w = f.tensor_bytes(name).view(np.float32).reshape(n_rows, n_cols)   # the map itself
         elif info.type_id in FLOAT_TYPES:
@@ -73,11 +74,36 @@ class Linear:
             self.raw = f.tensor_bytes(name)          # uint8 blocks, read by matmul_f32
         self.bias = tensor(f, bias, (n_rows,)) if bias is not None else None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x float32 [n, n_cols] (C-contiguous) -> float32 [n, n_rows]."""
+    @classmethod
+    def fused(cls, parts: list["Linear"]) -> "Linear":
+        """One Linear computing the parts' products side by side (y = [y_0 | y_1 | ...]): one
+        GEMM with a wider output instead of several (BERT's q, k and v). Float parts are
+        concatenated (a copy of their weights); quantized ones keep their blocks and run one
+        after another into their columns of y."""
+        if not all(p.n_cols == parts[0].n_cols for p in parts):
+            raise ValueError("fused Linears must read the same width of x")
+        self = cls.__new__(cls)
+        self.name = "+".join(p.name for p in parts)
+        self.n_rows, self.n_cols, self.type_id = sum(p.n_rows for p in parts), parts[0].n_cols, parts[0].type_id
+        floats = all(p.w is not None for p in parts)
+        self.w = np.concatenate([p.w for p in parts]) if floats else None
+        self.parts = None if floats else parts
+        biases = [p.bias if p.bias is not None else np.zeros(p.n_rows, dtype=np.float32) for p in parts]
+        self.bias = None if all(p.bias is None for p in parts) else np.concatenate(biases)
+        return self
+
+    def __call__(self, x: np.ndarray, add_bias: bool = True, residual: np.ndarray | None = None) -> np.ndarray:
+        """x float32 [n, n_cols] (C-contiguous) -> float32 [n, n_rows] (+ bias unless add_bias is
+        False). residual: a float32 [n, n_rows] array that gets the result added in place (bias
+        included, one pass) and is returned."""
         out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
         if self.w is not None:
             np.matmul(x, self.w.T, out=out)
+        elif self.parts is not None:
+            col = 0
+            for part in self.parts:
+                out[:, col:col + part.n_rows] = part(x, add_bias=False)
+                col += part.n_rows
         else:
             from lmengine.kernels.matmul import matmul_f32   # compiled on first use (quantized files only)
             for begin in range(0, x.shape[0], ROWS_PER_CALL):
@@ -85,6 +111,13 @@ class Linear:
                 part = np.empty((end - begin, self.n_rows), dtype=np.float32)
                 matmul_f32(self.raw, self.type_id, self.n_rows, self.n_cols, np.ascontiguousarray(x[begin:end]), part)
                 out[begin:end] = part
-        if self.bias is not None:
+        if residual is not None:
+            from lmengine.kernels.layernorm import add_rows, add_rows_bias
+            if add_bias and self.bias is not None:
+                add_rows_bias(residual, out, self.bias)
+            else:
+                add_rows(residual, out)
+            return residual
+        if add_bias and self.bias is not None:
             out += self.bias
         return out

@@ -294,11 +294,14 @@ def project_parts(model, parts, fused, layer, x, out, acts):
 
 
 @njit(cache=True, nogil=True)
-def llama_forward(model, tokens, slots, positions, logit_rows, k_cache, v_cache, logits, acts):
+def llama_forward(model, tokens, slots, positions, logit_rows, k_cache, v_cache, logits, acts, hidden_out):
     """Run tokens [n] (at slots[n], positions[n]) through the model; write their K/V into the
     caches and the logits of rows `logit_rows` [m] into logits [m, vocab]. `acts` [8] is the
     activation precision (lmengine.kernels.matmul.ACT_*) of each matrix kind: the 7 per-layer
     matrices in MATRIX_NAMES order, then OUTPUT. Packed matrices need ACT_INT8 or ACT_INT8X2.
+    hidden_out: float32 [m, dim] to get the final hidden states of rows `logit_rows` (after
+    output_norm) instead of logits (embeddings: the output matrix is skipped and `logits` is
+    not written), or [0, dim] (empty) for logits.
     """
     w = model
     dim, ffn_dim = w.dim, w.ffn_dim
@@ -369,6 +372,9 @@ def llama_forward(model, tokens, slots, positions, logit_rows, k_cache, v_cache,
         sel[i] = x[logit_rows[i]]
     normed = np.empty((m, dim), dtype=np.float32)
     rmsnorm(sel, w.output_norm, w.norm_eps, normed)
+    if hidden_out.shape[0] > 0:          # embeddings: the normed hidden states, no output matrix
+        hidden_out[:] = normed
+        return
     project(w, w.output, 0, normed, logits, acts[OUTPUT])
     if w.final_softcap > 0.0:
         softcap(logits, w.final_softcap)

@@ -47,12 +47,14 @@ log = logging.getLogger("lmengine.server")
 DEFAULT_MAX_BODY_BYTES = 1 << 20          # 1 MiB: a long prompt is ~100 KB
 DEFAULT_MAX_PENDING = 256                 # requests in flight (running + queued) before 429s
 DEFAULT_PREFILL_CHUNK = 256               # prompt tokens per scheduler step (chunked prefill)
+DEFAULT_PREFILL_PACE = 1.0                # while streams decode, a chunk takes about one decode step's time
 MAX_EMBED_INPUTS = 2048                   # texts per embeddings request (OpenAI's limit)
 
 
 def create_app(llm, *, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_pending: int = DEFAULT_MAX_PENDING,
                max_tokens_limit: int | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+               prefill_pace: float | None = DEFAULT_PREFILL_PACE,
                cors_origins: list[str] | None = None, close_llm: bool = False) -> FastAPI:
     """A FastAPI app serving `llm` (an lmengine.LLM).
 
@@ -60,7 +62,9 @@ def create_app(llm, *, api_key: str | None = None, model_name: str | None = None
     model_name: the id in /v1/models and responses (default: the model file's name); requests
         naming another model get 404. max_body_bytes: larger bodies get 413. max_pending: more
         requests in flight get 429. max_tokens_limit: larger max_tokens get 400 (None: the
-        context is the limit). prefill_chunk: the scheduler's chunked-prefill budget (None: off).
+        context is the limit). prefill_chunk: the scheduler's chunked-prefill budget (None: off);
+        prefill_pace: while streams decode, chunks sized to about this many decode steps' time
+        (lmengine.scheduler; None: fixed chunks).
     cors_origins: allowed origins for browser clients (None: CORS off). close_llm: close the LLM
         when the app shuts down.
     The scheduler's background loop runs while the app does (its lifespan)."""
@@ -70,6 +74,7 @@ def create_app(llm, *, api_key: str | None = None, model_name: str | None = None
     state = {"allm": None, "pending": 0}
     created = int(time.time())
     llm.scheduler.prefill_chunk = prefill_chunk
+    llm.scheduler.prefill_pace = prefill_pace
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -152,8 +157,8 @@ def create_app(llm, *, api_key: str | None = None, model_name: str | None = None
             if not hasattr(llm, "embed"):
                 raise RequestError("this lmengine build has no LLM.embed", None, status=404)
             try:
-                vectors = await asyncio.to_thread(_embed, llm, texts)   # [n, dim] float32
-                n_tokens = sum(len(llm.tokenizer.encode(t)) for t in texts)
+                vectors, counts = await asyncio.to_thread(_embed, llm, texts)   # [n, dim] float32
+                n_tokens = sum(counts)
             except LLMClosedError as e:
                 raise RequestError(str(e), None, status=503) from None
             except LMEngineError as e:
@@ -284,10 +289,12 @@ def create_app(llm, *, api_key: str | None = None, model_name: str | None = None
 
 # -- helpers ---------------------------------------------------------------------------------------
 def _embed(llm, texts: list[str]):
-    """LLM.embed under the scheduler's lock (the loop thread's forwards use the same backend)."""
+    """(float32 [n, dim] embeddings, tokens per text) as LLM.embed computes them, under the
+    scheduler's lock (the loop thread's forwards use the same backend); each text is encoded once."""
+    from lmengine.embed import embed_texts
     with llm.scheduler.lock:
         llm.check_open()
-        return llm.embed(texts)
+        return embed_texts(llm, texts, return_counts=True)
 
 
 def _event(data: dict) -> str:

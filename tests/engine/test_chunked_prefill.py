@@ -50,6 +50,40 @@ def test_long_prompt_is_computed_in_chunks_between_decode_steps():
     assert not any(llm.slots.busy)
 
 
+def test_paced_chunks_fit_the_measured_decode_step(monkeypatch):
+    """prefill_pace: while a stream decodes, each chunk is as many prompt tokens as take pace x the
+    decode step's time (moving averages fixed here, so the sizes are exact); the answers are the
+    same as unchunked ones."""
+    llm = make_fake_llm(n_slots=4, n_ctx=200)
+    sched = llm.scheduler
+    sched.prefill_chunk, sched.prefill_pace = 64, 1.5
+    monkeypatch.setattr(sched, "_timed", lambda average, seconds: None)     # keep the averages below
+    sched._prompt_token_s, sched._decode_step_s = 0.002, 0.008             # 1.5 x 8 ms / 2 ms = 6 tokens
+    assert sched._prompt_budget(0) == 64 and sched._prompt_budget(3) == 6
+    short_prompt = "hi"
+    long_prompt = "the quick brown fox jumps over the lazy dog. " * 3      # 135 tokens
+    want_short = expected_text(llm, short_prompt, 40)
+    want_long = greedy_reference(llm.tokenizer.encode(long_prompt), 10, llm.vocab_size)
+    short = llm.stream(short_prompt, temperature=0, max_tokens=40, ignore_eos=True)
+    text = next(short).text                    # the short request is decoding
+    calls_before = len(llm.backend.calls)
+    out = llm.generate(long_prompt, GREEDY)
+    text += "".join(c.text for c in short)
+    assert out.token_ids == want_long and text == want_short
+    sizes = [c[3] for c in llm.backend.calls[calls_before:] if c[0] == "forward" and c[3] > 1]
+    # 6 tokens per step while the short stream decodes (its 40 tokens last for 39 steps: 22 x 6
+    # = 132 < 135), then the last 3 tokens in one forward
+    assert sizes == [6] * 22 + [3], sizes
+    # the budget's bounds: at least 2 tokens, at most prefill_chunk
+    sched._decode_step_s = 0.0001
+    assert sched._prompt_budget(1) == 2
+    sched._decode_step_s = 10.0
+    assert sched._prompt_budget(1) == 64
+    for bad in (0, -1, True, "1", 1e9):
+        with pytest.raises(InvalidParameterError, match="prefill_pace"):
+            sched.prefill_pace = bad
+
+
 def test_budget_is_shared_by_prompts_of_one_step():
     llm = make_fake_llm(n_slots=4, n_ctx=200)
     llm.scheduler.prefill_chunk = 20

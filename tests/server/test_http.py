@@ -258,9 +258,11 @@ def test_disconnect_cancels_the_request(fake_llm, stream):
 
 
 def test_embeddings_route(fake_llm):
-    """The route's mapping of LLM.embed (here a deterministic stand-in: the fake model has no
-    encoder; LLM.embed itself is tested in tests/engine/test_embed.py): OpenAI's list shape,
-    base64 as little-endian float32, usage, and a model that cannot embed gets a 400."""
+    """The route's mapping of the embed path (engine/embed.py over a stand-in `hidden` on the fake
+    backend, which has no encoder; the model math of LLM.embed is tested in
+    tests/engine/test_embed.py): OpenAI's list shape, base64 as little-endian float32, usage
+    counted from the tokens the embed path computed (each text encoded once), and a model that
+    cannot embed gets a 400."""
     import base64
 
     import numpy as np
@@ -269,18 +271,35 @@ def test_embeddings_route(fake_llm):
         r = httpx.post(f"{url}/v1/embeddings", json={"input": "hello"})
         assert r.status_code == 400 and "cannot embed" in r.json()["error"]["message"]
 
-        def embed(texts):
-            return np.stack([np.arange(4, dtype=np.float32) + len(t) for t in texts])
+        def hidden(tokens, lengths):             # [B, T] ids -> [B, T, 4]: row t = (id, id+1, id+2, id+3)
+            return (tokens[:, :, None] + np.arange(4)).astype(np.float32)
 
-        fake_llm.embed = embed
-        r = httpx.post(f"{url}/v1/embeddings", json={"input": ["hi", "hello"]})
+        backend = fake_llm.backend
+        backend.hidden, backend.hidden_size, backend.max_embed_tokens = hidden, 4, 64
+        backend.default_pooling = "mean"
+        encodes = []
+        encode = fake_llm.tokenizer.encode
+        fake_llm.tokenizer.encode = lambda text, *a, **k: encodes.append(text) or encode(text, *a, **k)
+
+        def reference(text):                     # NumPy: mean over the text's tokens, L2-normalized
+            v = (np.array(encode(text), dtype=np.float64)[:, None] + np.arange(4)).mean(axis=0)
+            return v / np.linalg.norm(v)
+
+        try:
+            r = httpx.post(f"{url}/v1/embeddings", json={"input": ["hi", "hello"]})
+        finally:
+            fake_llm.tokenizer.encode = encode
         assert r.status_code == 200, r.text
         body = r.json()
-        assert [d["embedding"] for d in body["data"]] == embed(["hi", "hello"]).tolist()
-        assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] == 7
+        # float32 arithmetic on small integers: agrees with float64 to ~1e-7 relative
+        np.testing.assert_allclose([d["embedding"] for d in body["data"]],
+                                   [reference("hi"), reference("hello")], rtol=1e-6)
+        n_tokens = len(encode("hi")) + len(encode("hello"))
+        assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] == n_tokens
+        assert sorted(encodes) == ["hello", "hi"]            # each text encoded once, not twice
         r = httpx.post(f"{url}/v1/embeddings", json={"input": "hello", "encoding_format": "base64", "dimensions": 2})
         raw = base64.b64decode(r.json()["data"][0]["embedding"])
-        assert np.frombuffer(raw, "<f4").tolist() == [5.0, 6.0]
+        np.testing.assert_allclose(np.frombuffer(raw, "<f4"), reference("hello")[:2], rtol=1e-6)
         for bad, param in [({"input": []}, "input"), ({"input": "x", "dimensions": 9}, "dimensions"),
                            ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
                            ({"input": [1, 2]}, "input")]:
