@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="HF model dir, .keras/.h5, .pt state_dict, or a GGUF/bundled name (with --to onnx)")
     p.add_argument("dest", help="output .gguf file, or a directory for --to onnx")
     p.add_argument("--to", choices=("gguf", "onnx"), default=None, help="output format (default: by dest)")
-    p.add_argument("--weights", default=None, help="gguf: f32|f16|q8_0|q4_0|q4_1; onnx: f32|int4")
+    p.add_argument("--weights", default=None, help="gguf: f32|f16|q8_0|q4_0|q4_1, or any `lmengine quantize` type "
+                        "(Q4_K_M, Q6_K, IQ4_XS, ...: converted to F32, then quantized); onnx: f32|int4")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                    help="onnx int4: MatMulNBits activation precision (0: float32, exact; 4: int8, "
                         "faster, as onnxruntime-genai's own builder exports for CPU)")

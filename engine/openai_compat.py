@@ -38,6 +38,7 @@ SAMPLING_MAP = {
     "min_tokens": "min_tokens", "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
     "skip_special_tokens": "skip_special_tokens", "include_stop_str_in_output": "include_stop_str_in_output",
     "allowed_token_ids": "allowed_token_ids", "bad_words": "bad_words",
+    "priority": "priority",     # vLLM's: a lower value is admitted first when requests wait for a slot
     # structured output as extra fields (vLLM's guided_* names, and the SamplingParams names)
     "guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar",
     "json_schema": "json_schema", "regex": "regex", "grammar": "grammar",

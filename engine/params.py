@@ -100,6 +100,7 @@ DEFAULTS: dict[str, Any] = dict(
     grammar=None,
     json_object=False,
     logits_processors=(),
+    priority=0,
 )
 
 # GGUF metadata key (llama.cpp's recommended-sampler keys, gguf.Keys.General.SAMPLING_*) -> field.
@@ -175,6 +176,9 @@ class SamplingParams:
             mask and the filters. generated_ids: read-only int32 [n_generated]; logits: the
             float32 [vocab] row of this request, to edit in place. An exception fails only
             this request. Stored as a tuple.
+        priority: scheduling, not sampling (vLLM's convention): among requests waiting for a
+            batch slot, a lower value is admitted first; equal values keep their arrival order.
+            A request that runs is never pre-empted. An int in [-2**31, 2**31).
         fields_set: (read-only, not an argument) names of the fields the caller passed.
     """
 
@@ -206,6 +210,7 @@ class SamplingParams:
     grammar: str | None = UNSET
     json_object: bool = UNSET
     logits_processors: tuple[Callable[[np.ndarray, np.ndarray], None], ...] = UNSET
+    priority: int = UNSET
     fields_set: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -428,6 +433,13 @@ def _constraint_field(kind: str):
     return check
 
 
+def _priority(name, value):
+    number = _as_int(name, value)
+    if not -2 ** 31 <= number < 2 ** 31:
+        raise InvalidParameterError(f"{name} must be an int in [-2**31, 2**31), got {value!r}")
+    return number
+
+
 def _logits_processors(name, value):
     if callable(value) or isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise InvalidParameterError(f"{name} must be a sequence of callables f(generated_ids, logits), got {value!r}")
@@ -467,5 +479,6 @@ _VALIDATORS = dict(
     grammar=_constraint_field("grammar"),
     json_object=_bool_field,
     logits_processors=_logits_processors,
+    priority=_priority,
 )
 assert set(_VALIDATORS) == set(DEFAULTS) == {f.name for f in fields(SamplingParams)} - {"fields_set"}

@@ -4,8 +4,9 @@ Requests wait in a queue until a cache slot is free (the backend has `n_slots` o
 memory budget), then join the running set between steps; finished or cancelled ones leave and
 free their slot. One `step()`:
 
-  1. admits waiting requests into free slots (a request whose prompt shares a prefix with what a
-     slot already holds gets that slot, so the prefix is not computed again);
+  1. admits waiting requests into free slots, lowest `SamplingParams.priority` first and in
+     arrival order within a priority (a request whose prompt shares a prefix with what a slot
+     already holds gets that slot, so the prefix is not computed again);
   2. runs every running sequence that has more than one uncached token (a new prompt) through
      `backend.forward`, and all sequences that have exactly one (decoding) through ONE
      `backend.forward_batch` call, so weights are read once for the whole batch;
@@ -43,9 +44,11 @@ in exchange. With nothing decoding, a step takes the whole `prefill_chunk`.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
+import sys
 import threading
 import time
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -72,6 +75,7 @@ class Request:
     cancelled: bool = False
     error: BaseException | None = None
     t_first: float | None = None        # time.perf_counter() when its first token was sampled
+    order: tuple = ()                   # (priority, arrival number): its place among waiting requests
     listener: Callable[[], None] | None = None  # called (from the stepping thread) on news
 
     def notify(self) -> None:
@@ -101,7 +105,8 @@ class Scheduler:
         self.lock = threading.RLock()
         self.news = threading.Condition(self.lock)   # notified after every step of the loop thread
         self.inbox: deque[Request] = deque()         # submitted, not yet seen by a step
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []             # by (params.priority, arrival): see _take_inbox
+        self._arrivals = itertools.count()           # arrival numbers, for the order within a priority
         self.running: list[Request] = []
         self.closed = False
         self.prefill_chunk = prefill_chunk
@@ -274,8 +279,12 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------------
     def _take_inbox(self) -> None:
+        """Move submitted requests to `waiting`, kept sorted by (priority, arrival): admission
+        takes waiting[0], so a lower priority value goes first, and FIFO within a priority."""
         while self.inbox:
-            self.waiting.append(self.inbox.popleft())
+            request = self.inbox.popleft()
+            request.order = (getattr(request.params, "priority", 0), next(self._arrivals))
+            bisect.insort(self.waiting, request, key=lambda r: r.order)
 
     def step(self) -> None:
         self.stats["steps"] += 1
@@ -313,13 +322,13 @@ class Scheduler:
         while self.waiting and len(self.running) < self.llm.max_batch_size:
             request = self.waiting[0]
             if request.cancelled:
-                self.waiting.popleft()
+                self.waiting.pop(0)
                 self._end(request)
                 continue
             slot = self.llm.acquire_slot(request.prompt_ids, or_raise=False)
             if slot is None:
                 return
-            self.waiting.popleft()
+            self.waiting.pop(0)
             try:
                 request.generator = Generator(self.llm, request.params, request.prompt_ids,
                                               sample_index=request.sample_index, slot=slot)

@@ -134,8 +134,8 @@ def attend(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim,
     cap(s) = cap * tanh(s / cap) when cap > 0 (gemma2's soft-capping), s otherwise.
 
     q, out: [n_tok, n_heads*head_dim]. Query head h reads kv head h // (n_heads // n_kv_heads):
-    each kv head serves a consecutive group of query heads. The C kernel does the plain case (no
-    cap, the whole window); the Numba loop does the rest.
+    each kv head serves a consecutive group of query heads. The C kernel does it where the rows of
+    `out` are contiguous; the Numba loop otherwise, and without the extension.
     """
     n_tok = q.shape[0]
     group = n_heads // n_kv_heads
@@ -153,8 +153,8 @@ def attend(q, k_cache, v_cache, slots, positions, n_heads, n_kv_heads, head_dim,
         q_g = scaled[t, first: first + group * head_dim]
         out_g = out[t, first: first + group * head_dim]
         scores = np.empty(group * ((n_pos + KEY_TILE - 1) // KEY_TILE * KEY_TILE), dtype=np.float32)
-        plain = c_out and cap <= 0.0 and first_pos == 0
-        if not plain or native.c_attention(kv_type, q_g, group, head_dim, keys, values, n_pos, scores, out_g) != 0:
+        if not c_out or native.c_attention(kv_type, q_g, group, head_dim, keys, values, n_pos, first_pos,
+                                           np.float32(cap), scores, out_g) != 0:
             _attend_group(q_g, group, head_dim, keys, values, n_pos, scores, out_g, first_pos, np.float32(cap))
 
 

@@ -9,9 +9,9 @@ LMENGINE_NO_NATIVE=1 before the first import makes this process behave as if it 
 (tests use it to run the Numba fallback end to end).
 
 Calling from Numba, and why not `lib.fn(...)`: Numba can call functions of a cffi module in
-nopython mode (`register_module` is done below, so `lib.lme_matmul_q8(ffi.from_buffer(a), ...)`
-works in njit code), but it embeds the function's address in the compiled code, which makes that
-code uncacheable (and every Numba function that calls it). Our kernels instead call the C
+nopython mode (after `numba.core.typing.cffi_utils.register_module`, which this module does not
+do: it imports cffi's C parser, ~0.04 s of every start), but it embeds the function's address in
+the compiled code, which makes that code uncacheable (and every Numba function that calls it). Our kernels instead call the C
 functions through named JIT symbols (`c_matmul_q8`, `c_matmul_f32`, `c_matmul_packed`,
 `c_attention`, `c_swiglu`, `c_quantize_row`, `c_to_f16`, `c_rope`, `c_native_available` below):
 compiled code refers to the name, and this module binds each name to an address when it is
@@ -72,10 +72,6 @@ def fast_path_note() -> str | None:
         "for the fast path reinstall with a C compiler (gcc/clang) available or install the prebuilt wheel")
 
 
-if HAVE_NATIVE:
-    from numba.core.typing import cffi_utils
-    cffi_utils.register_module(_native)
-
 # -- JIT symbols: name -> C function or Numba stand-in ---------------------------------------------
 
 _p, _i64 = types.voidptr, types.int64
@@ -118,12 +114,13 @@ def _stub_matmul_packed(w_type, p, p_len, n_rows, n_cols, row_begin, row_end, xq
     return ERR_NO_NATIVE
 
 
-_SIG_ATTENTION = types.int32(_i64, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64)
+_SIG_ATTENTION = types.int32(_i64, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i64, types.float32, _p, _i64,
+                             _p, _i64)
 
 
 @_stand_in(_SIG_ATTENTION)
-def _stub_attention(kv_type, q, q_len, group, head_dim, keys, keys_len, values, values_len, n_pos, scores,
-                    scores_len, out, out_len):
+def _stub_attention(kv_type, q, q_len, group, head_dim, keys, keys_len, values, values_len, n_pos, first_pos, cap,
+                    scores, scores_len, out, out_len):
     return ERR_NO_NATIVE
 
 
@@ -198,7 +195,8 @@ for _symbol, (_c_name, _stub) in _SYMBOLS.items():
 
 
 def _lower_extern_call(builder, context, symbol, arg_types, args):
-    """Call `int symbol(...)`: integers pass as int64, arrays as (data pointer, element count)."""
+    """Call `int symbol(...)`: integers pass as int64, floats as float, arrays as (data pointer,
+    element count)."""
     i64, ptr = ir.IntType(64), ir.IntType(8).as_pointer()
     ll_types, ll_args = [], []
     for ty, value in zip(arg_types, args):
@@ -206,6 +204,9 @@ def _lower_extern_call(builder, context, symbol, arg_types, args):
             array = context.make_array(ty)(context, builder, value)
             ll_types += [ptr, i64]
             ll_args += [builder.bitcast(array.data, ptr), array.nitems]
+        elif isinstance(ty, types.Float):
+            ll_types.append(ir.FloatType())
+            ll_args.append(context.cast(builder, value, ty, types.float32))
         else:
             ll_types.append(i64)
             ll_args.append(context.cast(builder, value, ty, types.int64))
@@ -214,6 +215,7 @@ def _lower_extern_call(builder, context, symbol, arg_types, args):
 
 
 INT = "int"                                      # an integer argument (passed as int64)
+FLOAT = "float"                                  # a float argument (passed as a C float)
 U8_1D, I8_1D, I8_2D, U16_1D = (types.uint8, 1), (types.int8, 1), (types.int8, 2), (types.uint16, 1)
 I16_2D = (types.int16, 2)
 F32_1D, F32_2D, F32_ANY = (types.float32, 1), (types.float32, 2), (types.float32, None)
@@ -227,6 +229,10 @@ def _extern(symbol, arg_types, kinds):
     for ty, kind in zip(arg_types, kinds, strict=True):
         if kind == INT:
             if not isinstance(ty, types.Integer):
+                return None
+            continue
+        if kind == FLOAT:
+            if not isinstance(ty, types.Float):
                 return None
             continue
         dtypes = kind[0] if isinstance(kind[0], tuple) else (kind[0],)
@@ -298,13 +304,15 @@ def c_matmul_packed(typingctx, w_type, p_u8, n_rows, n_cols, row_begin, row_end,
 
 
 @intrinsic
-def c_attention(typingctx, kv_type, q, group, head_dim, keys, values, n_pos, scores, out):
-    """lme_attention for one token and one kv head's group of query heads; returns its status
-    (0 = ok; else, e.g. without the extension, the caller computes it). Arrays contiguous: q
-    [group * head_dim] pre-scaled, scores scratch, out [group * head_dim] float32; keys (tiles)
-    and values of the slot's kv head, float32 (kv_type F32) or f16 bits as uint16 (kv_type F16)."""
-    return _extern("lmengine_attention", (kv_type, q, group, head_dim, keys, values, n_pos, scores, out),
-                   (INT, F32_ANY, INT, INT, KV_ANY, KV_ANY, INT, F32_ANY, F32_ANY))
+def c_attention(typingctx, kv_type, q, group, head_dim, keys, values, n_pos, first_pos, cap, scores, out):
+    """lme_attention for one token and one kv head's group of query heads, over positions
+    first_pos .. n_pos - 1, scores soft-capped when cap > 0; returns its status (0 = ok; else,
+    e.g. without the extension, the caller computes it). Arrays contiguous: q [group * head_dim]
+    pre-scaled, scores scratch, out [group * head_dim] float32; keys (tiles) and values of the
+    slot's kv head, float32 (kv_type F32) or f16 bits as uint16 (kv_type F16)."""
+    return _extern("lmengine_attention", (kv_type, q, group, head_dim, keys, values, n_pos, first_pos, cap, scores,
+                                          out),
+                   (INT, F32_ANY, INT, INT, KV_ANY, KV_ANY, INT, INT, FLOAT, F32_ANY, F32_ANY))
 
 
 @intrinsic

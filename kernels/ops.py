@@ -138,14 +138,19 @@ def add_bias(x, bias):
 @njit(cache=True, nogil=True)
 def geglu(gate, up, out):
     """out[t, i] = gelu_tanh(gate[t, i]) * up[t, i] (GeGLU, gemma's feed-forward; gelu_tanh is
-    0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), HF's "gelu_pytorch_tanh").
-    gate, up, out: [n_tok, ffn_dim] (out may be gate)."""
-    c = np.float32(math.sqrt(2.0 / math.pi))
+    0.5 g (1 + tanh(z)), z = sqrt(2/pi) (g + 0.044715 g^3), HF's "gelu_pytorch_tanh").
+    gate, up, out: [n_tok, ffn_dim] (out may be gate).
+
+    Computed as g / (1 + exp(-2 z)), the same function (0.5 (1 + tanh z) is the logistic of 2z):
+    expf is about 4.6x faster here than tanhf (70 against 320 us for one token's 8192 values on
+    the AVX2 dev machine, 2026-12-05), and the two forms differ by float rounding (~1e-7
+    relative). Large |g| stays finite: exp overflows to inf (out -> -0) or underflows to 0 (out
+    -> g * up)."""
+    c2 = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
     for t in range(gate.shape[0]):
         for i in range(gate.shape[1]):
             g = gate[t, i]
-            out[t, i] = np.float32(0.5) * g * (np.float32(1.0) + math.tanh(c * (g + np.float32(0.044715) * g * g * g))) \
-                * up[t, i]
+            out[t, i] = g / (np.float32(1.0) + math.exp(c2 * (g + np.float32(0.044715) * g * g * g))) * up[t, i]
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})

@@ -8,9 +8,14 @@
  * With keys transposed, the scores of 16 positions are one vector: sum over d of q[d] (broadcast)
  * times row d of the tile -- no horizontal sums.
  *
- * For each query head g of the group (q pre-scaled by 1/sqrt(head_dim)):
- *     s_j = q_g . k_j  for j < n_pos;   w_j = exp(s_j - max s) / sum exp(s - max s)
- *     out_g = sum_j w_j v_j
+ * For each query head g of the group (q pre-scaled by 1/sqrt(head_dim)), over the positions
+ * first_pos <= j < n_pos (first_pos > 0: a sliding window):
+ *     s_j = q_g . k_j, or cap * tanh(q_g . k_j / cap) when cap > 0 (gemma2's soft-capping);
+ *     w_j = exp(s_j - max s) / sum exp(s - max s);   out_g = sum_j w_j v_j
+ * Scores are computed from the key tile that holds first_pos on; the positions of that tile
+ * before first_pos get s = -inf (weight 0, or the AVX-512 exponential's ~1e-38: below any
+ * float sum of weights that includes the maximum's 1), and the value rows are read from
+ * first_pos on.
  *
  * Paths (per call, lme_get_isa()):
  *   portable (any head_dim, any CPU): the three steps as plain loops over float rows (f16 rows
@@ -31,6 +36,7 @@
  */
 #include "common.h"
 
+#include <float.h>
 #include <math.h>
 
 #define KEY_TILE 16                              /* positions per key tile: one 512-bit vector */
@@ -65,14 +71,33 @@ static void softmax_weights(float *s, int64_t n_pos) {
         s[j] *= inv_total;
 }
 
+/* step 1b of one head, in place, on the scores s (indexed by position) of the tiles from the one
+ * holding first_pos on: the positions of that tile before first_pos get -inf, and with cap > 0
+ * the others become cap * tanh(s / cap) (tanhf: the Numba reference's math.tanh in float32). */
+static void window_and_cap(float *s, int64_t first_pos, int64_t n_pos, float cap) {
+    for (int64_t j = first_pos / KEY_TILE * KEY_TILE; j < first_pos; j++)
+        s[j] = -INFINITY;
+    if (cap > 0.0f)
+        for (int64_t j = first_pos; j < n_pos; j++)
+            s[j] = cap * tanhf(s[j] / cap);
+}
+
+/* steps 1b and 2 for one head: s [padded] scores -> weights, from first_pos's tile on */
+static void window_softmax(float *s, int64_t first_pos, int64_t n_pos, float cap) {
+    const int64_t lead = first_pos / KEY_TILE * KEY_TILE;
+    window_and_cap(s, first_pos, n_pos, cap);
+    softmax_weights(s + lead, n_pos - lead);
+}
+
 /* The whole group: scores [group][n_tiles * 16] (weights after step 2), out [group][head_dim]. */
 static void attention_scalar(int f16, const float *q, int64_t group, int64_t head_dim, const void *keys,
-                             const void *values, int64_t n_pos, float *scores, float *out) {
+                             const void *values, int64_t n_pos, int64_t first_pos, float cap, float *scores,
+                             float *out) {
     const int64_t n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE, padded = n_tiles * KEY_TILE;
     float buf[ROW_CHUNK];
 
     /* 1. scores, one key tile at a time: s[p] += q[d] * k[d][p], each row read once for the group */
-    for (int64_t i = 0; i < n_tiles; i++) {
+    for (int64_t i = first_pos / KEY_TILE; i < n_tiles; i++) {
         for (int64_t h = 0; h < group; h++)
             for (int p = 0; p < KEY_TILE; p++)
                 scores[h * padded + i * KEY_TILE + p] = 0.0f;
@@ -88,11 +113,11 @@ static void attention_scalar(int f16, const float *q, int64_t group, int64_t hea
     }
     /* 2. the weights */
     for (int64_t h = 0; h < group; h++)
-        softmax_weights(scores + h * padded, n_pos);
+        window_softmax(scores + h * padded, first_pos, n_pos, cap);
     /* 3. out_h = sum_j w_hj v_j, each value row (in chunks of ROW_CHUNK dims) read once for the group */
     for (int64_t k = 0; k < group * head_dim; k++)
         out[k] = 0.0f;
-    for (int64_t j = 0; j < n_pos; j++)
+    for (int64_t j = first_pos; j < n_pos; j++)
         for (int64_t d0 = 0; d0 < head_dim; d0 += ROW_CHUNK) {
             const int64_t n = head_dim - d0 < ROW_CHUNK ? head_dim - d0 : ROW_CHUNK;
             const float *row = cache_floats(f16, values, j * head_dim + d0, n, buf);
@@ -124,10 +149,10 @@ TARGET_AVX2 static ALWAYS_INLINE __m256 load8(int f16, const void *cache, int64_
 /* step 1 for n_heads (1..4, a constant after inlining) heads: q [n_heads][head_dim] ->
  * scores [n_heads][padded] */
 TARGET_AVX2 static ALWAYS_INLINE void scores_avx2(int n_heads, int f16, const float *q, int64_t head_dim,
-                                                  const void *keys, int64_t n_tiles, int64_t padded,
-                                                  float *scores) {
+                                                  const void *keys, int64_t first_tile, int64_t n_tiles,
+                                                  int64_t padded, float *scores) {
     const int n_sets = n_heads <= 2 ? 2 : 1;            /* accumulator sets: even / odd d */
-    for (int64_t i = 0; i < n_tiles; i++) {
+    for (int64_t i = first_tile; i < n_tiles; i++) {
         const int64_t tile = i * head_dim * KEY_TILE;
         __m256 lo[2][AVX2_HEADS], hi[2][AVX2_HEADS];    /* [set][head]: positions 0..7, 8..15 */
         for (int k = 0; k < n_sets; k++)
@@ -155,10 +180,10 @@ TARGET_AVX2 static ALWAYS_INLINE void scores_avx2(int n_heads, int f16, const fl
 }
 
 /* step 3 for n_heads (1..4, a constant after inlining) heads: weights [n_heads][padded] ->
- * out [n_heads][head_dim] */
+ * out [n_heads][head_dim], over the value rows first_pos .. n_pos - 1 */
 TARGET_AVX2 static ALWAYS_INLINE void values_avx2(int n_heads, int f16, const float *weights, int64_t head_dim,
-                                                  const void *values, int64_t n_pos, int64_t padded,
-                                                  float *out) {
+                                                  const void *values, int64_t first_pos, int64_t n_pos,
+                                                  int64_t padded, float *out) {
     const int n_sets = n_heads <= 2 ? 2 : 1;            /* accumulator sets: even / odd j */
     for (int64_t d0 = 0; d0 < head_dim; d0 += 16) {
         const int n_vec = head_dim - d0 >= 16 ? 2 : 1;  /* dims d0..d0+15, or the last 8 */
@@ -166,7 +191,7 @@ TARGET_AVX2 static ALWAYS_INLINE void values_avx2(int n_heads, int f16, const fl
         for (int k = 0; k < n_sets; k++)
             for (int h = 0; h < n_heads; h++)
                 acc[k][h][0] = acc[k][h][1] = _mm256_setzero_ps();
-        int64_t j = 0;
+        int64_t j = first_pos;
         for (; j + n_sets <= n_pos; j += n_sets)
             for (int k = 0; k < n_sets; k++) {
                 const int64_t row = (j + k) * head_dim + d0;
@@ -178,7 +203,7 @@ TARGET_AVX2 static ALWAYS_INLINE void values_avx2(int n_heads, int f16, const fl
                     acc[k][h][1] = _mm256_fmadd_ps(w, v1, acc[k][h][1]);
                 }
             }
-        if (j < n_pos) {                                /* n_sets == 2 and n_pos odd: the last row */
+        if (j < n_pos) {                                /* n_sets == 2, an odd count: the last row */
             const int64_t row = j * head_dim + d0;
             const __m256 v0 = load8(f16, values, row);
             const __m256 v1 = n_vec == 2 ? load8(f16, values, row + 8) : v0;
@@ -198,38 +223,39 @@ TARGET_AVX2 static ALWAYS_INLINE void values_avx2(int n_heads, int f16, const fl
 
 TARGET_AVX2 static ALWAYS_INLINE void heads_avx2(int n_heads, int f16, const float *q, int64_t head_dim,
                                                  const void *keys, const void *values, int64_t n_pos,
-                                                 float *scores, float *out) {
+                                                 int64_t first_pos, float cap, float *scores, float *out) {
     const int64_t n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE, padded = n_tiles * KEY_TILE;
-    scores_avx2(n_heads, f16, q, head_dim, keys, n_tiles, padded, scores);
+    scores_avx2(n_heads, f16, q, head_dim, keys, first_pos / KEY_TILE, n_tiles, padded, scores);
     for (int h = 0; h < n_heads; h++)
-        softmax_weights(scores + h * padded, n_pos);
-    values_avx2(n_heads, f16, scores, head_dim, values, n_pos, padded, out);
+        window_softmax(scores + h * padded, first_pos, n_pos, cap);
+    values_avx2(n_heads, f16, scores, head_dim, values, first_pos, n_pos, padded, out);
 }
 
 /* heads_avx2 with (n_heads, f16) turned into constants */
 TARGET_AVX2 static void heads_any_avx2(int n_heads, int f16, const float *q, int64_t head_dim, const void *keys,
-                                       const void *values, int64_t n_pos, float *scores, float *out) {
+                                       const void *values, int64_t n_pos, int64_t first_pos, float cap,
+                                       float *scores, float *out) {
     switch (n_heads * 2 + f16) {
-    case 2: heads_avx2(1, 0, q, head_dim, keys, values, n_pos, scores, out); break;
-    case 3: heads_avx2(1, 1, q, head_dim, keys, values, n_pos, scores, out); break;
-    case 4: heads_avx2(2, 0, q, head_dim, keys, values, n_pos, scores, out); break;
-    case 5: heads_avx2(2, 1, q, head_dim, keys, values, n_pos, scores, out); break;
-    case 6: heads_avx2(3, 0, q, head_dim, keys, values, n_pos, scores, out); break;
-    case 7: heads_avx2(3, 1, q, head_dim, keys, values, n_pos, scores, out); break;
-    case 8: heads_avx2(4, 0, q, head_dim, keys, values, n_pos, scores, out); break;
-    default: heads_avx2(4, 1, q, head_dim, keys, values, n_pos, scores, out); break;
+    case 2: heads_avx2(1, 0, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
+    case 3: heads_avx2(1, 1, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
+    case 4: heads_avx2(2, 0, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
+    case 5: heads_avx2(2, 1, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
+    case 6: heads_avx2(3, 0, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
+    case 7: heads_avx2(3, 1, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
+    case 8: heads_avx2(4, 0, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
+    default: heads_avx2(4, 1, q, head_dim, keys, values, n_pos, first_pos, cap, scores, out); break;
     }
 }
 
 /* the group in runs of up to 4 heads */
 TARGET_AVX2 static void attention_avx2(int f16, const float *q, int64_t group, int64_t head_dim,
-                                       const void *keys, const void *values, int64_t n_pos, float *scores,
-                                       float *out) {
+                                       const void *keys, const void *values, int64_t n_pos, int64_t first_pos,
+                                       float cap, float *scores, float *out) {
     const int64_t padded = (n_pos + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
     for (int64_t g = 0; g < group; g += AVX2_HEADS) {
         const int n_heads = (int)(group - g < AVX2_HEADS ? group - g : AVX2_HEADS);
-        heads_any_avx2(n_heads, f16, q + g * head_dim, head_dim, keys, values, n_pos, scores + g * padded,
-                       out + g * head_dim);
+        heads_any_avx2(n_heads, f16, q + g * head_dim, head_dim, keys, values, n_pos, first_pos, cap,
+                       scores + g * padded, out + g * head_dim);
     }
 }
 #endif
@@ -249,7 +275,7 @@ static ALWAYS_INLINE __mmask16 valid_lanes(int64_t left) {     /* the first min(
 }
 
 /* softmax weights in place: w_j = exp(s_j - max s) / sum, for the n_pos scores of one head
- * (the padding lanes of the last tile become 0) */
+ * (the padding lanes of the last tile become 0; lanes holding -inf ~1e-38: exp512 clamps) */
 TARGET_AVX512 static void softmax(float *scores, int64_t n_pos) {
     const int64_t n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE;
     __m512 best = _mm512_set1_ps(-INFINITY);
@@ -273,13 +299,14 @@ TARGET_AVX512 static void softmax(float *scores, int64_t n_pos) {
  * q [n_heads][head_dim]; scores [n_heads][n_tiles * 16] scratch; out [n_heads][head_dim]. */
 TARGET_AVX512 static ALWAYS_INLINE void heads_avx512(int n_vec, int n_heads, int f16, const float *q,
                                                      const void *keys, const void *values, int64_t n_pos,
-                                                     float *scores, float *out) {
+                                                     int64_t first_pos, float cap, float *scores, float *out) {
     const int64_t head_dim = 16 * n_vec, tile_len = head_dim * KEY_TILE;
     const int64_t n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE, padded = n_tiles * KEY_TILE;
+    const int64_t lead = first_pos / KEY_TILE * KEY_TILE;
 
     /* 1. scores, one key tile at a time: each row of the tile is loaded once for all heads; two
      *    partial sums per head (even and odd d) keep enough FMA chains going */
-    for (int64_t i = 0; i < n_tiles; i++) {
+    for (int64_t i = first_pos / KEY_TILE; i < n_tiles; i++) {
         const int64_t tile = i * tile_len;
         __m512 even[4], odd[4];
         for (int h = 0; h < n_heads; h++)
@@ -296,14 +323,16 @@ TARGET_AVX512 static ALWAYS_INLINE void heads_avx512(int n_vec, int n_heads, int
             _mm512_storeu_ps(scores + h * padded + i * KEY_TILE, _mm512_add_ps(even[h], odd[h]));
     }
     /* 2. the weights */
-    for (int h = 0; h < n_heads; h++)
-        softmax(scores + h * padded, n_pos);
+    for (int h = 0; h < n_heads; h++) {
+        window_and_cap(scores + h * padded, first_pos, n_pos, cap);
+        softmax(scores + h * padded + lead, n_pos - lead);
+    }
     /* 3. out_h = sum_j w_hj v_j: each value row is loaded once for all heads */
     __m512 acc[4][8];
     for (int h = 0; h < n_heads; h++)
         for (int k = 0; k < n_vec; k++)
             acc[h][k] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n_pos; j++) {
+    for (int64_t j = first_pos; j < n_pos; j++) {
         __m512 row[8];
         for (int k = 0; k < n_vec; k++)
             row[k] = load16(f16, values, j * head_dim + 16 * k);
@@ -321,49 +350,52 @@ TARGET_AVX512 static ALWAYS_INLINE void heads_avx512(int n_vec, int n_heads, int
 /* heads_avx512 for head_dim = 16 * n_vec and every (n_heads, f16) */
 #define HEADS_CASES(n_vec)                                                                            \
     switch (n_heads * 2 + f16) {                                                                      \
-    case 2: heads_avx512(n_vec, 1, 0, q, keys, values, n_pos, scores, out); break;                    \
-    case 3: heads_avx512(n_vec, 1, 1, q, keys, values, n_pos, scores, out); break;                    \
-    case 4: heads_avx512(n_vec, 2, 0, q, keys, values, n_pos, scores, out); break;                    \
-    case 5: heads_avx512(n_vec, 2, 1, q, keys, values, n_pos, scores, out); break;                    \
-    case 6: heads_avx512(n_vec, 3, 0, q, keys, values, n_pos, scores, out); break;                    \
-    case 7: heads_avx512(n_vec, 3, 1, q, keys, values, n_pos, scores, out); break;                    \
-    case 8: heads_avx512(n_vec, 4, 0, q, keys, values, n_pos, scores, out); break;                    \
-    default: heads_avx512(n_vec, 4, 1, q, keys, values, n_pos, scores, out); break;                   \
+    case 2: heads_avx512(n_vec, 1, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
+    case 3: heads_avx512(n_vec, 1, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
+    case 4: heads_avx512(n_vec, 2, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
+    case 5: heads_avx512(n_vec, 2, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
+    case 6: heads_avx512(n_vec, 3, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
+    case 7: heads_avx512(n_vec, 3, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
+    case 8: heads_avx512(n_vec, 4, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
+    default: heads_avx512(n_vec, 4, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                   \
     }
 
 TARGET_AVX512 static void heads_32(int n_heads, int f16, const float *q, const void *keys, const void *values,
-                                   int64_t n_pos, float *scores, float *out) { HEADS_CASES(2) }
+                                   int64_t n_pos, int64_t first_pos, float cap, float *scores, float *out) { HEADS_CASES(2) }
 TARGET_AVX512 static void heads_64(int n_heads, int f16, const float *q, const void *keys, const void *values,
-                                   int64_t n_pos, float *scores, float *out) { HEADS_CASES(4) }
+                                   int64_t n_pos, int64_t first_pos, float cap, float *scores, float *out) { HEADS_CASES(4) }
 TARGET_AVX512 static void heads_128(int n_heads, int f16, const float *q, const void *keys, const void *values,
-                                    int64_t n_pos, float *scores, float *out) { HEADS_CASES(8) }
+                                    int64_t n_pos, int64_t first_pos, float cap, float *scores, float *out) { HEADS_CASES(8) }
 
 /* the group in runs of up to 4 heads (2 for head_dim 128: 16 accumulators in step 3) */
 TARGET_AVX512 static void attention_avx512(int f16, const float *q, int64_t group, int64_t head_dim,
                                            const void *keys, const void *values, int64_t n_pos,
-                                           float *scores, float *out) {
+                                           int64_t first_pos, float cap, float *scores, float *out) {
     const int64_t padded = (n_pos + KEY_TILE - 1) / KEY_TILE * KEY_TILE, max_heads = head_dim == 128 ? 2 : 4;
     for (int64_t g = 0; g < group; g += max_heads) {
         const int n_heads = (int)(group - g < max_heads ? group - g : max_heads);
         const float *q_g = q + g * head_dim;
         float *scores_g = scores + g * padded, *out_g = out + g * head_dim;
         if (head_dim == 64)
-            heads_64(n_heads, f16, q_g, keys, values, n_pos, scores_g, out_g);
+            heads_64(n_heads, f16, q_g, keys, values, n_pos, first_pos, cap, scores_g, out_g);
         else if (head_dim == 128)
-            heads_128(n_heads, f16, q_g, keys, values, n_pos, scores_g, out_g);
+            heads_128(n_heads, f16, q_g, keys, values, n_pos, first_pos, cap, scores_g, out_g);
         else
-            heads_32(n_heads, f16, q_g, keys, values, n_pos, scores_g, out_g);
+            heads_32(n_heads, f16, q_g, keys, values, n_pos, first_pos, cap, scores_g, out_g);
     }
 }
 #endif /* LME_X86 */
 
 int lme_attention(int64_t kv_type, const float *q, int64_t q_len, int64_t group, int64_t head_dim,
                   const void *keys, int64_t keys_len, const void *values, int64_t values_len,
-                  int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len) {
+                  int64_t n_pos, int64_t first_pos, float cap, float *scores, int64_t scores_len, float *out,
+                  int64_t out_len) {
     if (kv_type != LME_TYPE_F32 && kv_type != LME_TYPE_F16)
         return LME_ERR_TYPE;
     if (group <= 0 || head_dim <= 0 || n_pos <= 0 || group > INT64_MAX / head_dim
         || n_pos > INT64_MAX / head_dim / KEY_TILE / group)
+        return LME_ERR_SHAPE;
+    if (first_pos < 0 || first_pos >= n_pos || !(cap >= 0.0f && cap <= FLT_MAX))   /* NaN fails both */
         return LME_ERR_SHAPE;
     if (q == NULL || keys == NULL || values == NULL || scores == NULL || out == NULL)
         return LME_ERR_NULL;
@@ -375,15 +407,15 @@ int lme_attention(int64_t kv_type, const float *q, int64_t q_len, int64_t group,
     const int isa = lme_get_isa();
 #if LME_X86
     if (isa == LME_ISA_AVX512 && (head_dim == 32 || head_dim == 64 || head_dim == 128)) {
-        attention_avx512(f16, q, group, head_dim, keys, values, n_pos, scores, out);
+        attention_avx512(f16, q, group, head_dim, keys, values, n_pos, first_pos, cap, scores, out);
         return LME_OK;
     }
     if (isa >= LME_ISA_AVX2 && head_dim % 8 == 0) {      /* AVX-512 CPUs have AVX2 */
-        attention_avx2(f16, q, group, head_dim, keys, values, n_pos, scores, out);
+        attention_avx2(f16, q, group, head_dim, keys, values, n_pos, first_pos, cap, scores, out);
         return LME_OK;
     }
 #endif
     (void)isa;
-    attention_scalar(f16, q, group, head_dim, keys, values, n_pos, scores, out);
+    attention_scalar(f16, q, group, head_dim, keys, values, n_pos, first_pos, cap, scores, out);
     return LME_OK;
 }

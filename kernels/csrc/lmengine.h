@@ -120,15 +120,19 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
                       float *out, int64_t out_len);
 
 /* ---- attention.c ------------------------------------------------------------------------------ */
-/* Attention of one token for the `group` query heads sharing one kv head:
- * q [group * head_dim] (pre-scaled by 1/sqrt(head_dim)), keys [ceil(n_pos/16) tiles][head_dim][16]
+/* Attention of one token for the `group` query heads sharing one kv head, over the positions
+ * first_pos .. n_pos - 1 (0 <= first_pos < n_pos; first_pos > 0: a sliding window):
+ * q [group * head_dim] (pre-scaled by the attention scale), keys [ceil(n_pos/16) tiles][head_dim][16]
  * (transposed tiles of 16 positions), values [n_pos][head_dim], both of kv_type LME_TYPE_F32 or
  * LME_TYPE_F16 (lengths in elements), scores: scratch of group * ceil(n_pos/16)*16 floats;
- * out [group * head_dim]. Any head_dim; the float sums (and the exponential: expf, or a
- * polynomial on AVX-512) differ between paths within float rounding. */
+ * out [group * head_dim]. cap > 0 soft-caps the scores to cap * tanh(s / cap) (gemma2), 0 does
+ * not; a negative, inf or NaN cap, or first_pos outside [0, n_pos), is LME_ERR_SHAPE. Any
+ * head_dim; the float sums (and the exponential: expf, or a polynomial on AVX-512) differ between
+ * paths within float rounding. */
 int lme_attention(int64_t kv_type, const float *q, int64_t q_len, int64_t group, int64_t head_dim,
                   const void *keys, int64_t keys_len, const void *values, int64_t values_len,
-                  int64_t n_pos, float *scores, int64_t scores_len, float *out, int64_t out_len);
+                  int64_t n_pos, int64_t first_pos, float cap, float *scores, int64_t scores_len, float *out,
+                  int64_t out_len);
 
 /* ---- ops.c: elementwise work ------------------------------------------------------------------ */
 

@@ -349,3 +349,13 @@ def test_typed_access_names_the_key(tmp_path):
     assert f.get("missing", "default", types=str) == "default"
     assert f.get("name", types=(str, bytes)) == "x" and f.require("flag", bool) is True
     assert f.get("tokenizer.chat_template") == 5       # no types: as stored
+
+
+def test_type_table_agrees_with_the_gguf_package():
+    """GGML_TYPES (read without importing gguf) states what gguf.GGML_QUANT_SIZES states."""
+    import gguf
+
+    from lmengine.converters.gguf_file import GGML_TYPES
+    for type_id, (name, block_size, type_size) in GGML_TYPES.items():
+        qtype = gguf.GGMLQuantizationType(type_id)
+        assert (qtype.name, *gguf.GGML_QUANT_SIZES[qtype]) == (name, block_size, type_size)

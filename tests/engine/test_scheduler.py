@@ -115,6 +115,40 @@ def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on():
     assert llm.generate("hello", GREEDY).text == expected_text(llm, "hello")
 
 
+def test_priority_orders_admission():
+    """One sequence runs at a time (two slots: one for the batch). Requests submitted together
+    start in the order of SamplingParams.priority (lower first), arrival order within a
+    priority; each answer is still the reference's. A running request is not pre-empted: a more
+    urgent one submitted while it runs waits for it."""
+    llm = make_llm(n_slots=2)
+    order = []
+    submitted = []
+    for prompt, priority in (("a late", 5), ("b first", -3), ("c mid", 0), ("d mid too", 0), ("e first too", -3)):
+        params = GREEDY.replace(priority=priority) if priority else GREEDY
+        request = llm.scheduler.submit(llm.tokenizer.encode(prompt), params)
+        request.listener = (lambda p=prompt: order.append(p) if p not in order else None)
+        submitted.append((prompt, request))
+    llm.scheduler.run_until_done([r for _, r in submitted])
+    assert order == ["b first", "e first too", "c mid", "d mid too", "a late"]
+    for prompt, request in submitted:
+        assert request.generator.text == expected_text(llm, prompt)
+
+    running = llm.scheduler.submit(llm.tokenizer.encode("runs"), GREEDY.replace(priority=10))
+    llm.scheduler.step()                               # admitted, prefilled
+    urgent = llm.scheduler.submit(llm.tokenizer.encode("urgent"), GREEDY.replace(priority=-100))
+    llm.scheduler.step()
+    assert running in llm.scheduler.running and urgent in llm.scheduler.waiting
+    llm.scheduler.run_until_done([running, urgent])
+    assert urgent.generator.text == expected_text(llm, "urgent")
+    assert_all_slots_free(llm)
+
+
+@pytest.mark.parametrize("bad", [1.5, "1", 2 ** 31, -2 ** 31 - 1, None])
+def test_priority_is_checked(bad):
+    with pytest.raises(InvalidParameterError, match="priority"):
+        SamplingParams(priority=bad)
+
+
 def test_cancelling_a_waiting_request():
     llm = make_llm()
     request = llm.scheduler.submit(llm.tokenizer.encode("never runs"), GREEDY)

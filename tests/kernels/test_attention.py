@@ -169,9 +169,10 @@ def test_c_kernel_rejects_bad_arguments(isa):
     q, out = np.zeros(2 * 64, np.float32), np.zeros(2 * 64, np.float32)
     keys, values, scores = np.zeros(32 * 64, np.float32), np.zeros(20 * 64, np.float32), np.zeros(64, np.float32)
 
-    def call(n_pos=20, group=2, head_dim=64, keys=keys, scores=scores, values=values, kv_type=0):
+    def call(n_pos=20, group=2, head_dim=64, keys=keys, scores=scores, values=values, kv_type=0, first_pos=0,
+             cap=0.0):
         return lib.lme_attention(kv_type, f(q), q.size, group, head_dim, f(keys), keys.size, f(values),
-                                 values.size, n_pos, f(scores), scores.size, f(out), out.size)
+                                 values.size, n_pos, first_pos, cap, f(scores), scores.size, f(out), out.size)
     assert call(n_pos=0) == -3 and call(group=0) == -3 and call(head_dim=-1) == -3
     assert call(group=2 ** 62) == -3 and call(n_pos=2 ** 60) == -3      # sizes that overflow int64
     assert call(kv_type=2) == -2                      # neither F32 (0) nor F16 (1)
@@ -179,6 +180,9 @@ def test_c_kernel_rejects_bad_arguments(isa):
     assert call(keys=keys[:16 * 64]) == -5            # 20 positions need two key tiles
     assert call(scores=scores[:32]) == -5             # two heads need two rows of 32 scores
     assert call(group=3) == -5                        # q holds two heads
+    assert call(first_pos=-1) == -3 and call(first_pos=20) == -3      # the window holds no position
+    assert call(cap=-1.0) == -3 and call(cap=math.inf) == -3 and call(cap=math.nan) == -3
     assert call() == 0
+    assert call(first_pos=19, cap=50.0) == 0
     assert call(kv_type=1) == 0                       # f16: lengths count elements
     assert call(head_dim=48) == 0 and call(head_dim=20) == 0     # any head size

@@ -440,22 +440,25 @@ def test_rope_is_float32_rotation_bit_for_bit(isa, neox, n_heads, head_dim, rope
     assert got[-1] == 7.0
 
 
-def attention_case(rng, group, head_dim, n_pos, f16):
-    """(q, keys tiles, values, float64 reference out) for one kv head; keys/values rounded to f16
-    first when f16 (their bits as uint16)."""
+def attention_case(rng, group, head_dim, n_pos, f16, first_pos=0, cap=0.0, q_scale=1.0):
+    """(q, keys tiles, values, float64 reference out) for one kv head over positions first_pos ..
+    n_pos - 1, scores soft-capped to cap * tanh(s / cap) when cap > 0; keys/values rounded to f16
+    first when f16 (their bits as uint16); q drawn with standard deviation q_scale / sqrt(head_dim)."""
     n_tiles = -(-n_pos // KEY_TILE)
     k = rng.standard_normal((n_tiles * KEY_TILE, head_dim)).astype(np.float32)
     v = rng.standard_normal((n_tiles * KEY_TILE, head_dim)).astype(np.float32)
     k[n_pos:] = v[n_pos:] = np.nan                                     # unused positions must not matter
     if f16:
         k, v = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
-    q = (rng.standard_normal(group * head_dim) / math.sqrt(head_dim)).astype(np.float32)   # pre-scaled
+    q = (rng.standard_normal(group * head_dim) * q_scale / math.sqrt(head_dim)).astype(np.float32)   # pre-scaled
     keys = np.ascontiguousarray(k.reshape(n_tiles, KEY_TILE, head_dim).transpose(0, 2, 1))
     expected = np.empty(group * head_dim)
     for g in range(group):
-        s = k[:n_pos].astype(np.float64) @ q[g * head_dim:(g + 1) * head_dim]
+        s = k[first_pos:n_pos].astype(np.float64) @ q[g * head_dim:(g + 1) * head_dim]
+        if cap > 0:
+            s = cap * np.tanh(s / cap)
         w = np.exp(s - s.max())
-        expected[g * head_dim:(g + 1) * head_dim] = (w / w.sum()) @ v[:n_pos]
+        expected[g * head_dim:(g + 1) * head_dim] = (w / w.sum()) @ v[first_pos:n_pos]
     if f16:
         keys, v = keys.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
     return q, keys, v, expected
@@ -476,8 +479,8 @@ def test_attention_any_head_dim_and_group(isa, f16, head_dim):
             out = np.full(group * head_dim + 1, np.nan, np.float32)
             status = native.lib.lme_attention(
                 f16, _f32(q), q.size, group, head_dim, native.ffi.from_buffer(keys), keys.size,
-                native.ffi.from_buffer(values), n_pos * head_dim, n_pos, _f32(scores), scores.size, _f32(out),
-                group * head_dim)
+                native.ffi.from_buffer(values), n_pos * head_dim, n_pos, 0, 0.0, _f32(scores), scores.size,
+                _f32(out), group * head_dim)
             assert status == 0
             assert np.isnan(out[-1])
             out = out[:-1]
@@ -485,6 +488,37 @@ def test_attention_any_head_dim_and_group(isa, f16, head_dim):
             assert np.abs(out - expected).max() <= 1e-5, case
             numba_out = np.empty_like(out)
             _attend_group(q, group, head_dim, keys, values, n_pos, np.empty(padded, np.float32), numba_out)
+            assert np.abs(out - numba_out).max() <= 1e-5, case
+
+
+@pytest.mark.parametrize("f16", (0, 1), ids=("f32", "f16"))
+@pytest.mark.parametrize("head_dim", (20, 32, 64, 128, 256))
+def test_attention_window_and_softcap(isa, f16, head_dim):
+    """lme_attention over a sliding window (first_pos > 0: inside a key tile, on a tile's edge, the
+    last position alone) and with gemma2's soft-capping, on every path (256: the AVX2 kernel on
+    AVX-512 CPUs; 20: the portable loop), against float64 and the Numba reference `_attend_group`.
+    Tolerance 1e-5 as above; the scores are scaled up (x3: standard deviation ~3) so that caps of
+    5 and 50 change them by far more than that (5 tanh(3 / 5) = 2.7)."""
+    rng = np.random.default_rng(head_dim + 10 * f16)
+    for group in (1, 3, 4, 8):
+        for n_pos, first_pos, cap in ((100, 37, 0.0), (100, 48, 5.0), (100, 99, 0.0), (17, 0, 5.0),
+                                      (40, 16, 50.0), (300, 250, 5.0)):
+            q, keys, values, expected = attention_case(rng, group, head_dim, n_pos, f16, first_pos, cap, q_scale=3.0)
+            padded = -(-n_pos // KEY_TILE) * KEY_TILE
+            scores = np.empty(group * padded, np.float32)
+            out = np.full(group * head_dim + 1, np.nan, np.float32)
+            status = native.lib.lme_attention(
+                f16, _f32(q), q.size, group, head_dim, native.ffi.from_buffer(keys), keys.size,
+                native.ffi.from_buffer(values), n_pos * head_dim, n_pos, first_pos, cap, _f32(scores),
+                scores.size, _f32(out), group * head_dim)
+            assert status == 0
+            assert np.isnan(out[-1])
+            out = out[:-1]
+            case = (group, n_pos, first_pos, cap)
+            assert np.abs(out - expected).max() <= 1e-5, case
+            numba_out = np.empty_like(out)
+            _attend_group(q, group, head_dim, keys, values, n_pos, np.empty(padded, np.float32), numba_out,
+                          first_pos, np.float32(cap))
             assert np.abs(out - numba_out).max() <= 1e-5, case
 
 

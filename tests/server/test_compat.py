@@ -77,10 +77,10 @@ def test_tools_go_into_a_system_message_when_the_template_has_none():
 def test_request_fields_map_onto_sampling_params(llm):
     plan = plan_completion(llm, {"prompt": "hello", "max_tokens": 7, "temperature": 0.5, "top_k": 3, "min_p": 0.1,
                                  "repetition_penalty": 1.1, "stop": "x", "seed": 4, "n": 2,
-                                 "logit_bias": {"3": -100}, "presence_penalty": 0.5}, "m")
+                                 "logit_bias": {"3": -100}, "presence_penalty": 0.5, "priority": -2}, "m")
     p = plan.params
-    assert (p.max_tokens, p.temperature, p.top_k, p.min_p, p.repetition_penalty, p.stop, p.seed, p.n) == \
-        (7, 0.5, 3, 0.1, 1.1, ("x",), 4, 2)
+    assert (p.max_tokens, p.temperature, p.top_k, p.min_p, p.repetition_penalty, p.stop, p.seed, p.n, p.priority) == \
+        (7, 0.5, 3, 0.1, 1.1, ("x",), 4, 2, -2)
     assert dict(p.logit_bias) == {3: -100.0} and p.presence_penalty == 0.5
     assert plan_completion(llm, {"prompt": "hello"}, "m").params.max_tokens == 16       # OpenAI's default
     chat = plan_chat(llm, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5,
