@@ -1,11 +1,11 @@
 """The bundled SmolLM2 end to end: llama.cpp and transformers reference outputs, zen.txt quality."""
 import json
-import math
 
 import numpy as np
 import pytest
 
 from lmengine import LLM, SamplingParams
+from lmengine.bench.quality import logit_quality
 from references import reference_file
 
 
@@ -16,17 +16,9 @@ def reference():
 
 
 def _zen_stats(llm_ref, llm_test, ids):
-    ref = llm_ref.logits(ids)[:-1].astype(np.float64)
-    test = llm_test.logits(ids)[:-1].astype(np.float64)
-    def log_softmax(x):
-        m = x.max(axis=1, keepdims=True)
-        return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
-    lp, lq = log_softmax(ref), log_softmax(test)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
-    top1 = (ref.argmax(axis=1) == test.argmax(axis=1)).mean()
-    targets = np.array(ids[1:])
-    ppl = math.exp(-lq[np.arange(len(targets)), targets].mean())
-    return kl.mean(), top1, ppl
+    """(mean KL(ref || test), top-1 agreement, test perplexity) over every position of ids."""
+    q = logit_quality(llm_ref.logits(ids), llm_test.logits(ids), ids)
+    return q.mean_kl, q.top1_agree, q.ppl
 
 
 @pytest.fixture(scope="module")
