@@ -72,7 +72,11 @@ class BuildWithCompiledKernels(build):
         build_lib = os.path.abspath(self.build_lib)
         print("lmengine: compiling the Numba kernels into the wheel (lmengine warmup --portable; about 3 "
               "minutes on 2 cores; LMENGINE_BAKE_KERNELS=0 skips it)", file=sys.stderr, flush=True)
-        env = dict(os.environ, LMENGINE_NUMBA_TARGET="portable", PYTHONPATH=build_lib)
+        # build_lib first, then whatever PYTHONPATH holds: pip's isolated build puts the build
+        # requirements (numba, numpy, ...) on the path through it, and in a fresh venv they are
+        # nowhere else yet (replacing it made the warmup fail there: an unbaked wheel)
+        path = os.pathsep.join(p for p in (build_lib, os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, LMENGINE_NUMBA_TARGET="portable", PYTHONPATH=path)
         env.pop("NUMBA_CACHE_DIR", None)           # the cache goes beside the built sources
         with tempfile.TemporaryDirectory() as cwd:   # away from the source folders
             done = subprocess.run([sys.executable, "-c", BAKE_SCRIPT], env=env, cwd=cwd).returncode == 0
