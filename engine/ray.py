@@ -142,7 +142,13 @@ def batch_infer(dataset, model: str | Callable[[], Any] | None = None, sampling:
         LLMPredictor, batch_format="pyarrow", batch_size=batch_size,
         # Ray Data's actor pool restarts a dead actor and retries its batch by default
         # (max_restarts=-1, max_task_retries=-1); tests/integration/test_ray.py holds it to that.
-        compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=threads_per_actor,
+        # One batch in flight per actor: Ray Data's default (2) hands the first actor to finish
+        # loading its model two batches at once, and with few batches the other actor then
+        # idles while they run one after the other (a job of 2 batches took twice as long,
+        # docs/SCALE_OUT.md); the cost, a short gap while the next batch is sent, is small next to
+        # a batch's seconds of work.
+        compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
+        num_cpus=threads_per_actor,
         fn_constructor_kwargs=dict(model=model, sampling=sampling, threads=threads_per_actor,
                                    llm_kwargs=llm_kwargs, window=window, crash_marker=_crash_marker))
 
