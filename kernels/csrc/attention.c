@@ -348,16 +348,16 @@ TARGET_AVX512 static ALWAYS_INLINE void heads_avx512(int n_vec, int n_heads, int
 }
 
 /* heads_avx512 for head_dim = 16 * n_vec and every (n_heads, f16) */
-#define HEADS_CASES(n_vec)                                                                            \
-    switch (n_heads * 2 + f16) {                                                                      \
-    case 2: heads_avx512(n_vec, 1, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
-    case 3: heads_avx512(n_vec, 1, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
-    case 4: heads_avx512(n_vec, 2, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
-    case 5: heads_avx512(n_vec, 2, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
-    case 6: heads_avx512(n_vec, 3, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
-    case 7: heads_avx512(n_vec, 3, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
-    case 8: heads_avx512(n_vec, 4, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;                    \
-    default: heads_avx512(n_vec, 4, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;                   \
+#define HEADS_CASES(n_vec)                                                                          \
+    switch (n_heads * 2 + f16) {                                                                    \
+    case 2: heads_avx512(n_vec, 1, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;  \
+    case 3: heads_avx512(n_vec, 1, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;  \
+    case 4: heads_avx512(n_vec, 2, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;  \
+    case 5: heads_avx512(n_vec, 2, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;  \
+    case 6: heads_avx512(n_vec, 3, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;  \
+    case 7: heads_avx512(n_vec, 3, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break;  \
+    case 8: heads_avx512(n_vec, 4, 0, q, keys, values, n_pos, first_pos, cap, scores, out); break;  \
+    default: heads_avx512(n_vec, 4, 1, q, keys, values, n_pos, first_pos, cap, scores, out); break; \
     }
 
 TARGET_AVX512 static void heads_32(int n_heads, int f16, const float *q, const void *keys, const void *values,
