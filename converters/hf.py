@@ -29,6 +29,10 @@ from lmengine.kernels.quant import quantize
 
 from .errors import ConversionError
 
+# the matrix types convert_hf writes itself (others: `lmengine convert ... --weights Q4_K_M` quantizes
+# an F32 file afterwards, engine/convert.py)
+WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+
 HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
             "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
 NORM_SHIFT_ARCHS = ("gemma2", "gemma3")   # HF norms scale by (1 + w): the file stores 1 + w
@@ -250,8 +254,8 @@ def write_llama_gguf(path: str, arch: str, hparams: dict, tensors: dict, weight_
     import gguf
 
     wtype = weight_type.upper()
-    if wtype not in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1"):
-        raise ConversionError(f"weight type {weight_type!r} not supported (f32, f16, q8_0, q4_0, q4_1)")
+    if weight_type.lower() not in WEIGHT_TYPES:
+        raise ConversionError(f"weight type {weight_type!r} not supported ({', '.join(WEIGHT_TYPES)})")
     writer = gguf.GGUFWriter(path, arch)
     a = arch
     writer.add_name(hparams.get("name", f"{arch} model"))

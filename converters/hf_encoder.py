@@ -32,7 +32,7 @@ from .hf import TOKEN_CONTROL, load_hf_state_dict, token_table, vocab_from_token
 ENCODER_ARCHS = {"BertModel": "bert", "BertForMaskedLM": "bert", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
 POOLING_TYPES = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 MAX_SEQ_LENGTH_KEY = "bert.embedding.max_seq_length"
-_WEIGHT_TYPES = ("f32", "f16")
+WEIGHT_TYPES = ("f32", "f16")     # the types convert_encoder writes itself
 
 
 def is_encoder_source(model_dir: str) -> bool:
@@ -48,7 +48,7 @@ def convert_encoder(model_dir: str, out_path: str, weight_type: str = "f32",
                     progress: Callable[[str], None] | None = None) -> str:
     """Convert a BERT / sentence-transformers or GPT-2 directory to a GGUF at out_path; returns
     the architecture written ("bert" or "gpt2")."""
-    if weight_type.lower() not in _WEIGHT_TYPES:
+    if weight_type.lower() not in WEIGHT_TYPES:
         raise ConversionError(f"--weights {weight_type!r}: bert and gpt2 convert to f32 or f16 "
                               f"(quantize the GGUF afterwards with `lmengine quantize`)")
     src = _transformer_dir(model_dir)

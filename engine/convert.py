@@ -24,13 +24,13 @@ def convert(source: str, dest: str, to: str | None = None, weights: str | None =
         raise InvalidParameterError(f"--to must be gguf or onnx, got {to!r}")
 
     if to == "gguf":
-        from lmengine.converters.hf_encoder import convert_encoder, is_encoder_source
-        if os.path.isdir(source) and is_encoder_source(source):   # bert / sentence-transformers / gpt2
-            _convert_hf_dir(convert_encoder, source, dest, weights, ("f32", "f16"), progress)
+        from lmengine.converters import hf_encoder
+        if os.path.isdir(source) and hf_encoder.is_encoder_source(source):   # bert / sentence-transformers / gpt2
+            _convert_hf_dir(hf_encoder.convert_encoder, source, dest, weights, hf_encoder.WEIGHT_TYPES, progress)
             return dest
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
-            from lmengine.converters.hf import convert_hf
-            _convert_hf_dir(convert_hf, source, dest, weights, ("f32", "f16", "q8_0", "q4_0", "q4_1"), progress)
+            from lmengine.converters import hf
+            _convert_hf_dir(hf.convert_hf, source, dest, weights, hf.WEIGHT_TYPES, progress)
             return dest
         if is_lstm_source(source):
             convert_lstm_model(source, dest, vocab=vocab, description=description,

@@ -64,7 +64,7 @@ from .generator import Generator, StreamChunk, check_finite_logits
 MIN_SHARED_PREFIX = 8
 
 
-@dataclass
+@dataclass(eq=False)     # a request is itself: `in` / `remove` on the queues compare identity
 class Request:
     prompt_ids: list[int]
     params: object
