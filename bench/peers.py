@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 
 from .measure import prompt_ids, time_engine
 
@@ -31,8 +32,10 @@ def peer_prompt(model, prompt_tokens):
 def worker_llama_cpp(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start):
     from llama_cpp import Llama
     path, ids = peer_prompt(model, prompt_tokens)
+    t0 = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads,
                 n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
+    load_s = time.perf_counter() - t0
 
     def prefill():
         llm.reset()
@@ -41,7 +44,8 @@ def worker_llama_cpp(model, threads, prompt_tokens, gen_tokens, repeats, t_proce
     def decode_step(state):
         llm.eval([llm.sample(temp=0.0)])
 
-    return time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start)
+    return dict(time_engine(prefill, decode_step, prompt_tokens, gen_tokens, repeats, t_process_start),
+                load_s=load_s)
 
 
 def worker_transformers(model, threads, prompt_tokens, gen_tokens, repeats, t_process_start):

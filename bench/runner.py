@@ -155,7 +155,7 @@ def _print_table(results, threads) -> None:
     print()
     print(f"tok/s and TTFT: median (min-max) of {results['settings']['repeats']} run(s)")
     print(f"{'file':28s} {'engine':20s} {'thr':>3s} {'prefill tok/s':>22s} {'decode tok/s':>20s} "
-          f"{'TTFT s':>19s} {'start->1st s':>12s} {'RSS MB':>7s}  ratios (ours / peer)")
+          f"{'TTFT s':>19s} {'start->1st s':>12s} {'load s':>6s} {'RSS MB':>7s}  ratios (ours / peer)")
     for label, engines in results["files"].items():
         name_col = os.path.basename(label)[:28]
         ours_name = next(k for k in engines if k.startswith("lmengine"))
@@ -176,7 +176,8 @@ def _print_table(results, threads) -> None:
                              f"decode x{o['decode_tok_s'] / r['decode_tok_s']:.2f}")
                 print(f"{name_col:28s} {name:20s} {t:>3d} {_with_spread(r, 'prefill_tok_s'):>22s} "
                       f"{_with_spread(r, 'decode_tok_s'):>20s} {_with_spread(r, 'ttft_s', 3):>19s} "
-                      f"{_fmt(r.get('start_to_first_token_s'), 2):>12s} {_fmt(r.get('peak_rss_mb'), 0):>7s}  {ratio}")
+                      f"{_fmt(r.get('start_to_first_token_s'), 2):>12s} {_fmt(r.get('load_s'), 2):>6s} "
+                      f"{_fmt(r.get('peak_rss_mb'), 0):>7s}  {ratio}")
     bandwidth = results.get("bandwidth", {}).get("read_gb_s")
     if bandwidth:
         t = results["bandwidth"]["threads"]

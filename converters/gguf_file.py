@@ -13,6 +13,7 @@ row, 49152 rows) has `shape == (49152, 576)`. The bytes of a tensor are a view i
 """
 from __future__ import annotations
 
+import array
 import os
 import struct
 from dataclasses import dataclass
@@ -281,8 +282,54 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: {where}: a string is not valid UTF-8 ({e})") from None
 
     def _string_array(self, pos: int, n: int, where: str):
-        """n strings from pos, as _string reads them, in one tight loop (a 49k-token vocabulary and
-        its merges take ~0.05 s here instead of ~0.3 s through _string); any string that is
+        """n strings from pos, as _string reads them. A vocabulary and its merges (~100k strings)
+        are the hot loop of a load, so the lengths are walked in one tight loop and the strings
+        decoded in one go (`_decode_joined`: ~0.03 s for SmolLM2's 98k strings, against ~0.11 s
+        decoding them one by one). An array that is truncated, holds a string over the limit, is
+        not UTF-8 or holds a NUL character goes through `_string_array_each`, which raises the
+        error that fits (or reads the NULs)."""
+        buf, end_of_file, limit = self._buf, self.file_size, MAX_STRING_BYTES
+        read_length = _U64.unpack_from
+        first = pos
+        starts = array.array("q", bytes(8 * n))     # file offset of each string's bytes
+        for i in range(n):
+            start = pos + 8
+            if start > end_of_file:
+                break
+            (length,) = read_length(buf, pos)
+            pos = start + length
+            if length > limit or pos > end_of_file:
+                break
+            starts[i] = start
+        else:
+            items = self._decode_joined(first, starts, pos)
+            if items is not None:
+                return items, pos
+        return self._string_array_each(first, n, where)
+
+    def _decode_joined(self, first: int, starts: array.array, end: int) -> list | None:
+        """The strings at file offsets `starts` (each after its 8-byte length, the array spanning
+        bytes first..end): the array's bytes with each length replaced by one NUL are decoded as
+        one UTF-8 text and split at the NULs. A NUL cannot end or continue a multi-byte
+        character, so the text decodes exactly when every string does. None when some string is
+        not UTF-8 or holds a NUL (the split then gives more pieces). Memory: a few times the
+        array's bytes, as for the strings themselves."""
+        region = self.data[first:end]
+        offsets = np.frombuffer(starts, dtype=np.int64) - first
+        keep = np.ones(region.size, dtype=bool)
+        for j in range(1, 8):                                         # 7 of each length's 8 bytes
+            keep[offsets - j] = False
+        joined = np.array(region)
+        joined[offsets - 8] = 0                                       # the 8th becomes the NUL
+        try:
+            text = joined[keep].tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        items = text.split("\0")
+        return items[1:] if len(items) == len(starts) + 1 else None
+
+    def _string_array_each(self, pos: int, n: int, where: str):
+        """n strings from pos, as _string reads them, one at a time; any string that is
         truncated, over the limit or not UTF-8 goes through _string, which raises its error."""
         buf, end_of_file, limit = self._buf, self.file_size, MAX_STRING_BYTES
         read_length = _U64.unpack_from

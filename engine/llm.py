@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .params import SamplingParams
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .validation import check_token_ids
+
+if TYPE_CHECKING:
+    from .chat import ChatTemplate
 
 BACKENDS = ("numba", "onnxruntime")
 
@@ -155,6 +158,25 @@ class LLM:
         _log(native.fast_path_note() or f"C kernels loaded ({native.ISA_NAMES[native.get_isa()]} path)")
 
     # -- loading -----------------------------------------------------------------------------------
+    _chat_template = None
+    _chat_template_pending = False
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """The model's chat template (engine/chat.py), or None when it has none. A GGUF's template
+        (ChatML when the file has none) is compiled at first use, not at load: importing jinja2
+        and compiling take about 0.07 s of a start that may never chat. A template that does not
+        compile raises its ChatTemplateError here, at every use."""
+        if self._chat_template_pending:
+            from .chat import ChatTemplate
+            self._chat_template = ChatTemplate.from_gguf(self.gguf)
+            self._chat_template_pending = False
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: ChatTemplate | None) -> None:
+        self._chat_template, self._chat_template_pending = template, False
+
     def _load_gguf(self, n_ctx, n_slots, n_threads, activations, kv_cache_dtype, allow_long_context):
         self.gguf = GGUFFile(self.path)
         self.config = config_from_gguf(self.gguf)
@@ -174,11 +196,10 @@ class LLM:
                                                                             n_threads)
             return
         from .backends.numba_backend import NumbaLlamaBackend
-        from .chat import ChatTemplate
         from .tokenizer import Tokenizer
         n_ctx = _context_size(n_ctx, self.config.n_ctx_train, allow_long_context, self.path)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
-        self.chat_template = ChatTemplate.from_gguf(self.gguf)
+        self._chat_template_pending = True      # compiled at first use: see the chat_template property
         self.backend = NumbaLlamaBackend(self.gguf, self.config, n_ctx, n_slots, n_threads, activations=activations,
                                          kv_cache_dtype=kv_cache_dtype)
 

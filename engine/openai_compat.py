@@ -363,10 +363,8 @@ class ChunkShaper:
 def _token_table(tokenizer) -> list[bytes]:
     table = getattr(tokenizer, "_lmengine_token_bytes", None)
     if table is None:
-        pieces = getattr(tokenizer, "_piece_bytes", None)
-        if pieces is not None:
-            table = pieces()
-        else:
+        table = getattr(tokenizer, "_pieces", None)        # Tokenizer: id -> the bytes it decodes to
+        if table is None:
             table = [tokenizer.decode([i]).encode("utf-8") for i in range(tokenizer.vocab_size)]
         try:
             tokenizer._lmengine_token_bytes = table

@@ -40,6 +40,7 @@ import re
 import threading
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -54,7 +55,9 @@ from .vocab import (  # noqa: F401  (the token types are part of this module's i
     TOKEN_UNUSED,
     TOKEN_USER_DEFINED,
     Vocabulary,
+    all_exactly,
     check_text,
+    not_normal_ids,
     special_token_id,
 )
 
@@ -108,14 +111,18 @@ def _gpt2_byte_to_char() -> dict[int, str]:
 _BYTE_TO_CHAR = _gpt2_byte_to_char()
 # str.translate table: byte-level character -> the Latin-1 character of its byte.
 _CHAR_TO_LATIN1 = {ord(c): chr(b) for b, c in _BYTE_TO_CHAR.items()}
+# The same as a table over code points 0 .. 0x143 (the highest byte-level character) and one past
+# it: the byte a character stands for; a Latin-1 character outside the table stands for its own
+# byte (as str.translate + encode("latin-1") treat it); -1 for a character with no byte.
+_LATIN1_OF_POINT = np.array([ord(_CHAR_TO_LATIN1.get(p, chr(p))) if p < 256 or p in _CHAR_TO_LATIN1 else -1
+                             for p in range(max(_CHAR_TO_LATIN1) + 2)], dtype=np.int16)
 
 
 def _all_of(values, plain: type, kind: type) -> bool:
     """Every value is a `kind` number (numbers.Integral / numbers.Real), not a bool. The values of
     a GGUF array are plain ints / floats, tested first by exact type: the ABC test costs about
     0.3 s over a 49k-token vocabulary."""
-    return (all(type(v) is plain for v in values)
-            or all(isinstance(v, kind) and not isinstance(v, bool) for v in values))
+    return all_exactly(values, plain) or all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
 
 
 class Tokenizer(Vocabulary):
@@ -127,9 +134,10 @@ class Tokenizer(Vocabulary):
                  unk_id: int | None = None, pad_id: int | None = None, add_bos: bool = False,
                  add_eos: bool = False, add_space_prefix: bool = False,
                  extra_eot_ids: Iterable[int] = (), chat_template: str | None = None,
-                 source: str = "<tokenizer>"):
+                 source: str = "<tokenizer>", token_to_id: dict[str, int] | None = None):
         super().__init__(tokens, token_types, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, pad_id=pad_id,
-                         add_bos=add_bos, add_eos=add_eos, extra_eot_ids=extra_eot_ids, source=source)
+                         add_bos=add_bos, add_eos=add_eos, extra_eot_ids=extra_eot_ids, source=source,
+                         token_to_id=token_to_id)
         # A turn also ends at the chat formats' end-of-turn control tokens (<|im_end|>, <|eot_id|>...).
         self._eot_ids |= {i for i in map(self.token_to_id, END_OF_TURN_TOKENS)
                           if i is not None and self.token_types[i] == TOKEN_CONTROL}
@@ -140,12 +148,15 @@ class Tokenizer(Vocabulary):
         self.pre = pre                    # tokenizer.ggml.pre, when known
         self.add_space_prefix = bool(add_space_prefix)
         self.chat_template = chat_template
-        self._pieces = self._piece_bytes()                       # id -> bytes it decodes to
-        self._pieces_no_special = [b"" if t in SPECIAL_TYPES else p
-                                   for p, t in zip(self._pieces, self.token_types)]
+        unusual = not_normal_ids(self.token_types)
+        self._pieces = self._piece_bytes(unusual)                # id -> bytes it decodes to
+        self._pieces_no_special = list(self._pieces)
+        for i in unusual:
+            if self.token_types[i] in SPECIAL_TYPES:
+                self._pieces_no_special[i] = b""
         # first characters of the texts parse_special matches: a text without any holds none
         self._special_first_chars = frozenset(
-            t[0] for t, k in zip(self.tokens, self.token_types) if k in PARSED_SPECIAL_TYPES and t)
+            self.tokens[i][0] for i in unusual if self.token_types[i] in PARSED_SPECIAL_TYPES and self.tokens[i])
 
     # -- construction (from_gguf is Vocabulary's) ------------------------------------------------
     @classmethod
@@ -167,13 +178,13 @@ class Tokenizer(Vocabulary):
         n_vocab = len(tokens)
         if n_vocab == 0:
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens is empty")
-        if not all(type(t) is str for t in tokens) and not all(isinstance(t, str) for t in tokens):
+        if not all_exactly(tokens, str) and not all(isinstance(t, str) for t in tokens):
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens must hold strings")
         if "tokenizer.ggml.token_type" in meta:
             types = need("tokenizer.ggml.token_type", (list, tuple))
             if not _all_of(types, int, numbers.Integral):
                 raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.token_type' should hold integers")
-            types = [int(t) for t in types]
+            types = list(types) if all_exactly(types, int) else [int(t) for t in types]
             if len(types) != n_vocab:
                 raise TokenizerError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries "
                                      f"but tokenizer.ggml.tokens has {n_vocab}")
@@ -206,13 +217,14 @@ class Tokenizer(Vocabulary):
                                  f"found {type(chat_template).__name__}")
 
         pre = None
+        token_to_id = {t: i for i, t in enumerate(tokens)}     # a repeated text: its last id
         if model == "gpt2":
             pre = meta.get("tokenizer.ggml.pre", "default")
             if not isinstance(pre, str):
                 raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.pre' should be a string, "
                                      f"found {type(pre).__name__}")
             merges = need("tokenizer.ggml.merges", (list, tuple))
-            hf = _byte_level_bpe(tokens, merges, pre, source)
+            hf = _byte_level_bpe(token_to_id, merges, pre, source)
         elif model == "bert":
             hf = _wordpiece(tokens, types, unk_id, source)
         else:
@@ -222,13 +234,13 @@ class Tokenizer(Vocabulary):
                                      f"but tokenizer.ggml.tokens has {n_vocab}")
             if not _all_of(scores, float, numbers.Real):
                 raise TokenizerError(f"{source}: metadata key 'tokenizer.ggml.scores' should hold numbers")
-            hf = _sentencepiece_bpe(tokens, types, scores, unk_id, add_space_prefix, source)
+            hf = _sentencepiece_bpe(tokens, token_to_id, types, scores, unk_id, add_space_prefix, source)
         _add_special_tokens(hf, tokens, types)
         _set_post_processor(hf, tokens, bos_id if add_bos else None, eos_id if add_eos else None)
         return cls(hf, tokens=tokens, token_types=types, model=model, pre=pre, bos_id=bos_id,
                    eos_id=eos_id, unk_id=unk_id, pad_id=pad_id, add_bos=add_bos, add_eos=add_eos,
                    add_space_prefix=add_space_prefix, extra_eot_ids=extra_eot,
-                   chat_template=chat_template, source=source)
+                   chat_template=chat_template, source=source, token_to_id=token_to_id)
 
     @classmethod
     def from_pretrained_dir(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -409,23 +421,18 @@ class Tokenizer(Vocabulary):
             return (self.model == "llama" and self.add_space_prefix) or self.model == "bert"
         return bool(strip_leading_space)
 
-    def _piece_bytes(self) -> list[bytes]:
-        """id -> the bytes the token stands for."""
-        pieces = []
-        byte_level = self.model == "gpt2"
-        for text, kind in zip(self.tokens, self.token_types):
+    def _piece_bytes(self, unusual: list[int]) -> list[bytes]:
+        """id -> the bytes the token stands for (unusual: `not_normal_ids(self.token_types)`)."""
+        if self.model == "gpt2":
+            pieces = _byte_level_bytes(self.tokens)
+        else:
+            pieces = [text.replace(SPIECE_SPACE, " ").encode("utf-8") for text in self.tokens]
+        for i in unusual:
+            text, kind = self.tokens[i], self.token_types[i]
             if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED, TOKEN_USER_DEFINED):
-                pieces.append(text.encode("utf-8"))          # shown as written
+                pieces[i] = text.encode("utf-8")                # shown as written
             elif kind == TOKEN_BYTE and (m := _BYTE_TOKEN_RE.match(text)):
-                pieces.append(bytes([int(m.group(1), 16)]))  # <0xNN>
-            elif byte_level:
-                latin1 = text.translate(_CHAR_TO_LATIN1)
-                try:
-                    pieces.append(latin1.encode("latin-1"))
-                except UnicodeEncodeError:                   # not a byte-level token: keep its text
-                    pieces.append(text.encode("utf-8"))
-            else:
-                pieces.append(text.replace(SPIECE_SPACE, " ").encode("utf-8"))
+                pieces[i] = bytes([int(m.group(1), 16)])       # <0xNN>
         return pieces
 
     def __repr__(self) -> str:
@@ -468,8 +475,25 @@ class IncrementalDecoder:
         return text
 
 
+def _byte_level_bytes(tokens: list[str]) -> list[bytes]:
+    """The bytes of byte-level BPE tokens (each character stands for one byte: GPT-2's table); a
+    token that is not one keeps its UTF-8 text. Done on the code points of all tokens at once, in
+    NumPy (49k tokens: ~15 ms, against ~45 ms one token at a time)."""
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    points = np.frombuffer("".join(tokens).encode("utf-32-le"), dtype=np.uint32)
+    values = _LATIN1_OF_POINT[np.minimum(points, len(_LATIN1_OF_POINT) - 1)]
+    bad_before = np.concatenate(([0], np.cumsum(values < 0)))        # characters with no byte
+    data = values.astype(np.uint8).tobytes()
+    pieces = [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    for i in np.flatnonzero(bad_before[ends] > bad_before[starts]).tolist():
+        pieces[i] = tokens[i].encode("utf-8")
+    return pieces
+
+
 # -- building the HF pipelines ------------------------------------------------------------------
-def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str, source: str) -> HFTokenizer:
+def _byte_level_bpe(vocab: dict[str, int], merges: Sequence[str], pre: str, source: str) -> HFTokenizer:
     if pre not in PRE_TOKENIZER_REGEXES:
         raise TokenizerError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported "
                              f"(supported: {', '.join(sorted(PRE_TOKENIZER_REGEXES))})")
@@ -480,7 +504,6 @@ def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str, source: 
             raise TokenizerError(
                 f"{source}: tokenizer.ggml.merges[{n}] = {merge!r} is not two tokens separated by a space")
         pairs.append((left, right))
-    vocab = {t: i for i, t in enumerate(tokens)}
     try:
         bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES_PRE)
     except Exception as e:  # a merge naming a token that is not in the vocab
@@ -523,9 +546,8 @@ def _wordpiece(tokens: list[str], types: list[int], unk_id: int | None, source: 
     return hf
 
 
-def _sentencepiece_bpe(tokens: list[str], types: list[int], scores: Sequence[float],
+def _sentencepiece_bpe(tokens: list[str], vocab: dict[str, int], types: list[int], scores: Sequence[float],
                        unk_id: int | None, add_space_prefix: bool, source: str) -> HFTokenizer:
-    vocab = {t: i for i, t in enumerate(tokens)}
     merges = _merges_from_scores(tokens, types, scores)
     unk = tokens[unk_id] if unk_id is not None else None
     try:
@@ -567,10 +589,11 @@ def _merges_from_scores(tokens: list[str], types: list[int], scores: Sequence[fl
 def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     """Control and unknown tokens become special added tokens (matched in text when parse_special),
     user-defined ones plain added tokens (always matched, as llama.cpp does)."""
+    unusual = not_normal_ids(types)
     special = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN) and tokens[i]]
+               for i in unusual if types[i] in (TOKEN_CONTROL, TOKEN_UNKNOWN) and tokens[i]]
     user = [AddedToken(tokens[i], special=False, normalized=False)
-            for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and tokens[i]]
+            for i in unusual if types[i] == TOKEN_USER_DEFINED and tokens[i]]
     if special:
         hf.add_special_tokens(special)
     if user:

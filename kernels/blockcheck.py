@@ -278,6 +278,9 @@ def first_nonfinite_block_numpy(type_id, raw_u8, n_blocks):
         offsets, word, exp_mask = (0,), ("<u4" if type_id == F32 else "<u2"), _EXPONENT_MASK[type_id]
     else:
         offsets, word, exp_mask = tuple(o for _, o in F16_FIELDS[type_id]), "<u2", 0x7C00
+    if n_blocks and not any(_has_nonfinite(raw_u8, n_blocks, block_bytes, offset, word, exp_mask)
+                            for offset in offsets):
+        return -1
     for start in range(0, n_blocks, NUMPY_CHUNK_BLOCKS):
         count = min(NUMPY_CHUNK_BLOCKS, n_blocks - start)
         bad = np.zeros(count, dtype=bool)
@@ -288,6 +291,17 @@ def first_nonfinite_block_numpy(type_id, raw_u8, n_blocks):
         if bad.any():
             return start + int(np.argmax(bad))
     return -1
+
+
+def _has_nonfinite(raw_u8, n_blocks, block_bytes, offset, word, exp_mask) -> bool:
+    """Whether the field at `offset` of any of the n_blocks blocks is inf or NaN: its exponent
+    bits all set. Two maxima over strided views, no temporaries (half the time of the locating
+    loop, which runs only when this says yes): read as signed, a positive non-finite value is
+    >= exp_mask; read as unsigned, a negative one is >= sign | exp_mask."""
+    unsigned = np.ndarray((n_blocks,), dtype=word, buffer=raw_u8, offset=offset, strides=(block_bytes,))
+    signed = unsigned.view(word.replace("u", "i"))
+    sign = 1 << (8 * unsigned.itemsize - 1)
+    return int(signed.max()) >= exp_mask or int(unsigned.max()) >= (sign | exp_mask)
 
 
 def _as_flat_u8(raw, what):

@@ -7,12 +7,17 @@ The first `LLM("minilm")` extracts the zip into a temporary folder and converts 
 lmengine.converters.hf_encoder into a float32 `bert` GGUF in the cache folder
 (`$LMENGINE_CACHE`, else `$XDG_CACHE_HOME/lmengine`, else ~/.cache/lmengine), written to a
 temporary name and renamed into place (atomic: a crash or a concurrent first start never leaves a
-half file under the final name). Later loads use the cached file; it is rebuilt when the zip's
-size or modification time changes (both are part of its name).
+half file under the final name). Later loads use the cached file. Its name holds a digest of
+the zip's contents (each member's name, size and CRC-32, from the zip's directory: ~1 ms), so a
+reinstall of the same package finds it again and a changed zip gets a new one; files of the
+older naming (the zip's size and modification time, new at every reinstall) are removed when a
+new file is written.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import sys
 import tempfile
 import zipfile
@@ -57,8 +62,7 @@ def bundled_encoder_path(name: str) -> str:
     from lmengine.converters.hf_encoder import convert_encoder
 
     zip_path = bundled_zip(name)
-    st = os.stat(zip_path)
-    out = os.path.join(cache_dir(), f"{name}-{st.st_size}-{int(st.st_mtime)}.f32.gguf")
+    out = os.path.join(cache_dir(), f"{name}-{zip_digest(zip_path)}.f32.gguf")
     if os.path.isfile(out):
         return out
     print(f"lmengine: converting the bundled model {name!r} to GGUF once (cached at {out})", file=sys.stderr)
@@ -71,4 +75,26 @@ def bundled_encoder_path(name: str) -> str:
         finally:
             if os.path.exists(part):
                 os.remove(part)
+    _remove_old_named(name)
     return out
+
+
+def zip_digest(zip_path: str) -> str:
+    """16 hex digits identifying the zip's contents: its members' names, sizes and CRC-32s."""
+    h = hashlib.sha256()
+    with zipfile.ZipFile(zip_path) as z:
+        for info in sorted(z.infolist(), key=lambda i: i.filename):
+            h.update(f"{info.filename}\0{info.file_size}\0{info.CRC}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _remove_old_named(name: str) -> None:
+    """Remove the cached files of the older naming, `{name}-{size}-{mtime}.f32.gguf`."""
+    old_name = re.compile(rf"{re.escape(name)}-\d+-\d+\.f32\.gguf")
+    folder = cache_dir()
+    for entry in os.listdir(folder):
+        if old_name.fullmatch(entry):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass

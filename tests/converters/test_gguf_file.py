@@ -239,6 +239,34 @@ def test_counts_over_a_limit_are_named(tmp_path, monkeypatch, limit, data, error
         GGUFFile(_write(tmp_path, data))
 
 
+def _string_array(items: list) -> bytes:
+    """A metadata array of strings (type 9, item type 8); items are str or raw bytes."""
+    raw = [i.encode() if isinstance(i, str) else i for i in items]
+    return struct.pack("<IQ", 8, len(raw)) + b"".join(struct.pack("<Q", len(b)) + b for b in raw)
+
+
+def test_string_arrays_read_as_written(tmp_path):
+    """String arrays are decoded in one go (`_decode_joined`); empty strings, multi-byte
+    characters, NULs inside a string (which the joined path cannot split: it falls back) and an
+    empty array all read back as written."""
+    cases = {"plain": ["a", "", "Ġthe", "日本", "🙂", "", "x" * 300],
+             "nul": ["a\0b", "", "\0", "c"],
+             "empty": []}
+    path = _write(tmp_path, _gguf([_kv(k, 9, _string_array(v)) for k, v in cases.items()]))
+    meta = GGUFFile(path).metadata
+    assert {k: meta[k] for k in cases} == cases
+
+
+@pytest.mark.parametrize("items, where", [
+    (["ok", b"\xff\xfe", "after"], "a string is not valid UTF-8"),
+    (["ok", b"\xe6\x97", "after"], "a string is not valid UTF-8"),          # cut in a character
+])
+def test_a_bad_string_in_an_array_is_named(tmp_path, items, where):
+    path = _write(tmp_path, _gguf([_kv("tokenizer.ggml.tokens", 9, _string_array(items))]))
+    with pytest.raises(ModelFileError, match=f"'tokenizer.ggml.tokens': {where}"):
+        GGUFFile(path)
+
+
 def test_counts_are_checked_against_the_file_size(tmp_path):
     raw = bytearray(_gguf([_kv("a", 0, b"\x01")]))
     raw[8:16] = struct.pack("<Q", 10_000)            # 10,000 tensor infos in a 64-byte file
