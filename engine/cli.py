@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import os
 import sys
 import time
@@ -148,9 +149,19 @@ def _load(args):
              "on a slow machine, with progress below; later runs load them from the disk cache in a "
              "second or two; `lmengine warmup` does it ahead)...")
     show_compiles = sys.stderr.isatty() or getattr(args, "verbose", False)
-    with CompileProgress() if show_compiles else contextlib.nullcontext():
-        llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend,
-                  activations=args.activations, kv_cache_dtype=args.kv_cache_dtype)
+    # The model and the compiled code it loads are ~1M Python objects that live as long as this
+    # process. The collector is paused while they are made and then told to skip them (freeze):
+    # no full collections of them during the load, between tokens, or at exit (about 0.35 s of a
+    # 2 s `lmengine generate`, measured in docs/FIRST_START.md). The library does not do this:
+    # an embedding application owns its collector (and may load and drop many models).
+    gc.disable()
+    try:
+        with CompileProgress() if show_compiles else contextlib.nullcontext():
+            llm = LLM(args.model, n_ctx=args.n_ctx, n_threads=args.threads, backend=args.backend,
+                      activations=args.activations, kv_cache_dtype=args.kv_cache_dtype)
+    finally:
+        gc.freeze()
+        gc.enable()
     if getattr(args, "verbose", False):
         _say(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s")
     return llm
