@@ -163,7 +163,7 @@ def _load(args):
         gc.freeze()
         gc.enable()
     if getattr(args, "verbose", False):
-        _say(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s")
+        _say(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s; {_describe_kernels()}")
     return llm
 
 
@@ -412,7 +412,15 @@ def cmd_info(args) -> int:
         print(f"  {name:8s} {n:5d} tensors {b:>14,d} bytes")
     print(f"tokenizer:     {_describe_tokenizer(f)}")
     print(f"chat template: {_describe_chat_template(f)}")
+    print(f"kernels:       {_describe_kernels()}")
     return 0
+
+
+def _describe_kernels() -> str:
+    """Which kernels this process runs: the C extension's SIMD path, or the Numba kernels only
+    (why, and how to get the fast path)."""
+    from .kernels import native
+    return native.fast_path_note() or f"C kernels loaded ({native.ISA_NAMES[native.get_isa()]} path)"
 
 
 def onnx_export_kind(folder: str) -> tuple[str, dict]:

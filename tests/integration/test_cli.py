@@ -15,6 +15,7 @@ import pytest
 
 from lmengine import LLM, SamplingParams
 from lmengine.cli import ChatSession, main, read_message
+from lmengine.kernels import native
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_CTX = 512
@@ -160,6 +161,11 @@ def test_info_on_the_bundled_model_and_on_onnx_exports(tmp_path, capsys):
     for needle in ("n_layers             30", "dim                  576", "n_heads              9",
                    "n_kv_heads           3", "vocab_size           49152", "Q4_1", "Q8_0"):
         assert needle in out
+    kernels = next(line for line in out.splitlines() if line.startswith("kernels:"))
+    if native.HAVE_NATIVE:
+        assert f"C kernels loaded ({native.ISA_NAMES[native.get_isa()]} path)" in kernels
+    else:
+        assert "Numba kernels only" in kernels and "C compiler" in kernels
 
     # a folder that is no export: a plain error, not a listing
     (tmp_path / "notes.txt").write_text("hello")
@@ -198,3 +204,14 @@ def test_info_on_the_bundled_model_and_on_onnx_exports(tmp_path, capsys):
     assert main(["info", str(tmp_path / "lstm")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ONNX export (LSTM)") and "hidden_sizes" in out and "[16]" in out
+
+
+def test_info_says_when_only_the_numba_kernels_run():
+    """An install without the C extension (here: LMENGINE_NO_NATIVE=1) says so in `lmengine info`,
+    with why and how to get the fast path."""
+    env = dict(os.environ, LMENGINE_NO_NATIVE="1")
+    info = subprocess.run([sys.executable, "-m", "lmengine", "info", "smollm2"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert info.returncode == 0, info.stderr[-2000:]
+    kernels = next(line for line in info.stdout.splitlines() if line.startswith("kernels:"))
+    assert "Numba kernels only" in kernels and "C compiler" in kernels and "prebuilt wheel" in kernels
