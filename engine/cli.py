@@ -27,6 +27,7 @@ import warnings
 
 from . import cli_batch, cli_embed, cli_serve, cli_warmup
 from .errors import InvalidParameterError, LMEngineError, ModelFileError
+from .kernels import native
 from .kernels.jit_cache import CompileProgress
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -163,7 +164,7 @@ def _load(args):
         gc.freeze()
         gc.enable()
     if getattr(args, "verbose", False):
-        _say(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s; {_describe_kernels()}")
+        _say(f"loaded {llm.path} in {time.perf_counter() - t0:.2f} s; {native.kernels_in_use()}")
     return llm
 
 
@@ -412,15 +413,8 @@ def cmd_info(args) -> int:
         print(f"  {name:8s} {n:5d} tensors {b:>14,d} bytes")
     print(f"tokenizer:     {_describe_tokenizer(f)}")
     print(f"chat template: {_describe_chat_template(f)}")
-    print(f"kernels:       {_describe_kernels()}")
+    print(f"kernels:       {native.kernels_in_use()}")
     return 0
-
-
-def _describe_kernels() -> str:
-    """Which kernels this process runs: the C extension's SIMD path, or the Numba kernels only
-    (why, and how to get the fast path)."""
-    from .kernels import native
-    return native.fast_path_note() or f"C kernels loaded ({native.ISA_NAMES[native.get_isa()]} path)"
 
 
 def onnx_export_kind(folder: str) -> tuple[str, dict]:

@@ -155,7 +155,7 @@ class LLM:
              f"max_batch_size={self.max_batch_size}, threads={getattr(self.backend, 'n_threads', None)}")
         _log(f"load time = {self.load_seconds * 1e3:.1f} ms"
              + (" (includes loading, or on a first run compiling, the kernels: warmup=True)" if warmup else ""))
-        _log(native.fast_path_note() or f"C kernels loaded ({native.ISA_NAMES[native.get_isa()]} path)")
+        _log(native.kernels_in_use())
 
     # -- loading -----------------------------------------------------------------------------------
     _chat_template = None

@@ -72,6 +72,12 @@ def fast_path_note() -> str | None:
         "for the fast path reinstall with a C compiler (gcc/clang) available or install the prebuilt wheel")
 
 
+def kernels_in_use() -> str:
+    """One line for `lmengine info` and load logs: the C extension's SIMD path, or
+    `fast_path_note()` when only the Numba kernels run."""
+    return fast_path_note() or f"C kernels loaded ({ISA_NAMES[get_isa()]} path)"
+
+
 # -- JIT symbols: name -> C function or Numba stand-in ---------------------------------------------
 
 _p, _i64 = types.voidptr, types.int64
