@@ -44,7 +44,7 @@ import jinja2.ext
 
 from .chat_sandbox import LimitedSandbox, LimitExceeded, TemplateLimits, render_limited
 from .errors import ChatTemplateError, InvalidParameterError, TokenizerError
-from .vocab import PARSED_SPECIAL_TYPES, all_exactly, special_token_id
+from .vocab import PARSED_SPECIAL_TYPES, all_of_type, special_token_id
 
 __all__ = ["ChatTemplate", "TemplateLimits", "NAMED_TEMPLATES", "DEFAULT_ROLES", "validate_messages"]
 
@@ -176,8 +176,7 @@ class ChatTemplate:
         meta = f.metadata
         path = getattr(f, "path", "<gguf>")
         tokens = meta.get("tokenizer.ggml.tokens") or []
-        if not isinstance(tokens, (list, tuple)) or not (all_exactly(tokens, str) or
-                                                         all(isinstance(t, str) for t in tokens)):
+        if not isinstance(tokens, (list, tuple)) or not all_of_type(tokens, str):
             raise ChatTemplateError(f"{path}: metadata key 'tokenizer.ggml.tokens' should be a list of "
                                     f"strings, found {type(tokens).__name__}")
 

@@ -34,10 +34,12 @@ TOKEN_BYTE = 6
 SPECIAL_TYPES = (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_UNUSED)  # dropped by skip_special_tokens
 PARSED_SPECIAL_TYPES = (TOKEN_CONTROL, TOKEN_UNKNOWN)        # matched in text only with parse_special
 
-def all_exactly(values: Iterable, plain: type) -> bool:
-    """Every value is of type `plain` itself (not a subclass): the check a 49k-entry GGUF array
-    gets at each load, as one set of the types (2 ms, against 20 ms for a generator of `is`)."""
-    return not set(map(type, values)) - {plain}
+
+def all_of_type(values: Iterable, kind: type, exclude: type | tuple = ()) -> bool:
+    """Every value is an instance of `kind` (an ABC such as numbers.Integral too) and of none of
+    `exclude`. Tested on the set of the values' types: a 49k-entry GGUF array is checked at each
+    load in ~2 ms, against 20-300 ms for an isinstance per value."""
+    return all(issubclass(t, kind) and not issubclass(t, exclude) for t in set(map(type, values)))
 
 
 def not_normal_ids(token_types: Sequence[int]) -> list[int]:
