@@ -240,6 +240,21 @@ class Generator:
             slot, self.slot = self.slot, None
             self.llm.release_slot(slot)
 
+    def detach_slot(self) -> None:
+        """Give the cache slot back but keep the sequence (pre-emption: the scheduler lends the
+        slot to a more urgent request). The next `attach_slot` goes on from here; the tokens the
+        new slot does not hold are computed again (`uncached`), with the same results, since one
+        token's computation does not depend on what else is in the forward."""
+        self.close()
+        self._logits = None
+
+    def attach_slot(self, slot: int) -> None:
+        """Take `slot` (held by the caller, from LLM.acquire_slot) after `detach_slot`."""
+        if self.slot is not None:
+            raise InvalidParameterError("the generator holds a slot already")
+        self.slot = slot
+        self._finalizer = weakref.finalize(self, self.llm.orphaned_slots.append, slot)
+
     # -- internals ---------------------------------------------------------------------------------
     def _reset_text(self) -> None:
         p = self.params

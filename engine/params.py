@@ -178,7 +178,10 @@ class SamplingParams:
             this request. Stored as a tuple.
         priority: scheduling, not sampling (vLLM's convention): among requests waiting for a
             batch slot, a lower value is admitted first; equal values keep their arrival order.
-            A request that runs is never pre-empted. An int in [-2**31, 2**31).
+            When no slot is free, a waiting request pre-empts the running request with the
+            greatest value, if that value is greater than its own (equal values never pre-empt):
+            that request waits again and later resumes where it was, with the same output (its
+            lost cache is computed again). An int in [-2**31, 2**31).
         fields_set: (read-only, not an argument) names of the fields the caller passed.
     """
 

@@ -6,7 +6,10 @@ free their slot. One `step()`:
 
   1. admits waiting requests into free slots, lowest `SamplingParams.priority` first and in
      arrival order within a priority (a request whose prompt shares a prefix with what a slot
-     already holds gets that slot, so the prefix is not computed again);
+     already holds gets that slot, so the prefix is not computed again); when no slot is free
+     and a running request has a greater priority value than the first waiting one, that
+     request is pre-empted (`_preempt_for`: it waits again, keeping its tokens, and later
+     recomputes what its slot lost, with the same results);
   2. runs every running sequence that has more than one uncached token (a new prompt) through
      `backend.forward`, and all sequences that have exactly one (decoding) through ONE
      `backend.forward_batch` call, so weights are read once for the whole batch;
@@ -113,7 +116,8 @@ class Scheduler:
         self.prefill_pace = None
         self._prompt_token_s: float | None = None    # moving average: seconds per prompt token
         self._decode_step_s: float | None = None     # moving average: seconds per batched decode step
-        self.stats = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0}   # totals, for /metrics
+        self.stats = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "preemptions": 0}   # totals, for /metrics
+        self.preemption = True                       # a more urgent waiting request may take a running one's slot
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._work = threading.Event()               # set when the loop thread may have work
@@ -318,17 +322,26 @@ class Scheduler:
         request.notify()
 
     def _admit(self) -> None:
-        # at most max_batch_size running: the LLM keeps one slot for logits()/perplexity()
-        while self.waiting and len(self.running) < self.llm.max_batch_size:
+        while self.waiting:
             request = self.waiting[0]
             if request.cancelled:
                 self.waiting.pop(0)
                 self._end(request)
                 continue
-            slot = self.llm.acquire_slot(request.prompt_ids, or_raise=False)
+            g = request.generator            # set when the request was pre-empted: it goes on
+            slot = None
+            # at most max_batch_size running: the LLM keeps one slot for logits()/perplexity()
+            if len(self.running) < self.llm.max_batch_size:
+                slot = self.llm.acquire_slot(g.tokens if g else request.prompt_ids, or_raise=False)
             if slot is None:
+                if self.preemption and self._preempt_for(request):
+                    continue
                 return
             self.waiting.pop(0)
+            if g is not None:
+                g.attach_slot(slot)
+                self.running.append(request)
+                continue
             try:
                 request.generator = Generator(self.llm, request.params, request.prompt_ids,
                                               sample_index=request.sample_index, slot=slot)
@@ -337,6 +350,24 @@ class Scheduler:
                 self._end(request, e)
                 continue
             self.running.append(request)
+
+    def _preempt_for(self, request: Request) -> bool:
+        """Free a slot for `request` by pre-empting the running request of the lowest priority
+        (the latest arrival among equals), if its priority value is greater than request's: the
+        victim gives its slot back, keeps its sequence, and waits in its old place in the queue;
+        re-admitted, it computes again what its new slot does not hold (the same logits: one
+        token's computation does not depend on the rest of the forward). Equal priorities never
+        pre-empt each other, so without priorities nothing is ever pre-empted."""
+        if not self.running:
+            return False
+        victim = max(self.running, key=lambda r: r.order)
+        if victim.order[0] <= request.order[0]:
+            return False
+        self.running.remove(victim)
+        victim.generator.detach_slot()
+        bisect.insort(self.waiting, victim, key=lambda r: r.order)
+        self.stats["preemptions"] += 1
+        return True
 
     def _retire(self) -> None:
         keep = []

@@ -10,6 +10,7 @@ in one process, e.g. in tests, count separately). Exposed as text at GET /metric
     lmengine_scheduler_steps_total               scheduler steps
     lmengine_scheduler_decode_rows_total         decode rows over all steps (/ steps = mean batch)
     lmengine_scheduler_prefill_tokens_total      prompt tokens computed by the model (not cached)
+    lmengine_scheduler_preemptions_total         running requests pre-empted by a more urgent one
     lmengine_time_to_first_token_seconds         histogram, from arrival to the first token
     lmengine_inter_token_latency_seconds         histogram, between consecutive tokens of a stream
     lmengine_request_duration_seconds            histogram, from arrival to the last token
@@ -35,7 +36,8 @@ class _SchedulerStats:
         stats = dict(self.scheduler.stats)
         for key, doc in (("steps", "scheduler steps"),
                          ("decode_rows", "decode rows over all steps (divide by steps for the mean batch)"),
-                         ("prefill_tokens", "prompt tokens computed by the model")):
+                         ("prefill_tokens", "prompt tokens computed by the model"),
+                         ("preemptions", "running requests pre-empted by a more urgent one (priority)")):
             family = CounterMetricFamily(f"lmengine_scheduler_{key}", doc)
             family.add_metric([], stats.get(key, 0))
             yield family

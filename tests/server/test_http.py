@@ -116,7 +116,7 @@ def test_models_health_metrics(fake_server):
     text = httpx.get(f"{fake_server}/metrics").text
     for name in ("lmengine_requests_total", "lmengine_queue_depth", "lmengine_batch_size",
                  "lmengine_time_to_first_token_seconds_bucket", "lmengine_inter_token_latency_seconds_bucket",
-                 "lmengine_scheduler_steps_total"):
+                 "lmengine_scheduler_steps_total", "lmengine_scheduler_preemptions_total"):
         assert name in text
 
 
