@@ -143,7 +143,8 @@ def chunk_text(chunk: dict) -> str:
 
 # -- the servers (command lines are pure) ----------------------------------------------------------
 def lmengine_command(model: str | None, port: int, threads: int, max_batch: int, n_ctx: int,
-                     prefill_chunk: int | None = None, python: str = sys.executable) -> list[str]:
+                     prefill_chunk: int | None = None, python: str = sys.executable,
+                     prefill_pace: float | None = None) -> list[str]:
     """`lmengine serve` on 127.0.0.1:port."""
     cmd = [python, "-m", "lmengine", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(threads), "--max-batch", str(max_batch), "--n-ctx", str(n_ctx),
@@ -152,6 +153,8 @@ def lmengine_command(model: str | None, port: int, threads: int, max_batch: int,
         cmd += ["--model", model]
     if prefill_chunk is not None:
         cmd += ["--prefill-chunk", str(prefill_chunk)]
+    if prefill_pace is not None:
+        cmd += ["--prefill-pace", str(prefill_pace)]
     return cmd
 
 
@@ -344,7 +347,8 @@ async def warm_up(url: str, timeout: float) -> None:
 # -- the benchmark ---------------------------------------------------------------------------------
 def run_serve_bench(model: str | None = None, clients=DEFAULT_CLIENTS, rounds: int = 2, max_tokens: int = 128,
                     threads: int | None = None, max_batch: int = 32, n_ctx: int = 2048,
-                    prefill_chunk: int | None = None, long_prompt_tokens: int = 1500, interfere_streams: int = 8,
+                    prefill_chunk: int | None = None, prefill_pace: float | None = None,
+                    long_prompt_tokens: int = 1500, interfere_streams: int = 8,
                     interfere_tokens: int = 128, interfere_after: int = 32, structured_repeats: int = 3,
                     peer: bool = True, start_timeout: float = 900.0, request_timeout: float = 300.0) -> dict:
     """Every measurement of the module docstring; returns the results dict (see write_markdown)."""
@@ -361,7 +365,8 @@ def run_serve_bench(model: str | None = None, clients=DEFAULT_CLIENTS, rounds: i
                "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "settings": {"model": path, "clients": list(clients), "rounds": rounds, "max_tokens": max_tokens,
                             "threads": threads, "max_batch": max_batch, "n_ctx": n_ctx,
-                            "prefill_chunk": prefill_chunk, "long_prompt_tokens": len(long_ids),
+                            "prefill_chunk": prefill_chunk, "prefill_pace": prefill_pace,
+                            "long_prompt_tokens": len(long_ids),
                             "interfere_streams": interfere_streams, "interfere_tokens": interfere_tokens},
                "levels": {}}
 
@@ -375,7 +380,8 @@ def run_serve_bench(model: str | None = None, clients=DEFAULT_CLIENTS, rounds: i
                 f"ITL p99 {row['itl_p99_ms']} ms, errors {row['errors']}")
 
     port = free_port()
-    with running_server("lmengine serve", lmengine_command(model, port, threads, max_batch, n_ctx, prefill_chunk),
+    with running_server("lmengine serve", lmengine_command(model, port, threads, max_batch, n_ctx, prefill_chunk,
+                                                         prefill_pace=prefill_pace),
                         port, "/health", start_timeout) as url:
         levels("lmengine", url)
         log(f"interference: {interfere_streams} streams, without the long prompt")
@@ -447,7 +453,8 @@ def markdown(results: dict) -> str:
     if "interference" in results:
         i = results["interference"]
         lines += ["", f"Interference ({s['interfere_streams']} streams, a {s['long_prompt_tokens']}-token prompt "
-                      f"mid-way; prefill chunk {s['prefill_chunk'] or 'server default'}): ITL p99 "
+                      f"mid-way; prefill chunk {s['prefill_chunk'] or 'server default'}, pace "
+                      f"{s.get('prefill_pace') or 'server default'}): ITL p99 "
                       f"{_fmt(i['without']['itl_p99_ms'])} ms -> {_fmt(i['with']['itl_p99_ms'])} ms "
                       f"(x{_fmt(i['itl_p99_ratio'])}; goal < x2), ITL max {_fmt(i['without']['itl_max_ms'])} -> "
                       f"{_fmt(i['with']['itl_max_ms'])} ms, the long prompt's TTFT "
@@ -476,6 +483,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=2048, help="context of both servers (default: 2048)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="lmengine serve --prefill-chunk (default: the server's default)")
+    p.add_argument("--prefill-pace", type=float, default=None,
+                   help="lmengine serve --prefill-pace (default: the server's default)")
     p.add_argument("--long-prompt-tokens", type=int, default=1500, help="the interfering prompt (default: 1500)")
     p.add_argument("--structured-repeats", type=int, default=3, help="structured-output pairs (default: 3)")
     p.add_argument("--no-peer", action="store_true", help="skip llama_cpp.server")
@@ -496,7 +505,8 @@ def main(argv=None) -> int:
         p.error("--n-ctx is too small for --long-prompt-tokens / --max-tokens")
     results = run_serve_bench(model=args.model, clients=args.clients, rounds=args.rounds, max_tokens=args.max_tokens,
                               threads=args.threads, max_batch=args.max_batch, n_ctx=args.n_ctx,
-                              prefill_chunk=args.prefill_chunk, long_prompt_tokens=args.long_prompt_tokens,
+                              prefill_chunk=args.prefill_chunk, prefill_pace=args.prefill_pace,
+                              long_prompt_tokens=args.long_prompt_tokens,
                               structured_repeats=args.structured_repeats, peer=not args.no_peer)
     print(markdown(results))
     with open(args.json, "w") as f:

@@ -59,14 +59,15 @@ def test_sse_parsing():
 
 def test_lmengine_command_parses_with_the_serve_verb():
     from lmengine import cli_serve
-    cmd = sb.lmengine_command("my.gguf", 8123, 2, 16, 2048, prefill_chunk=128, python="py")
+    cmd = sb.lmengine_command("my.gguf", 8123, 2, 16, 2048, prefill_chunk=128, python="py", prefill_pace=0.5)
     assert cmd[:4] == ["py", "-m", "lmengine", "serve"]
     parser = argparse.ArgumentParser()
     cli_serve.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(cmd[3:])
-    assert (args.host, args.port, args.threads, args.max_batch, args.n_ctx, args.model, args.prefill_chunk) == \
-        ("127.0.0.1", 8123, 2, 16, 2048, "my.gguf", 128)
+    assert (args.host, args.port, args.threads, args.max_batch, args.n_ctx, args.model, args.prefill_chunk,
+            args.prefill_pace) == ("127.0.0.1", 8123, 2, 16, 2048, "my.gguf", 128, 0.5)
     assert "--prefill-chunk" not in sb.lmengine_command(None, 1, 1, 1, 64) and \
+        "--prefill-pace" not in sb.lmengine_command(None, 1, 1, 1, 64) and \
         "--model" not in sb.lmengine_command(None, 1, 1, 1, 64)
 
 
