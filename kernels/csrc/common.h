@@ -111,6 +111,10 @@ static ALWAYS_INLINE uint16_t load_u16(const uint8_t *p) {   /* little-endian, a
     return (uint16_t)(p[0] | (p[1] << 8));
 }
 
+static ALWAYS_INLINE uint32_t load_u32(const uint8_t *p) {   /* little-endian, any alignment */
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
 static ALWAYS_INLINE float f32_from_bits(uint32_t bits) {
     float f;
     memcpy(&f, &bits, sizeof f);

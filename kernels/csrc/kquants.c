@@ -93,10 +93,6 @@ static ALWAYS_INLINE int64_t dmin_offset(int64_t w_type) {   /* the f16 dmin (ty
     return w_type == LME_TYPE_Q2_K ? 82 : 2;
 }
 
-static ALWAYS_INLINE uint32_t load_u32(const uint8_t *p) {   /* little-endian, any alignment */
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
 static ALWAYS_INLINE uint64_t load_u64(const uint8_t *p) {
     return (uint64_t)load_u32(p) | ((uint64_t)load_u32(p + 4) << 32);
 }

@@ -426,6 +426,28 @@ TARGET_AVX2 static ALWAYS_INLINE __m256 quad_floats_avx2(const float *p, int n) 
     return _mm256_set_m128(v, v);
 }
 
+/* The f16 scales dw and minimums mw (Q4_0: -8 dw; Q8_0: 0) of the quad's blocks as floats,
+ * lanes from n_here on 0. Q4_1's d and m are adjacent: one 32-bit load per block. */
+TARGET_AVX2 static ALWAYS_INLINE void quad_halves_avx2(int64_t w_type, const uint8_t *blk, int n_here, __m128 *dw,
+                                                       __m128 *mw) {
+    const int64_t bytes = block_bytes(w_type);
+    if (w_type == LME_TYPE_Q4_1) {
+        uint32_t dm[4];
+        for (int j = 0; j < 4; j++)
+            dm[j] = j < n_here ? load_u32(blk + j * bytes) : 0;
+        const __m256 f = _mm256_cvtph_ps(_mm_setr_epi32((int)dm[0], (int)dm[1], (int)dm[2], (int)dm[3]));
+        const __m128 lo = _mm256_castps256_ps128(f), hi = _mm256_extractf128_ps(f, 1);   /* d0 m0 d1 m1 | d2 m2 d3 m3 */
+        *dw = _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+        *mw = _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+        return;
+    }
+    uint16_t h[4];
+    for (int j = 0; j < 4; j++)
+        h[j] = j < n_here ? load_u16(blk + j * bytes) : 0;
+    *dw = _mm_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], 0, 0, 0, 0));
+    *mw = w_type == LME_TYPE_Q4_0 ? _mm_mul_ps(_mm_set1_ps(-8.0f), *dw) : _mm_setzero_ps();
+}
+
 /* Blocks blk .. blk + n_here - 1 (n_here 1..4, a constant) of one row with the same blocks of
  * tokens 0 .. n_group - 1 (token t's at xq + t * x_stride * QK, xd/xs + t * x_stride) */
 TARGET_AVX2 static ALWAYS_INLINE void quad_avx2(int64_t w_type, int n_group, int n_here, const uint8_t *blk,
@@ -446,14 +468,10 @@ TARGET_AVX2 static ALWAYS_INLINE void quad_avx2(int64_t w_type, int n_group, int
                                                        : ((const struct block_q4_1 *)b)->qs);
         }
     }
-    const __m128 dw4 = _mm256_castps256_ps128(halves_256(blk, bytes, n_here));
+    __m128 dw4, mw4;                                   /* the quad's scales and minimums */
+    quad_halves_avx2(w_type, blk, n_here, &dw4, &mw4);
     const __m256 dw = _mm256_set_m128(dw4, dw4);
-    __m256 mw = _mm256_setzero_ps();                   /* [mw_0 .. mw_3 | 0 0 0 0] */
-    if (w_type == LME_TYPE_Q4_0)
-        mw = _mm256_set_m128(_mm_setzero_ps(), _mm_mul_ps(_mm_set1_ps(-8.0f), dw4));
-    else if (w_type == LME_TYPE_Q4_1)
-        mw = _mm256_set_m128(_mm_setzero_ps(),
-                             _mm256_castps256_ps128(halves_256(blk + offsetof(struct block_q4_1, m), bytes, n_here)));
+    const __m256 mw = _mm256_set_m128(_mm_setzero_ps(), mw4);    /* [mw_0 .. mw_3 | 0 0 0 0] */
     for (int t = 0; t < n_group; t++) {
         const int8_t *x = xq + t * x_stride * QK;
         __m256i v[4];
