@@ -10,7 +10,9 @@ Engines (any of them, in this order, in one process, so the ratios are of one ru
              and 16 others with max_tokens=1 (their prefill alone: `prefill16_s`), which gives
              `decode16_tok_s`, the rate of the decode steps with 16 sequences. Both on prompts
              no cache slot holds (a cached prompt is not computed again).
-  llama_cpp  a Python loop of llama_cpp.Llama.create_completion calls (same file, T threads).
+  llama_cpp  a Python loop of llama_cpp.Llama.create_completion calls (same file, T threads),
+             over the first PEER_N rows (default N: a loop has no warm-up to amortize, so its
+             rate over 200 rows is its rate over 2,000, at a tenth of the time).
   ray        lmengine.ray.batch_infer, 2 actors x 1 thread on a local Ray (`ray.init(num_cpus=2)`),
              map_batches batches of RB rows (default 16).
 
@@ -220,7 +222,7 @@ def _ratio(a, b):
 
 
 def main(which) -> dict:
-    """Run the engines named in `which`; N, T, B and RB from the environment."""
+    """Run the engines named in `which`; N, T, B, RB and PEER_N from the environment."""
     N = int(os.environ.get("N", "48")); T = int(os.environ.get("T", "2"))
     B = int(os.environ.get("B", "16")); RB = int(os.environ.get("RB", "16"))
     from lmengine import LLM
@@ -238,7 +240,11 @@ def main(which) -> dict:
     if "lmengine" in which:
         res.update(bench_lmengine(path, inp, os.path.join(d, "out.jsonl"), prompts, T, B))
     if "llama_cpp" in which:
-        res.update(bench_llama_cpp(path, prompts, T))
+        # PEER_N: the loop over the first PEER_N rows only (default all N). A loop of calls has no
+        # batch to fill and nothing to amortize: its rate is the same over any number of rows.
+        peer_n = min(N, int(os.environ.get("PEER_N", str(N))))
+        res["llama_cpp_rows"] = peer_n
+        res.update(bench_llama_cpp(path, prompts[:peer_n], T))
     if "ray" in which:
         res["ray_2x1"] = bench_ray(path, inp, B, RB)["ray_2x1"]
     # the goals of issue 17: batch >= 3x the llama_cpp loop; Ray 2x1 >= 0.85x one LLM x 2 threads

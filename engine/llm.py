@@ -88,11 +88,14 @@ class LLM:
         self.path = resolve_model(model)
         t0 = time.perf_counter()
         n_slots = max_batch_size + 1  # one more for logits()/perplexity() next to a full batch
-        if backend == "onnxruntime" or os.path.isdir(self.path) or self.path.endswith(".onnx"):
-            self._load_onnx(n_ctx, n_slots, n_threads, providers)
-        else:
-            self._load_gguf(n_ctx, n_slots, n_threads, activations, kv_cache_dtype, allow_long_context)
-        self._attach(max_batch_size, warmup)
+
+        def load():
+            if backend == "onnxruntime" or os.path.isdir(self.path) or self.path.endswith(".onnx"):
+                self._load_onnx(n_ctx, n_slots, n_threads, providers)
+            else:
+                self._load_gguf(n_ctx, n_slots, n_threads, activations, kv_cache_dtype, allow_long_context)
+            self._attach(max_batch_size, warmup)
+        _in_own_thread(load)
         self.load_seconds = time.perf_counter() - t0
         if verbose:
             self._log_load(warmup)
@@ -124,7 +127,7 @@ class LLM:
             max_batch_size = max(1, backend.n_slots - 1)
         _check_positive_int("max_batch_size", max_batch_size)
         t0 = time.perf_counter()
-        self._attach(max_batch_size, warmup)
+        _in_own_thread(lambda: self._attach(max_batch_size, warmup))
         self.load_seconds = time.perf_counter() - t0
         return self
 
@@ -542,6 +545,34 @@ class LLM:
 
 
 DEFAULT_N_CTX = 2048
+
+
+def _in_own_thread(fn):
+    """fn() run in a short-lived thread of its own: its result, or its exception raised here.
+
+    The load runs compiled parallel code (the weights' NaN/inf scan, the warmup token). Under
+    Numba's OpenMP threading layer, a thread that has run parallel code keeps a team of worker
+    threads until it exits, and as soon as more such workers exist than CPUs, libgomp cuts their
+    spin-waiting to almost nothing, so every parallel region then waits on a futex. A team left on
+    the thread that loads (usually the main thread) would do that to a scheduler loop thread's
+    forwards (the server, AsyncLLM): SmolLM2 decode on 2 cores took 12.2 ms per token there
+    instead of 7.0 (2026-12-06). Loaded here, the load's team ends with this thread, and the
+    thread that runs the forwards (the caller's own, or the loop) holds the only team."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:        # re-raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="lmengine-load", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)                  # a short timeout keeps the wait interruptible (Ctrl-C)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def _log(message: str) -> None:
