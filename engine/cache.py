@@ -77,8 +77,19 @@ class SlotTable:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists. Slices are compared by list
+    equality (C speed): the whole prefix first, which is the usual answer (a decoding sequence
+    against its own slot), else a binary search for the first difference, so the Python work is
+    O(log n) steps, not a step per token: the scheduler asks this for every running sequence and
+    slot at every step."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    same, differs = 0, n              # a[:same] == b[:same] and a[:differs] != b[:differs]
+    while differs - same > 1:
+        mid = (same + differs) // 2
+        if a[same:mid] == b[same:mid]:
+            same = mid
+        else:
+            differs = mid
+    return same
