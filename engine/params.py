@@ -174,8 +174,9 @@ class SamplingParams:
         logits_processors: callables f(generated_ids, logits) -> None, called for this request
             at every step, in order, after penalties/logit_bias/bans and before the constraint
             mask and the filters. generated_ids: read-only int32 [n_generated]; logits: the
-            float32 [vocab] row of this request, to edit in place. An exception fails only
-            this request. Stored as a tuple.
+            float32 [vocab] row of this request, to edit in place (both are views, valid
+            during the call only: copy what you keep). An exception fails only this request.
+            Stored as a tuple.
         priority: scheduling, not sampling (vLLM's convention): among requests waiting for a
             batch slot, a lower value is admitted first; equal values keep their arrival order.
             When no slot is free, a waiting request pre-empts the running request with the

@@ -14,6 +14,11 @@ from lmengine import LLM, SamplingParams
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
+def submit(llm, text: str, priority: int):
+    """A greedy request for `text` with that priority, submitted to llm's scheduler."""
+    return llm.scheduler.submit(llm.tokenizer.encode(text), GREEDY.replace(priority=priority))
+
+
 def assert_all_slots_free(llm):
     assert not any(llm.slots.busy), f"busy slots left: {llm.slots.busy}"
 
@@ -25,12 +30,12 @@ def test_an_urgent_request_preempts_a_running_one():
     llm = make_fake_llm(2)
     sched = llm.scheduler
     finished = []
-    running = sched.submit(llm.tokenizer.encode("runs first"), GREEDY.replace(priority=10))
+    running = submit(llm, "runs first", 10)
     running.listener = lambda: finished.append("runs") if running.done else None
     for _ in range(3):
         sched.step()
     assert len(running.generator.generated) == 3
-    urgent = sched.submit(llm.tokenizer.encode("urgent"), GREEDY.replace(priority=-100))
+    urgent = submit(llm, "urgent", -100)
     urgent.listener = lambda: finished.append("urgent") if urgent.done else None
     sched.step()
     assert urgent in sched.running and running in sched.waiting
@@ -50,11 +55,11 @@ def test_preempted_request_recomputes_what_its_slot_lost():
     prefix and recomputes the rest (its prompt and the tokens it had generated)."""
     llm = make_fake_llm(2)
     sched = llm.scheduler
-    victim = sched.submit(llm.tokenizer.encode("the story goes"), GREEDY.replace(priority=1))
+    victim = submit(llm, "the story goes", 1)
     for _ in range(4):
         sched.step()
     victim_slot = victim.generator.slot
-    urgent = sched.submit(llm.tokenizer.encode("the stone"), GREEDY.replace(priority=0))
+    urgent = submit(llm, "the stone", 0)
     sched.step()
     assert urgent.generator.slot == victim_slot
     computed = sched.stats["prefill_tokens"]
@@ -69,10 +74,10 @@ def test_preempted_request_recomputes_what_its_slot_lost():
 def test_equal_or_lower_priority_never_preempts():
     llm = make_fake_llm(2)
     sched = llm.scheduler
-    first = sched.submit(llm.tokenizer.encode("first"), GREEDY.replace(priority=3))
+    first = submit(llm, "first", 3)
     sched.step()
-    same = sched.submit(llm.tokenizer.encode("same"), GREEDY.replace(priority=3))
-    later = sched.submit(llm.tokenizer.encode("later"), GREEDY.replace(priority=7))
+    same = submit(llm, "same", 3)
+    later = submit(llm, "later", 7)
     sched.step()
     assert sched.running == [first] and sched.waiting == [same, later]
     sched.run_until_done([first, same, later])
@@ -87,12 +92,12 @@ def test_the_lowest_priority_latest_arrival_is_the_victim():
     with the greatest priority value, the latest arrival among those."""
     llm = make_fake_llm(4)
     sched = llm.scheduler
-    a = sched.submit(llm.tokenizer.encode("aaa"), GREEDY.replace(priority=5))
-    b = sched.submit(llm.tokenizer.encode("bbb"), GREEDY.replace(priority=5))
-    c = sched.submit(llm.tokenizer.encode("ccc"), GREEDY.replace(priority=1))
+    a = submit(llm, "aaa", 5)
+    b = submit(llm, "bbb", 5)
+    c = submit(llm, "ccc", 1)
     sched.step()
     assert set(sched.running) == {a, b, c}
-    urgent = sched.submit(llm.tokenizer.encode("now"), GREEDY.replace(priority=0))
+    urgent = submit(llm, "now", 0)
     sched.step()
     assert b in sched.waiting and a in sched.running and c in sched.running and urgent in sched.running
     sched.run_until_done([a, b, c, urgent])
@@ -105,9 +110,9 @@ def test_preemption_can_be_turned_off():
     llm = make_fake_llm(2)
     sched = llm.scheduler
     sched.preemption = False
-    running = sched.submit(llm.tokenizer.encode("runs"), GREEDY.replace(priority=10))
+    running = submit(llm, "runs", 10)
     sched.step()
-    urgent = sched.submit(llm.tokenizer.encode("urgent"), GREEDY.replace(priority=-100))
+    urgent = submit(llm, "urgent", -100)
     sched.step()
     assert running in sched.running and urgent in sched.waiting
     sched.run_until_done([running, urgent])
@@ -118,9 +123,9 @@ def test_preemption_can_be_turned_off():
 def test_cancelling_or_closing_while_preempted():
     llm = make_fake_llm(2)
     sched = llm.scheduler
-    victim = sched.submit(llm.tokenizer.encode("victim"), GREEDY.replace(priority=1))
+    victim = submit(llm, "victim", 1)
     sched.step()
-    urgent = sched.submit(llm.tokenizer.encode("urgent"), GREEDY.replace(priority=0))
+    urgent = submit(llm, "urgent", 0)
     sched.step()
     assert victim in sched.waiting and victim.generator.slot is None
     sched.cancel(victim)
@@ -129,9 +134,9 @@ def test_cancelling_or_closing_while_preempted():
     assert urgent.generator.text == expected_text(llm, "urgent", 12)
     assert_all_slots_free(llm)
 
-    victim = sched.submit(llm.tokenizer.encode("victim"), GREEDY.replace(priority=1))
+    victim = submit(llm, "victim", 1)
     sched.step()
-    urgent = sched.submit(llm.tokenizer.encode("urgent"), GREEDY.replace(priority=0))
+    urgent = submit(llm, "urgent", 0)
     sched.step()
     llm.close()
     assert victim.done and urgent.done and victim.error is not None
