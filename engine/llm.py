@@ -524,6 +524,7 @@ class LLM:
         model's memory. Idempotent; any later call on this LLM raises LLMClosedError."""
         if self._closed:
             return
+        self.scheduler.begin_close()      # a running loop thread lets go of the lock now
         with self.scheduler.lock:
             self._closed = True
             self.scheduler.close()

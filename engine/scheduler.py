@@ -193,12 +193,18 @@ class Scheduler:
                 self.running.remove(request)
             self._end(request)
 
+    def begin_close(self) -> None:
+        """Tell the loop thread (if any) to exit before its next step, without the lock: a busy
+        loop takes the lock again right after each step, so a thread waiting for it to close
+        could otherwise wait until every running request had finished. `close` follows."""
+        self._stopping = True
+        self._work.set()
+
     def close(self) -> None:
         """End every waiting and running request with LLMClosedError; later submits raise it."""
+        self.begin_close()                   # the loop thread exits; nothing to join here
         with self.lock:
             self.closed = True
-            self._stopping = True            # the loop thread (if any) exits; nothing to join here
-            self._work.set()
             self._take_inbox()
             for r in list(self.waiting) + self.running:
                 self._end(r, LLMClosedError("the LLM was closed while this request was in progress"))

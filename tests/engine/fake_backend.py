@@ -12,6 +12,7 @@ slots in a batch are distinct) and logs each call, so tests can assert what was 
 """
 from __future__ import annotations
 
+import time
 import zlib
 
 import numpy as np
@@ -55,13 +56,16 @@ class PoisonTokenError(RuntimeError):
 
 class FakeBackend(Backend):
     def __init__(self, vocab_size: int, n_ctx: int = 128, n_slots: int = 4, poison_token: int | None = None,
-                 nan_prefix: tuple = ()):
+                 nan_prefix: tuple = (), step_delay: float = 0.0):
         self.vocab_size, self.n_ctx, self.n_slots = vocab_size, n_ctx, n_slots
         self.cache: list[list[int]] = [[] for _ in range(n_slots)]   # the tokens each slot holds
         self.calls: list[tuple] = []
         self.poison_token = poison_token   # feeding it raises PoisonTokenError (a failing kernel)
         self.nan_prefix = tuple(nan_prefix)  # a sequence starting with these ids gets NaN logits
         self.interrupt_next_batch = False  # the next forward_batch raises KeyboardInterrupt
+        # seconds each forward_batch sleeps: a real model's step time, for tests in which a
+        # scheduler loop thread must not finish a request before another thread reacts to it
+        self.step_delay = step_delay
 
     def _logits(self, seq) -> np.ndarray:
         logits = reference_logits(seq, self.vocab_size)
@@ -96,6 +100,8 @@ class FakeBackend(Backend):
         if self.interrupt_next_batch:
             self.interrupt_next_batch = False
             raise KeyboardInterrupt
+        if self.step_delay:
+            time.sleep(self.step_delay)
         rows = []
         for slot, token, position in zip(slots, token_ids, positions):
             self._feed(slot, [int(token)], int(position))

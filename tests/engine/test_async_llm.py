@@ -153,7 +153,9 @@ def test_errors_reach_the_caller():
 
 
 def test_close_ends_requests_in_progress_with_llm_closed_error():
-    llm = make_fake_llm()
+    # 20 ms a step: the loop thread cannot finish the 80 tokens before the stream's first chunk
+    # is read and the LLM closed (without a delay the fake model's steps take microseconds)
+    llm = make_fake_llm(backend_options={"step_delay": 0.02})
 
     async def main():
         allm = AsyncLLM(llm, close_llm=True)
