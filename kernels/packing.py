@@ -1,5 +1,5 @@
 """Re-laying matrices out at load time: the 16-row packed form of Q8_0 / Q4_0 / Q4_1 matrices
-(kernels/csrc/packed.c, for the AVX-512 VNNI product), and giving the file's pages of a matrix
+(kernels/csrc/packed.c, for the AVX2 and AVX-512 VNNI products), and giving the file's pages of a matrix
 back to the OS once a packed copy replaces it.
 
 The model decides which matrices to pack (its policy); this module only does the packing:

@@ -212,7 +212,7 @@ static void tile_f32_scalar(const struct f32_args *a) { tile_f32(&KIT_SCALAR, a)
  * mw * xs one multiply and add; block j's 8-lane integer partial sums are converted and
  * multiply-added into one of two accumulators (even / odd blocks). The result is the horizontal
  * sum of the two. (It was AVX2's kernel too, with maddubs as the block product, until the quads
- * of section 3c replaced it there: 1.4x faster on first-generation Zen. VNNI's vpdpbusd makes a
+ * of section 3c replaced it there: 1.4x faster on the AVX2 development machine. VNNI's vpdpbusd makes a
  * block's 8 lanes in one instruction, and this path, measured on such CPUs, stays as it was.) */
 #define GROUP_BLOCKS 8                         /* blocks whose scales share one vector */
 
@@ -395,8 +395,8 @@ TARGET_AVX2 static float dot_f32_avx2(const float *a, const float *b, int64_t n)
 /* The AVX2 kernel works on quads of 4 blocks instead of section 3b's one block at a time: the
  * integer lanes of the 4 blocks are pair-summed into one vector of partial isums, so that the
  * float part (a convert and a multiply-add) runs once per quad and token instead of once per
- * block, with no per-block scale permute. On first-generation Zen this makes the int8 product
- * 1.3-1.4x faster (the K-quant kernel, whose sub-block scales are integers, needs no float work
+ * block, with no per-block scale permute. On the AVX2 development machine (AMD EPYC, Zen 3) this
+ * makes the int8 product 1.3-1.4x faster (the K-quant kernel, whose sub-block scales are integers, needs no float work
  * per block at all and is faster still). Per quad and token:
  *     pair(j, j + 1) = [2 lanes of j, 2 of j + 1 | 2 of j, 2 of j + 1]     int32 partial isums
  *         Q4_0, Q4_1: madd(hadd_epi16(maddubs(u_j, x_j), maddubs(u_j+1, x_j+1)), 1)

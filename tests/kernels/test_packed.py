@@ -282,6 +282,19 @@ def test_numba_entry_points_equal_one_c_call(n_terms):
         mm.matmul_packed_q8(p, w_type, n_rows, n_cols, xq, xd, xs, 3, threaded)
 
 
+def test_no_tokens_from_numpy_arrays():
+    """A product over 0 tokens (a prefill chunk that wants no logits) with arrays NumPy made:
+    NumPy 2 gives an empty array's dimensions stride 0, which must not count as non-contiguous
+    (the packed entry points raise on that; they once did here)."""
+    n_rows, n_cols = 20, 64
+    p = native.pack_q8(make_raw(Q4_1, n_rows, n_cols, seed=2), Q4_1, n_rows, n_cols)
+    x = np.empty((0, n_cols), dtype=np.float32)
+    out = np.empty((0, n_rows), dtype=np.float32)
+    mm.matmul_packed(p, Q4_1, n_rows, n_cols, x, out, mm.ACT_INT8)
+    mm.matmul_packed_q8(p, Q4_1, n_rows, n_cols, np.empty((0, n_cols), np.int8), np.empty((0, 2), np.float32),
+                        np.empty((0, 2), np.float32), 1, out)
+
+
 def test_parts_of_mixed_precision_equal_separate_products():
     """matmul_packed_parts on stacked matrices (q|k|v-like: 48, 16 and 16 rows, or a last part
     with a partial group) gives each part exactly the product of that matrix alone at its own
