@@ -14,6 +14,8 @@ product can run over them as one matrix.
 from __future__ import annotations
 
 import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -23,21 +25,35 @@ PACKABLE_TYPES = native.Q8_TYPES     # types with a packed layout
 PACK_ROWS = native.PACK_ROWS         # rows per group of the packed layout
 
 
-def pack_matrices(data: np.ndarray, matrices, release=None) -> tuple[np.ndarray, list[int]]:
+def pack_matrices(data: np.ndarray, matrices, release=None, n_threads: int | None = None) -> tuple[np.ndarray, list[int]]:
     """Pack each (offset, n_bytes, w_type, n_rows, n_cols) matrix of `data` (uint8, the raw ggml
     blocks) into one array. Returns (packed uint8 array, start offset of each matrix in it).
     release(offset, n_bytes), when given, is called after each matrix is packed (to give the raw
-    pages back)."""
+    pages back). Matrices are packed n_threads at a time (the C call releases the GIL; default:
+    the CPUs, at most 4): most of the time goes to first touches of the new pages, and the kernel
+    serves those from several threads at once (a 1B Q4_0 file here: 0.56 s on one thread, 0.17-0.21 s
+    on two; MAP_POPULATE, 0.31 s, also kept the file's pages and the whole copy resident at once)."""
+    n_threads = min(4, os.cpu_count() or 1) if n_threads is None else n_threads
     sizes = [native.packed_bytes(w_type, n_rows, n_cols) for _, _, w_type, n_rows, n_cols in matrices]
     packed = np.empty(sum(sizes), dtype=np.uint8)
-    offsets, start = [], 0
-    for (offset, n_bytes, w_type, n_rows, n_cols), size in zip(matrices, sizes):
-        native.pack_q8(data[offset: offset + n_bytes], w_type, n_rows, n_cols, out=packed[start: start + size])
-        offsets.append(start)
+    starts = [0]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + size)
+
+    def pack(i: int) -> None:
+        offset, n_bytes, w_type, n_rows, n_cols = matrices[i]
+        native.pack_q8(data[offset: offset + n_bytes], w_type, n_rows, n_cols,
+                       out=packed[starts[i]: starts[i] + sizes[i]])
         if release is not None:
             release(offset, n_bytes)
-        start += size
-    return packed, offsets
+
+    if n_threads > 1 and len(matrices) > 1:
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(pack, range(len(matrices))))
+    else:
+        for i in range(len(matrices)):
+            pack(i)
+    return packed, starts[:len(matrices)]
 
 
 def contiguous_parts(parts) -> bool:

@@ -48,6 +48,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20          # 1 MiB: a long prompt is ~100 KB
 DEFAULT_MAX_PENDING = 256                 # requests in flight (running + queued) before 429s
 DEFAULT_PREFILL_CHUNK = 256               # prompt tokens per scheduler step (chunked prefill)
 DEFAULT_PREFILL_PACE = 1.0                # while streams decode, a chunk takes about one decode step's time
+                                          # (docs/SERVER.md, "Choosing the pace")
 MAX_EMBED_INPUTS = 2048                   # texts per embeddings request (OpenAI's limit)
 
 
