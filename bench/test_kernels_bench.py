@@ -5,7 +5,7 @@
 
 Each case is one weight matrix times n_tok activation rows: GEMV (n_tok=1, decode) and GEMM
 (n_tok=128, prefill), for the paths
-    c_packed  C int8 kernel on the 16-row packed layout (AVX-512 VNNI; what models use there)
+    c_packed  C int8 kernel on the 16-row packed layout (AVX2, AVX-512 VNNI; what models use there)
     c_q8      C int8 kernels on ggml's row-major blocks (activations quantized beforehand, as a
               model does once per layer)
     numba_q8  Numba int8 kernels (the fallback without the extension)
@@ -66,7 +66,7 @@ def _kernel(path):
     if path.startswith("c_") and not native.HAVE_NATIVE:
         pytest.skip(f"C extension: {native.LOAD_ERROR}")
     if path == "c_packed" and not native.packs_well():
-        pytest.skip("the packed layout is used on AVX-512 VNNI CPUs only")
+        pytest.skip("the packed layout is used where its product has a SIMD kernel (AVX2, AVX-512 VNNI)")
     return {"c_packed": mm.matmul_packed_q8, "c_q8": mm.matmul_q8_native, "numba_q8": mm.matmul_q8_numba,
             "c_f32": mm.matmul_f32_native, "numba_f32": mm.matmul_f32_numba}[path]
 
