@@ -563,7 +563,8 @@ def _limit_openmp_spin() -> None:
     (several ms here), taking the CPUs from OpenBLAS's threads: MiniLM's embedding (OpenBLAS GEMMs
     between Numba passes) ran 971 ms per 32 x 128 tokens with the default against 805 with 30,000
     (2 cores, Zen 3, 2026-12-06), while SmolLM2's decode, whose parallel regions follow each other
-    within microseconds, stayed at 6.1-6.2 ms per token (10,000 slowed it to 6.9)."""
+    within microseconds, ran 5.9-7.1 ms per token with either value, the machine's noise (10,000
+    slowed it to 6.9)."""
     if "GOMP_SPINCOUNT" in os.environ or _gomp_loaded():
         return
     os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT

@@ -13,6 +13,7 @@ product can run over them as one matrix.
 """
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -36,9 +37,7 @@ def pack_matrices(data: np.ndarray, matrices, release=None, n_threads: int | Non
     n_threads = min(4, os.cpu_count() or 1) if n_threads is None else n_threads
     sizes = [native.packed_bytes(w_type, n_rows, n_cols) for _, _, w_type, n_rows, n_cols in matrices]
     packed = np.empty(sum(sizes), dtype=np.uint8)
-    starts = [0]
-    for size in sizes[:-1]:
-        starts.append(starts[-1] + size)
+    starts = list(itertools.accumulate(sizes, initial=0))[:-1]
 
     def pack(i: int) -> None:
         offset, n_bytes, w_type, n_rows, n_cols = matrices[i]
@@ -47,13 +46,9 @@ def pack_matrices(data: np.ndarray, matrices, release=None, n_threads: int | Non
         if release is not None:
             release(offset, n_bytes)
 
-    if n_threads > 1 and len(matrices) > 1:
-        with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(pack, range(len(matrices))))
-    else:
-        for i in range(len(matrices)):
-            pack(i)
-    return packed, starts[:len(matrices)]
+    with ThreadPoolExecutor(max(1, n_threads)) as pool:
+        list(pool.map(pack, range(len(matrices))))
+    return packed, starts
 
 
 def contiguous_parts(parts) -> bool:

@@ -391,16 +391,15 @@ TARGET_AVX2 static ALWAYS_INLINE __m256i broadcast4_avx2(const int8_t *p) {
 }
 
 /* isum of the half's 8 rows with one token's block xq (32 bytes): u[k] as described above (Q8_0:
- * q, signed, and q_abs[k] = |q|; the Q4 types leave q_abs unused) */
-TARGET_AVX2 static ALWAYS_INLINE __m256i isum8_avx2(int64_t w_type, const __m256i u[8], const __m256i q_abs[8],
-                                                   const int8_t *xq) {
+ * q, signed) */
+TARGET_AVX2 static ALWAYS_INLINE __m256i isum8_avx2(int64_t w_type, const __m256i u[8], const int8_t *xq) {
     const __m256i ones = _mm256_set1_epi16(1);
     if (w_type == LME_TYPE_Q8_0) {
         __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
         for (int k = 0; k < 8; k += 2) {
-            even = _mm256_add_epi32(even, _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs[k],
+            even = _mm256_add_epi32(even, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(u[k]),
                                                                                  _mm256_sign_epi8(broadcast4_avx2(xq + 4 * k), u[k])), ones));
-            odd = _mm256_add_epi32(odd, _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs[k + 1],
+            odd = _mm256_add_epi32(odd, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(u[k + 1]),
                                                                                _mm256_sign_epi8(broadcast4_avx2(xq + 4 * k + 4), u[k + 1])), ones));
         }
         return _mm256_add_epi32(even, odd);
@@ -433,15 +432,14 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
         const __m256 m = w_type == LME_TYPE_Q4_1
                              ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + offsetof(struct group_q4_1, m)
                                                                                   + 2 * HALF_ROWS * half)))
-                             : _mm256_mul_ps(d, _mm256_set1_ps(implied_min_factor(w_type)));   /* (Q8_0: unused) */
+                         : w_type == LME_TYPE_Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(implied_min_factor(w_type)))
+                                                   : _mm256_setzero_ps();     /* Q8_0, signed form: no m */
         const uint8_t *values = blk + vo + 4 * HALF_ROWS * half;
-        __m256i u[8], q_abs[8];                        /* u[k]: values 4k..4k+3 of the half's 8 rows */
+        __m256i u[8];                                  /* u[k]: values 4k..4k+3 of the half's 8 rows */
         if (w_type == LME_TYPE_Q8_0) {
-            for (int k = 0; k < 8; k++) {              /* q = u - 128: flip the top bit */
+            for (int k = 0; k < 8; k++)                /* q = u - 128: flip the top bit */
                 u[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * k)),
                                         _mm256_set1_epi8((char)0x80));
-                q_abs[k] = _mm256_abs_epi8(u[k]);
-            }
         } else {
             for (int k = 0; k < 4; k++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * k));
@@ -453,7 +451,7 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
             float xs_sum = 0.0f;
             for (int j = 0; j < n_terms; j++) {
                 const int64_t x_row = j * a->n_tok + t0 + t;
-                const __m256 isum = _mm256_cvtepi32_ps(isum8_avx2(w_type, u, q_abs, a->xq + x_row * a->n_cols + b * QK));
+                const __m256 isum = _mm256_cvtepi32_ps(isum8_avx2(w_type, u, a->xq + x_row * a->n_cols + b * QK));
                 acc[t] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(a->xd[x_row * n_blocks + b])), acc[t]);
                 xs_sum += a->xs[x_row * n_blocks + b];
             }
