@@ -1,4 +1,4 @@
-"""Re-laying matrices out at load time: the 16-row packed form of Q8_0 / Q4_0 / Q4_1 matrices
+"""Re-laying matrices out at load time: the 16-row packed form of Q8_0 / Q4_0 / Q4_1 / Q4_K matrices
 (kernels/csrc/packed.c, for the AVX2 and AVX-512 VNNI products), and giving the file's pages of a matrix
 back to the OS once a packed copy replaces it.
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import native
 
-PACKABLE_TYPES = native.Q8_TYPES     # types with a packed layout
+PACKABLE_TYPES = native.PACKED_TYPES  # types with a packed layout
 PACK_ROWS = native.PACK_ROWS         # rows per group of the packed layout
 
 

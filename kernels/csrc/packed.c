@@ -1,5 +1,5 @@
-/* packed: Q8_0 / Q4_0 / Q4_1 matrices re-laid out 16 rows at a time, and their product with int8
- * activations (API: lmengine.h).
+/* packed: Q8_0 / Q4_0 / Q4_1 / Q4_K matrices re-laid out 16 rows at a time, and their product with
+ * int8 activations (API: lmengine.h).
  *
  * Why: in ggml's row-major layout one SIMD register holds 32 values of ONE row, so every block
  * product ends in a horizontal sum and a per-(row, token) scale -- about one instruction per 3
@@ -23,14 +23,25 @@
  *          Q8_0:        8 chunks, chunk k = values 4k..4k+3, stored as q + 128 (unsigned), so
  *                       that every type is an unsigned-by-signed product.
  *
+ * Q4_K is packed per superblock of 256 columns (struct group_q4_k): a "group superblock" holds the
+ * 16 rows' f16 d and dmin, the 6-bit scales sc and mins mn of their 8 groups of 32 values as one
+ * byte each, then per group the 4 chunks of Q4_1's layout (the nibbles regrouped: byte j of a
+ * group = value j | value j + 16 << 4; ggml's Q4_K pairs groups 2n and 2n + 1 in one byte instead).
+ * A group of 32 values is then a Q4_1 block with d = d_sb * sc and m = -(dmin_sb * mn), both exact
+ * in float32 (an 11-bit f16 significand times a 6-bit integer), so the product is Q4_1's on 32-value
+ * activation blocks -- finer than ggml's Q8_K (one activation scale per 256 values). The scales and
+ * mins take one byte instead of 12 bits: 2368 bytes per 16 rows x 256 columns against ggml's
+ * 16 x 144 = 2304 (+2.8%).
+ *
  * Every type is then read as  w = d * u + m  with u unsigned: Q4_1 (u = nibble, m from the block),
- * Q4_0 (u = nibble, m = -8 d), Q8_0 (u = q + 128, m = -128 d). A block's dot product with an
- * activation block x = xd * xq (xs = xd * sum(xq), as in lmengine.h) is
+ * Q4_0 (u = nibble, m = -8 d), Q8_0 (u = q + 128, m = -128 d), Q4_K (u = nibble, d and m from the
+ * superblock's and the group's scales). A block's dot product with an activation block
+ * x = xd * xq (xs = xd * sum(xq), as in lmengine.h) is
  *
  *     d * xd * isum(u, xq) + m * xs,     isum an exact int32 sum (|u| <= 255, |xq| <= 127)
  *
  * Group block sizes: Q4_1 64 + 256 = 320 bytes (the same 20 bytes per row-block as ggml), Q4_0
- * 32 + 256 = 288 (18), Q8_0 32 + 512 = 544 (34): packing moves bytes, it adds none.
+ * 32 + 256 = 288 (18), Q8_0 32 + 512 = 544 (34): packing moves bytes, it adds none (Q4_K: 2.8%).
  *
  * Activations may come in n_terms = 1 or 2 int8 terms per value (x = term 0 + term 1, the second
  * quantizing the first's rounding error; kernels.matmul ACT_INT8X2): term j of token t is row
@@ -71,6 +82,18 @@ struct group_q4_1 {
     uint8_t qs[QK / 2 / LANE_BYTES][GROUP_ROWS][LANE_BYTES];      /* nibble bytes 4k..4k+3 */
 };
 
+/* One group superblock of Q4_K: 16 rows x 256 columns (8 groups of 32 values). */
+#define QK_K 256                               /* values per K-quant superblock */
+#define K_GROUPS (QK_K / QK)                   /* groups of 32 values per superblock */
+#define Q4_K_BYTES 144                         /* ggml bytes per Q4_K superblock */
+struct group_q4_k {
+    uint8_t d[GROUP_ROWS][2];
+    uint8_t dmin[GROUP_ROWS][2];
+    uint8_t sc[K_GROUPS][GROUP_ROWS];                             /* 6-bit scale of group g, row r */
+    uint8_t mn[K_GROUPS][GROUP_ROWS];                             /* 6-bit min */
+    uint8_t qs[K_GROUPS][QK / 2 / LANE_BYTES][GROUP_ROWS][LANE_BYTES];   /* per group as Q4_1's */
+};
+
 _Static_assert(sizeof(struct group_q8_0) == 544 && offsetof(struct group_q8_0, qs) == 32
                && sizeof(((struct group_q8_0 *)0)->qs[0]) == CHUNK_BYTES, "Q8_0 group block");
 _Static_assert(sizeof(struct group_q4_0) == 288 && offsetof(struct group_q4_0, qs) == 32, "Q4_0 group block");
@@ -80,14 +103,26 @@ _Static_assert(sizeof(struct group_q8_0) == GROUP_ROWS * sizeof(struct block_q8_
                && sizeof(struct group_q4_0) == GROUP_ROWS * sizeof(struct block_q4_0)
                && sizeof(struct group_q4_1) == GROUP_ROWS * sizeof(struct block_q4_1),
                "packing moves bytes, it adds none");
+_Static_assert(sizeof(struct group_q4_k) == 2368 && offsetof(struct group_q4_k, sc) == 64
+               && offsetof(struct group_q4_k, mn) == 192 && offsetof(struct group_q4_k, qs) == 320
+               && sizeof(((struct group_q4_k *)0)->qs[0]) == 4 * CHUNK_BYTES, "Q4_K group superblock");
 
+/* bytes of one packed unit: a group block (16 rows x 32 columns), for Q4_K a group superblock
+ * (16 x 256); 0: no packed layout */
 static int64_t group_block_bytes(int64_t w_type) {
     switch (w_type) {
+    case LME_TYPE_Q4_K: return sizeof(struct group_q4_k);
     case LME_TYPE_Q4_1: return sizeof(struct group_q4_1);
     case LME_TYPE_Q4_0: return sizeof(struct group_q4_0);
     case LME_TYPE_Q8_0: return sizeof(struct group_q8_0);
     default: return 0;
     }
+}
+
+/* columns of one packed unit, and ggml's bytes for them in one row */
+static ALWAYS_INLINE int64_t unit_values(int64_t w_type) { return w_type == LME_TYPE_Q4_K ? QK_K : QK; }
+static ALWAYS_INLINE int64_t unit_src_bytes(int64_t w_type) {
+    return w_type == LME_TYPE_Q4_K ? Q4_K_BYTES : block_bytes(w_type);
 }
 
 /* where qs starts in a group block (d, and m, come first) */
@@ -105,10 +140,10 @@ int64_t lme_packed_bytes(int64_t w_type, int64_t n_rows, int64_t n_cols) {
     const int64_t gb = group_block_bytes(w_type);
     if (gb == 0)
         return LME_ERR_TYPE;
-    if (n_rows < 0 || n_cols <= 0 || n_cols % QK != 0)
+    if (n_rows < 0 || n_cols <= 0 || n_cols % unit_values(w_type) != 0)
         return LME_ERR_SHAPE;
     const int64_t n_groups = (n_rows + GROUP_ROWS - 1) / GROUP_ROWS;
-    const int64_t per_group = n_cols / QK * gb;
+    const int64_t per_group = n_cols / unit_values(w_type) * gb;
     if (n_groups > 0 && per_group > INT64_MAX / n_groups)
         return LME_ERR_SHAPE;
     return n_groups * per_group;
@@ -142,10 +177,35 @@ static void pack_block_q4_1(const uint8_t *src, int r, uint8_t *dst) {
         memcpy(out->qs[k][r], in->qs + LANE_BYTES * k, LANE_BYTES);
 }
 
+/* A Q4_K superblock (144 bytes: d, dmin, 12 bytes of scales, 128 of nibbles) -> row r of a group
+ * superblock. Scales as ggml's get_scale_min_k4: bytes s[0..11]; group j < 4: sc = s[j] & 63,
+ * mn = s[j + 4] & 63; j >= 4: the low 4 bits from s[j + 4] (sc the low nibble, mn the high one),
+ * the top 2 from the top bits of s[j - 4] (sc) and s[j] (mn). Values: group g's value l is nibble
+ * g % 2 of qs[32 (g / 2) + l]. */
+static void pack_block_q4_k(const uint8_t *src, int r, uint8_t *dst) {
+    struct group_q4_k *out = (struct group_q4_k *)dst;
+    const uint8_t *s = src + 4, *qs = src + 16;
+    memcpy(out->d[r], src, 2);
+    memcpy(out->dmin[r], src + 2, 2);
+    for (int j = 0; j < K_GROUPS; j++) {
+        out->sc[j][r] = j < 4 ? s[j] & 63 : (uint8_t)((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4));
+        out->mn[j][r] = j < 4 ? s[j + 4] & 63 : (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+    for (int g = 0; g < K_GROUPS; g++) {
+        const uint8_t *in = qs + QK * (g / 2);
+        const int shift = 4 * (g % 2);
+        for (int j = 0; j < QK / 2; j++) {        /* byte j: value j | value j + 16 << 4, as Q4_1 */
+            const uint8_t lo = (in[j] >> shift) & 0x0F, hi = (in[j + QK / 2] >> shift) & 0x0F;
+            out->qs[g][j / LANE_BYTES][r][j % LANE_BYTES] = (uint8_t)(lo | (hi << 4));
+        }
+    }
+}
+
 typedef void (*pack_block_fn)(const uint8_t *src, int r, uint8_t *dst);
 
 static pack_block_fn pack_block_of(int64_t w_type) {
     switch (w_type) {
+    case LME_TYPE_Q4_K: return pack_block_q4_k;
     case LME_TYPE_Q8_0: return pack_block_q8_0;
     case LME_TYPE_Q4_0: return pack_block_q4_0;
     default: return pack_block_q4_1;
@@ -157,24 +217,44 @@ int lme_pack_q8(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows,
     const int64_t packed = lme_packed_bytes(w_type, n_rows, n_cols);
     if (packed < 0)
         return (int)packed;
-    const int64_t bytes = block_bytes(w_type), n_blocks = n_cols / QK;
-    if (n_rows > 0 && n_blocks * bytes > INT64_MAX / n_rows)
+    const int64_t bytes = unit_src_bytes(w_type), n_units = n_cols / unit_values(w_type);   /* per row */
+    if (n_rows > 0 && n_units * bytes > INT64_MAX / n_rows)
         return LME_ERR_SHAPE;
     if (packed == 0)
         return LME_OK;
     if (w == NULL || dst == NULL)
         return LME_ERR_NULL;
-    if (w_len < n_rows * n_blocks * bytes || dst_len < packed)
+    if (w_len < n_rows * n_units * bytes || dst_len < packed)
         return LME_ERR_LENGTH;
     memset(dst, 0, (size_t)packed);                            /* padding rows: d = m = u = 0 */
     const int64_t gb = group_block_bytes(w_type);
     const pack_block_fn pack_block = pack_block_of(w_type);
     for (int64_t row = 0; row < n_rows; row++) {
         const int64_t group = row / GROUP_ROWS;
-        for (int64_t b = 0; b < n_blocks; b++)
-            pack_block(w + (row * n_blocks + b) * bytes, (int)(row % GROUP_ROWS), dst + (group * n_blocks + b) * gb);
+        for (int64_t b = 0; b < n_units; b++)
+            pack_block(w + (row * n_units + b) * bytes, (int)(row % GROUP_ROWS), dst + (group * n_units + b) * gb);
     }
     return LME_OK;
+}
+
+/* ---- reading a packed group: 32-column block b of the group starting at `group` ------------ */
+
+/* bytes of one 16-row group of an n_cols matrix */
+static ALWAYS_INLINE int64_t group_bytes(int64_t w_type, int64_t n_cols) {
+    return n_cols / unit_values(w_type) * group_block_bytes(w_type);
+}
+
+/* the unit holding block b: its group block, for Q4_K its group superblock */
+static ALWAYS_INLINE const uint8_t *unit_of(int64_t w_type, const uint8_t *group, int64_t b) {
+    return w_type == LME_TYPE_Q4_K ? group + b / K_GROUPS * (int64_t)sizeof(struct group_q4_k)
+                                   : group + b * group_block_bytes(w_type);
+}
+
+/* chunk 0 of block b's values (the next chunks follow, CHUNK_BYTES apart) */
+static ALWAYS_INLINE const uint8_t *values_of(int64_t w_type, const uint8_t *group, int64_t b) {
+    return w_type == LME_TYPE_Q4_K ? unit_of(w_type, group, b) + offsetof(struct group_q4_k, qs)
+                                         + b % K_GROUPS * sizeof(((struct group_q4_k *)0)->qs[0])
+                                   : unit_of(w_type, group, b) + values_offset(w_type);
 }
 
 struct packed_args {
@@ -184,12 +264,12 @@ struct packed_args {
 
 /* ---- scalar path ----------------------------------------------------------------------------- */
 
-/* Row r of a group block, per type: its 32 unsigned values u (value i at u[i]), its scale d and
- * its minimum m (w = d * u + m). */
-typedef void (*unpack_row_fn)(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m);
+/* Row r of block b of a group, per type: its 32 unsigned values u (value i at u[i]), its scale d
+ * and its minimum m (w = d * u + m). */
+typedef void (*unpack_row_fn)(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m);
 
-static void unpack_row_q8_0(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m) {
-    const struct group_q8_0 *g = (const struct group_q8_0 *)blk;
+static void unpack_row_q8_0(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    const struct group_q8_0 *g = (const struct group_q8_0 *)unit_of(LME_TYPE_Q8_0, group, b);
     for (int i = 0; i < QK; i++)
         u[i] = g->qs[i / LANE_BYTES][r][i % LANE_BYTES];
     *d = fp16_to_fp32(load_u16(g->d[r]));
@@ -205,30 +285,39 @@ static void unpack_nibbles(const uint8_t qs[QK / 2 / LANE_BYTES][GROUP_ROWS][LAN
     }
 }
 
-static void unpack_row_q4_0(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m) {
-    const struct group_q4_0 *g = (const struct group_q4_0 *)blk;
+static void unpack_row_q4_0(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    const struct group_q4_0 *g = (const struct group_q4_0 *)unit_of(LME_TYPE_Q4_0, group, b);
     unpack_nibbles(g->qs, r, u);
     *d = fp16_to_fp32(load_u16(g->d[r]));
     *m = implied_min_factor(LME_TYPE_Q4_0) * *d;
 }
 
-static void unpack_row_q4_1(const uint8_t *blk, int r, int32_t u[QK], float *d, float *m) {
-    const struct group_q4_1 *g = (const struct group_q4_1 *)blk;
+static void unpack_row_q4_1(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    const struct group_q4_1 *g = (const struct group_q4_1 *)unit_of(LME_TYPE_Q4_1, group, b);
     unpack_nibbles(g->qs, r, u);
     *d = fp16_to_fp32(load_u16(g->d[r]));
     *m = fp16_to_fp32(load_u16(g->m[r]));
+}
+
+static void unpack_row_q4_k(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    const struct group_q4_k *g = (const struct group_q4_k *)unit_of(LME_TYPE_Q4_K, group, b);
+    const int64_t k = b % K_GROUPS;
+    unpack_nibbles(g->qs[k], r, u);
+    *d = fp16_to_fp32(load_u16(g->d[r])) * (float)g->sc[k][r];          /* exact: 11 x 6 bits */
+    *m = -(fp16_to_fp32(load_u16(g->dmin[r])) * (float)g->mn[k][r]);
 }
 
 static unpack_row_fn unpack_row_of(int64_t w_type) {
     switch (w_type) {
     case LME_TYPE_Q8_0: return unpack_row_q8_0;
     case LME_TYPE_Q4_0: return unpack_row_q4_0;
+    case LME_TYPE_Q4_K: return unpack_row_q4_k;
     default: return unpack_row_q4_1;
     }
 }
 
 static void matmul_packed_scalar(const struct packed_args *a) {
-    const int64_t n_blocks = a->n_cols / QK, gb = group_block_bytes(a->w_type);
+    const int64_t n_blocks = a->n_cols / QK, gbytes = group_bytes(a->w_type, a->n_cols);
     const unpack_row_fn unpack_row = unpack_row_of(a->w_type);
     for (int64_t row = a->row_begin; row < a->row_end; row++) {
         const int64_t group = row / GROUP_ROWS;
@@ -238,7 +327,7 @@ static void matmul_packed_scalar(const struct packed_args *a) {
             for (int64_t b = 0; b < n_blocks; b++) {
                 int32_t u[QK];
                 float d, m;
-                unpack_row(a->p + (group * n_blocks + b) * gb, r, u, &d, &m);
+                unpack_row(a->p + group * gbytes, b, r, u, &d, &m);
                 float xs_sum = 0.0f;
                 for (int64_t j = 0; j < a->n_terms; j++) {
                     const int64_t x_row = j * a->n_tok + t;
@@ -272,32 +361,45 @@ TARGET_AVX512 static ALWAYS_INLINE __m512i broadcast4(const int8_t *p) {
 TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_args *a, int64_t w_type,
                                                             int n_terms, int n_group, int64_t group,
                                                             int64_t t0) {
-    const int64_t n_blocks = a->n_cols / QK, gb = group_block_bytes(w_type), vo = values_offset(w_type);
+    const int64_t n_blocks = a->n_cols / QK, gbytes = group_bytes(w_type, a->n_cols);
+    const int64_t stream = gbytes / n_blocks;           /* packed bytes per block (Q4_K: on average) */
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[TOKEN_GROUP];
     for (int t = 0; t < n_group; t++)
         acc[t] = _mm512_setzero_ps();
-    const uint8_t *blk = a->p + group * n_blocks * gb;
+    const uint8_t *grp = a->p + group * gbytes;
     /* With a few tokens the products are slow enough that the hardware prefetcher falls behind
      * the weights streaming from memory (the first token group reads them; later groups find them
      * in cache): ask for them ahead. With one or two tokens reading is the bottleneck and the
      * prefetch instructions only cost issue slots. */
     const int prefetch = n_group * n_terms >= 4 && t0 == 0;
-    for (int64_t b = 0; b < n_blocks; b++, blk += gb) {
+    for (int64_t b = 0; b < n_blocks; b++) {
         if (prefetch)
-            for (int64_t line = 0; line < gb; line += 64)
-                _mm_prefetch((const char *)blk + PREFETCH_BYTES + line, _MM_HINT_T0);
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));   /* d: first */
-        const __m512 m = w_type == LME_TYPE_Q4_1
-                             ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + offsetof(struct group_q4_1, m))))
-                             : _mm512_mul_ps(d, _mm512_set1_ps(implied_min_factor(w_type)));
+            for (int64_t line = 0; line < stream; line += 64)
+                _mm_prefetch((const char *)grp + b * stream + PREFETCH_BYTES + line, _MM_HINT_T0);
+        const uint8_t *blk = unit_of(w_type, grp, b), *values = values_of(w_type, grp, b);
+        __m512 d, m;
+        if (w_type == LME_TYPE_Q4_K) {                   /* d = d_sb sc, m = -(dmin_sb mn): exact */
+            const struct group_q4_k *g = (const struct group_q4_k *)blk;
+            const int64_t k = b % K_GROUPS;
+            d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)g->d)),
+                              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)g->sc[k]))));
+            m = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)g->dmin)),
+                                            _mm512_set1_ps(-1.0f)),
+                              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)g->mn[k]))));
+        } else {
+            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));             /* d: first */
+            m = w_type == LME_TYPE_Q4_1
+                    ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + offsetof(struct group_q4_1, m))))
+                    : _mm512_mul_ps(d, _mm512_set1_ps(implied_min_factor(w_type)));
+        }
         __m512i u[8];                                    /* u[k]: values 4k..4k+3 of the 16 rows */
         if (w_type == LME_TYPE_Q8_0) {
             for (int k = 0; k < 8; k++)
-                u[k] = _mm512_loadu_si512(blk + vo + CHUNK_BYTES * k);
+                u[k] = _mm512_loadu_si512(values + CHUNK_BYTES * k);
         } else {
             for (int k = 0; k < 4; k++) {
-                const __m512i raw = _mm512_loadu_si512(blk + vo + CHUNK_BYTES * k);
+                const __m512i raw = _mm512_loadu_si512(values + CHUNK_BYTES * k);
                 u[k] = _mm512_and_si512(raw, low4);
                 u[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
             }
@@ -353,6 +455,7 @@ TARGET_AVX512 static ALWAYS_INLINE void groups_avx512(const struct packed_args *
 TARGET_AVX512 static void matmul_packed_avx512(const struct packed_args *a) {
     const int two = a->n_terms == 2;
     switch (a->w_type) {
+    case LME_TYPE_Q4_K: two ? groups_avx512(a, LME_TYPE_Q4_K, 2) : groups_avx512(a, LME_TYPE_Q4_K, 1); return;
     case LME_TYPE_Q4_1: two ? groups_avx512(a, LME_TYPE_Q4_1, 2) : groups_avx512(a, LME_TYPE_Q4_1, 1); return;
     case LME_TYPE_Q4_0: two ? groups_avx512(a, LME_TYPE_Q4_0, 2) : groups_avx512(a, LME_TYPE_Q4_0, 1); return;
     default: two ? groups_avx512(a, LME_TYPE_Q8_0, 2) : groups_avx512(a, LME_TYPE_Q8_0, 1); return;
@@ -367,21 +470,39 @@ TARGET_AVX512 static void matmul_packed_avx512(const struct packed_args *a) {
  * of every chunk), each over all the group's blocks in turn (the second half finds them in
  * cache). Per half, block, token and term, with x_k = activation bytes 4k..4k+3 in every lane and
  * u_k = the half's chunk k (values 4k..4k+3 of its 8 rows):
- *     Q4_0, Q4_1 (u <= 15):  s16 = sum over k of maddubs(u_k, x_k), summed in int16: a lane adds
- *                            16 products, at most 16 * 15 * 128 < 2^15, so it cannot overflow;
- *                            isum = madd(s16, 1)
+ *     Q4_0, Q4_1, Q4_K (u <= 15): s16 = sum over k of maddubs(u_k, x_k), summed in int16: a lane
+ *                            adds 16 products, at most 16 * 15 * 128 < 2^15, so it cannot
+ *                            overflow; isum = madd(s16, 1)
  *     Q8_0 (u = q + 128):    maddubs(u, x) pairs could reach 2 * 255 * 127 and saturate, so the
  *                            signed form, q = u - 128 and m = 0: isum = sum over k of
  *                            madd(maddubs(|q_k|, sign(x_k, q_k)), 1) (pairs at most 2 * 128 * 127),
  *                            and no m * xs term. Same value as the u-form, without its cancelling
  *                            terms; computing 128 * sum(xq) to keep the u-form cost 20%.
+ * The sums run chunk by chunk over up to 8 activation rows at once (isums_avx2), each chunk's u_k
+ * formed once, so the live registers are one chunk and 8 partial sums. GCC, left alone, kept every
+ * product until the end of the block (spilling them: a third of the instructions were stack
+ * moves); an empty asm statement pins each partial sum in its register after each add.
  * The float part is otherwise the AVX-512 kernel's (fused multiply-adds, the same order), and a
  * (row, token) result does not depend on the other tokens of the call.
- * Against the row-major kernel of qdot.c (one thread, a 1536 x 2048 matrix in cache, 1 / 4 / 16 /
- * 64 tokens; Zen 3): Q4_0 and Q4_1 x1.9-2.1 / x1.5 / x1.7 / x1.7 (about 67 GMAC/s from 4 tokens
- * on), Q8_0 x1.1 / x1.1 / x1.3 / x1.3. */
+ * Against the row-major kernels (one thread, a 1536 x 2048 matrix in cache, 1 / 4 / 16 / 64
+ * tokens; Zen 3; GMAC/s): Q4_0 and Q4_1 x2.0 / x1.8-1.9 / x2.0-2.1 / x2.1 (86 from 16 tokens on),
+ * Q8_0 x1.1 / x1.4 / x1.5 / x1.55 (58), Q4_K (against kquants.c on Q8_K activations)
+ * x1.25 / x1.4 / x1.5 / x1.5 (75). */
 
 #define HALF_ROWS 8                           /* rows per 256-bit register of int32 */
+#define X_BATCH 8                             /* activation rows whose block sums are formed together */
+#if defined(__clang__)
+#define LME_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define LME_UNROLL _Pragma("GCC unroll 16")
+#else
+#define LME_UNROLL
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define LME_KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
+#else
+#define LME_KEEP_IN_REGISTER(v) ((void)0)
+#endif
 
 /* 4 activation bytes (values 4k..4k+3 of a block) in every 32-bit lane */
 TARGET_AVX2 static ALWAYS_INLINE __m256i broadcast4_avx2(const int8_t *p) {
@@ -390,69 +511,96 @@ TARGET_AVX2 static ALWAYS_INLINE __m256i broadcast4_avx2(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* isum of the half's 8 rows with one token's block xq (32 bytes): u[k] as described above (Q8_0:
- * q, signed) */
-TARGET_AVX2 static ALWAYS_INLINE __m256i isum8_avx2(int64_t w_type, const __m256i u[8], const int8_t *xq) {
+/* isum[i] of the half's 8 rows with activation rows xr[i], i < n_x <= X_BATCH (a compile-time
+ * constant after inlining): chunk by chunk, the chunk's values u_k (as described above; Q8_0: q,
+ * signed) formed once and multiplied with the 4 bytes of every activation row, so that only one
+ * chunk and the n_x partial sums are live (8 value registers and 8 tokens' sums did not fit AVX2's
+ * 16 registers: the spills cost a third of the time). */
+TARGET_AVX2 static ALWAYS_INLINE void isums_avx2(int64_t w_type, const uint8_t *values, const int8_t *const xr[],
+                                                 int n_x, __m256i isum[]) {
     const __m256i ones = _mm256_set1_epi16(1);
     if (w_type == LME_TYPE_Q8_0) {
-        __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
-        for (int k = 0; k < 8; k += 2) {
-            even = _mm256_add_epi32(even, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(u[k]),
-                                                                                 _mm256_sign_epi8(broadcast4_avx2(xq + 4 * k), u[k])), ones));
-            odd = _mm256_add_epi32(odd, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(u[k + 1]),
-                                                                               _mm256_sign_epi8(broadcast4_avx2(xq + 4 * k + 4), u[k + 1])), ones));
+        for (int i = 0; i < n_x; i++)
+            isum[i] = _mm256_setzero_si256();
+        LME_UNROLL for (int k = 0; k < 8; k++) {       /* q = u - 128: flip the top bit */
+            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * k)),
+                                               _mm256_set1_epi8((char)0x80));
+            const __m256i abs_q = _mm256_abs_epi8(q);
+            LME_UNROLL for (int i = 0; i < n_x; i++) {
+                isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(broadcast4_avx2(xr[i] + 4 * k), q)), ones));
+                LME_KEEP_IN_REGISTER(isum[i]);
+            }
         }
-        return _mm256_add_epi32(even, odd);
+        return;
     }
-    __m256i even = _mm256_maddubs_epi16(u[0], broadcast4_avx2(xq));
-    __m256i odd = _mm256_maddubs_epi16(u[1], broadcast4_avx2(xq + 4));
-    for (int k = 2; k < 8; k += 2) {
-        even = _mm256_add_epi16(even, _mm256_maddubs_epi16(u[k], broadcast4_avx2(xq + 4 * k)));
-        odd = _mm256_add_epi16(odd, _mm256_maddubs_epi16(u[k + 1], broadcast4_avx2(xq + 4 * k + 4)));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i s16[X_BATCH];
+    LME_UNROLL for (int k = 0; k < 8; k++) {           /* chunk k % 4: low nibbles, then high ones */
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * (k % 4)));
+        const __m256i u = _mm256_and_si256(k < 4 ? raw : _mm256_srli_epi16(raw, 4), low4);
+        LME_UNROLL for (int i = 0; i < n_x; i++) {
+            const __m256i p = _mm256_maddubs_epi16(u, broadcast4_avx2(xr[i] + 4 * k));
+            s16[i] = k == 0 ? p : _mm256_add_epi16(s16[i], p);
+            LME_KEEP_IN_REGISTER(s16[i]);
+        }
     }
-    return _mm256_madd_epi16(_mm256_add_epi16(even, odd), ones);
+    for (int i = 0; i < n_x; i++)
+        isum[i] = _mm256_madd_epi16(s16[i], ones);
 }
 
 /* Half `half` (rows 8 half .. 8 half + 7) of one group of 16 rows times tokens t0 .. t0 + n_group - 1
  * (w_type, n_terms and n_group compile-time constants after inlining) */
 TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args *a, int64_t w_type, int n_terms,
                                                        int n_group, int64_t group, int half, int64_t t0) {
-    const int64_t n_blocks = a->n_cols / QK, gb = group_block_bytes(w_type), vo = values_offset(w_type);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const int64_t n_blocks = a->n_cols / QK, gbytes = group_bytes(w_type, a->n_cols);
+    const int64_t stream = gbytes / n_blocks;           /* packed bytes per block (Q4_K: on average) */
     __m256 acc[TOKEN_GROUP];
     for (int t = 0; t < n_group; t++)
         acc[t] = _mm256_setzero_ps();
-    const uint8_t *blk = a->p + group * n_blocks * gb;
+    const uint8_t *grp = a->p + group * gbytes;
     const int prefetch = n_group * n_terms >= 4 && t0 == 0 && half == 0;   /* as the AVX-512 kernel */
-    for (int64_t b = 0; b < n_blocks; b++, blk += gb) {
+    for (int64_t b = 0; b < n_blocks; b++) {
         if (prefetch)
-            for (int64_t line = 0; line < gb; line += 64)
-                _mm_prefetch((const char *)blk + PREFETCH_BYTES + line, _MM_HINT_T0);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 2 * HALF_ROWS * half)));
-        const __m256 m = w_type == LME_TYPE_Q4_1
-                             ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + offsetof(struct group_q4_1, m)
-                                                                                  + 2 * HALF_ROWS * half)))
-                         : w_type == LME_TYPE_Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(implied_min_factor(w_type)))
-                                                   : _mm256_setzero_ps();     /* Q8_0, signed form: no m */
-        const uint8_t *values = blk + vo + 4 * HALF_ROWS * half;
-        __m256i u[8];                                  /* u[k]: values 4k..4k+3 of the half's 8 rows */
-        if (w_type == LME_TYPE_Q8_0) {
-            for (int k = 0; k < 8; k++)                /* q = u - 128: flip the top bit */
-                u[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * k)),
-                                        _mm256_set1_epi8((char)0x80));
+            for (int64_t line = 0; line < stream; line += 64)
+                _mm_prefetch((const char *)grp + b * stream + PREFETCH_BYTES + line, _MM_HINT_T0);
+        const uint8_t *blk = unit_of(w_type, grp, b);
+        __m256 d, m;
+        if (w_type == LME_TYPE_Q4_K) {                 /* d = d_sb sc, m = -(dmin_sb mn): exact */
+            const struct group_q4_k *g = (const struct group_q4_k *)blk;
+            const int64_t k = b % K_GROUPS;
+            d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g->d[HALF_ROWS * half])),
+                              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                  _mm_loadl_epi64((const __m128i *)&g->sc[k][HALF_ROWS * half]))));
+            m = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g->dmin[HALF_ROWS * half])),
+                                            _mm256_set1_ps(-1.0f)),
+                              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                  _mm_loadl_epi64((const __m128i *)&g->mn[k][HALF_ROWS * half]))));
         } else {
-            for (int k = 0; k < 4; k++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * k));
-                u[k] = _mm256_and_si256(raw, low4);
-                u[k + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 2 * HALF_ROWS * half)));
+            m = w_type == LME_TYPE_Q4_1
+                    ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + offsetof(struct group_q4_1, m)
+                                                                         + 2 * HALF_ROWS * half)))
+                : w_type == LME_TYPE_Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(implied_min_factor(w_type)))
+                                          : _mm256_setzero_ps();     /* Q8_0, signed form: no m */
+        }
+        const uint8_t *values = values_of(w_type, grp, b) + 4 * HALF_ROWS * half;
+        __m256i isum[2 * TOKEN_GROUP];                 /* isum[t n_terms + j]: token t0 + t, term j */
+        for (int i0 = 0; i0 < n_group * n_terms; i0 += X_BATCH) {
+            const int n_x = n_group * n_terms - i0 < X_BATCH ? n_group * n_terms - i0 : X_BATCH;
+            const int8_t *xr[X_BATCH];
+            for (int i = 0; i < n_x; i++) {
+                const int t = (i0 + i) / n_terms, j = (i0 + i) % n_terms;
+                xr[i] = a->xq + (j * a->n_tok + t0 + t) * a->n_cols + b * QK;
             }
+            isums_avx2(w_type, values, xr, n_x, isum + i0);
         }
         for (int t = 0; t < n_group; t++) {
             float xs_sum = 0.0f;
             for (int j = 0; j < n_terms; j++) {
                 const int64_t x_row = j * a->n_tok + t0 + t;
-                const __m256 isum = _mm256_cvtepi32_ps(isum8_avx2(w_type, u, a->xq + x_row * a->n_cols + b * QK));
-                acc[t] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(a->xd[x_row * n_blocks + b])), acc[t]);
+                const __m256 isum_f = _mm256_cvtepi32_ps(isum[t * n_terms + j]);
+                acc[t] = _mm256_fmadd_ps(isum_f, _mm256_mul_ps(d, _mm256_set1_ps(a->xd[x_row * n_blocks + b])), acc[t]);
                 xs_sum += a->xs[x_row * n_blocks + b];
             }
             if (w_type != LME_TYPE_Q8_0)
@@ -497,6 +645,7 @@ TARGET_AVX2 static ALWAYS_INLINE void groups_avx2(const struct packed_args *a, i
 TARGET_AVX2 static void matmul_packed_avx2(const struct packed_args *a) {
     const int two = a->n_terms == 2;
     switch (a->w_type) {
+    case LME_TYPE_Q4_K: two ? groups_avx2(a, LME_TYPE_Q4_K, 2) : groups_avx2(a, LME_TYPE_Q4_K, 1); return;
     case LME_TYPE_Q4_1: two ? groups_avx2(a, LME_TYPE_Q4_1, 2) : groups_avx2(a, LME_TYPE_Q4_1, 1); return;
     case LME_TYPE_Q4_0: two ? groups_avx2(a, LME_TYPE_Q4_0, 2) : groups_avx2(a, LME_TYPE_Q4_0, 1); return;
     default: two ? groups_avx2(a, LME_TYPE_Q8_0, 2) : groups_avx2(a, LME_TYPE_Q8_0, 1); return;
