@@ -1,5 +1,5 @@
-/* packed: Q8_0 / Q4_0 / Q4_1 / Q4_K matrices re-laid out 16 rows at a time, and their product with
- * int8 activations (API: lmengine.h).
+/* packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K matrices re-laid out 16 rows at a time, and their product
+ * with int8 activations (API: lmengine.h).
  *
  * Why: in ggml's row-major layout one SIMD register holds 32 values of ONE row, so every block
  * product ends in a horizontal sum and a per-(row, token) scale -- about one instruction per 3
@@ -23,25 +23,27 @@
  *          Q8_0:        8 chunks, chunk k = values 4k..4k+3, stored as q + 128 (unsigned), so
  *                       that every type is an unsigned-by-signed product.
  *
- * Q4_K is packed per superblock of 256 columns (struct group_q4_k): a "group superblock" holds the
- * 16 rows' f16 d and dmin, the 6-bit scales sc and mins mn of their 8 groups of 32 values as one
- * byte each, then per group the 4 chunks of Q4_1's layout (the nibbles regrouped: byte j of a
- * group = value j | value j + 16 << 4; ggml's Q4_K pairs groups 2n and 2n + 1 in one byte instead).
- * A group of 32 values is then a Q4_1 block with d = d_sb * sc and m = -(dmin_sb * mn), both exact
- * in float32 (an 11-bit f16 significand times a 6-bit integer), so the product is Q4_1's on 32-value
- * activation blocks -- finer than ggml's Q8_K (one activation scale per 256 values). The scales and
- * mins take one byte instead of 12 bits: 2368 bytes per 16 rows x 256 columns against ggml's
- * 16 x 144 = 2304 (+2.8%).
+ * Q4_K and Q5_K are packed per superblock of 256 columns: a "group superblock" is a header (struct
+ * k_header: the 16 rows' f16 d and dmin, the 6-bit scales sc and mins mn of their 8 groups of 32
+ * values as one byte each), then per group its chunks: 4 of the values' low 4 bits in Q4_1's
+ * layout (regrouped: byte j of a group = value j | value j + 16 << 4; ggml's pairs groups 2n and
+ * 2n + 1 in one byte instead), and for Q5_K a 5th chunk of their bit 4 (row r's 4 bytes; byte i:
+ * bit k = bit 4 of value 4k + i, bit 4 + k = that of value 16 + 4k + i, k < 4). A group of 32
+ * values is then a Q4_1 block (u <= 15 or 31) with d = d_sb * sc and m = -(dmin_sb * mn), both
+ * exact in float32 (an 11-bit f16 significand times a 6-bit integer), so the product is Q4_1's on
+ * 32-value activation blocks -- finer than ggml's Q8_K (one activation scale per 256 values). The
+ * scales and mins take one byte instead of 12 bits: per 16 rows x 256 columns Q4_K 2368 bytes
+ * against ggml's 16 x 144 = 2304 (+2.8%), Q5_K 2880 against 2816 (+2.3%).
  *
  * Every type is then read as  w = d * u + m  with u unsigned: Q4_1 (u = nibble, m from the block),
- * Q4_0 (u = nibble, m = -8 d), Q8_0 (u = q + 128, m = -128 d), Q4_K (u = nibble, d and m from the
- * superblock's and the group's scales). A block's dot product with an activation block
+ * Q4_0 (u = nibble, m = -8 d), Q8_0 (u = q + 128, m = -128 d), Q4_K and Q5_K (u = the 4- or 5-bit
+ * value, d and m from the superblock's and the group's scales). A block's dot product with an activation block
  * x = xd * xq (xs = xd * sum(xq), as in lmengine.h) is
  *
  *     d * xd * isum(u, xq) + m * xs,     isum an exact int32 sum (|u| <= 255, |xq| <= 127)
  *
  * Group block sizes: Q4_1 64 + 256 = 320 bytes (the same 20 bytes per row-block as ggml), Q4_0
- * 32 + 256 = 288 (18), Q8_0 32 + 512 = 544 (34): packing moves bytes, it adds none (Q4_K: 2.8%).
+ * 32 + 256 = 288 (18), Q8_0 32 + 512 = 544 (34): packing moves bytes, it adds none (Q4_K, Q5_K: 2-3%).
  *
  * Activations may come in n_terms = 1 or 2 int8 terms per value (x = term 0 + term 1, the second
  * quantizing the first's rounding error; kernels.matmul ACT_INT8X2): term j of token t is row
@@ -82,17 +84,19 @@ struct group_q4_1 {
     uint8_t qs[QK / 2 / LANE_BYTES][GROUP_ROWS][LANE_BYTES];      /* nibble bytes 4k..4k+3 */
 };
 
-/* One group superblock of Q4_K: 16 rows x 256 columns (8 groups of 32 values). */
+/* The header of a Q4_K / Q5_K group superblock (16 rows x 256 columns = 8 groups of 32 values);
+ * the groups' chunks follow, group after group (k_group_chunks each). */
 #define QK_K 256                               /* values per K-quant superblock */
 #define K_GROUPS (QK_K / QK)                   /* groups of 32 values per superblock */
-#define Q4_K_BYTES 144                         /* ggml bytes per Q4_K superblock */
-struct group_q4_k {
+struct k_header {
     uint8_t d[GROUP_ROWS][2];
     uint8_t dmin[GROUP_ROWS][2];
     uint8_t sc[K_GROUPS][GROUP_ROWS];                             /* 6-bit scale of group g, row r */
     uint8_t mn[K_GROUPS][GROUP_ROWS];                             /* 6-bit min */
-    uint8_t qs[K_GROUPS][QK / 2 / LANE_BYTES][GROUP_ROWS][LANE_BYTES];   /* per group as Q4_1's */
 };
+
+static ALWAYS_INLINE int is_k_type(int64_t w_type) { return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K; }
+static ALWAYS_INLINE int64_t k_group_chunks(int64_t w_type) { return w_type == LME_TYPE_Q5_K ? 5 : 4; }
 
 _Static_assert(sizeof(struct group_q8_0) == 544 && offsetof(struct group_q8_0, qs) == 32
                && sizeof(((struct group_q8_0 *)0)->qs[0]) == CHUNK_BYTES, "Q8_0 group block");
@@ -103,15 +107,15 @@ _Static_assert(sizeof(struct group_q8_0) == GROUP_ROWS * sizeof(struct block_q8_
                && sizeof(struct group_q4_0) == GROUP_ROWS * sizeof(struct block_q4_0)
                && sizeof(struct group_q4_1) == GROUP_ROWS * sizeof(struct block_q4_1),
                "packing moves bytes, it adds none");
-_Static_assert(sizeof(struct group_q4_k) == 2368 && offsetof(struct group_q4_k, sc) == 64
-               && offsetof(struct group_q4_k, mn) == 192 && offsetof(struct group_q4_k, qs) == 320
-               && sizeof(((struct group_q4_k *)0)->qs[0]) == 4 * CHUNK_BYTES, "Q4_K group superblock");
+_Static_assert(sizeof(struct k_header) == 320 && offsetof(struct k_header, sc) == 64
+               && offsetof(struct k_header, mn) == 192, "K group superblock header");
 
-/* bytes of one packed unit: a group block (16 rows x 32 columns), for Q4_K a group superblock
- * (16 x 256); 0: no packed layout */
+/* bytes of one packed unit: a group block (16 rows x 32 columns), for Q4_K / Q5_K a group
+ * superblock (16 x 256); 0: no packed layout */
 static int64_t group_block_bytes(int64_t w_type) {
     switch (w_type) {
-    case LME_TYPE_Q4_K: return sizeof(struct group_q4_k);
+    case LME_TYPE_Q4_K: case LME_TYPE_Q5_K:
+        return sizeof(struct k_header) + K_GROUPS * k_group_chunks(w_type) * CHUNK_BYTES;
     case LME_TYPE_Q4_1: return sizeof(struct group_q4_1);
     case LME_TYPE_Q4_0: return sizeof(struct group_q4_0);
     case LME_TYPE_Q8_0: return sizeof(struct group_q8_0);
@@ -120,9 +124,9 @@ static int64_t group_block_bytes(int64_t w_type) {
 }
 
 /* columns of one packed unit, and ggml's bytes for them in one row */
-static ALWAYS_INLINE int64_t unit_values(int64_t w_type) { return w_type == LME_TYPE_Q4_K ? QK_K : QK; }
+static ALWAYS_INLINE int64_t unit_values(int64_t w_type) { return is_k_type(w_type) ? QK_K : QK; }
 static ALWAYS_INLINE int64_t unit_src_bytes(int64_t w_type) {
-    return w_type == LME_TYPE_Q4_K ? Q4_K_BYTES : block_bytes(w_type);
+    return w_type == LME_TYPE_Q4_K ? 144 : w_type == LME_TYPE_Q5_K ? 176 : block_bytes(w_type);
 }
 
 /* where qs starts in a group block (d, and m, come first) */
@@ -177,14 +181,15 @@ static void pack_block_q4_1(const uint8_t *src, int r, uint8_t *dst) {
         memcpy(out->qs[k][r], in->qs + LANE_BYTES * k, LANE_BYTES);
 }
 
-/* A Q4_K superblock (144 bytes: d, dmin, 12 bytes of scales, 128 of nibbles) -> row r of a group
- * superblock. Scales as ggml's get_scale_min_k4: bytes s[0..11]; group j < 4: sc = s[j] & 63,
- * mn = s[j + 4] & 63; j >= 4: the low 4 bits from s[j + 4] (sc the low nibble, mn the high one),
- * the top 2 from the top bits of s[j - 4] (sc) and s[j] (mn). Values: group g's value l is nibble
- * g % 2 of qs[32 (g / 2) + l]. */
-static void pack_block_q4_k(const uint8_t *src, int r, uint8_t *dst) {
-    struct group_q4_k *out = (struct group_q4_k *)dst;
-    const uint8_t *s = src + 4, *qs = src + 16;
+/* A Q4_K / Q5_K superblock (144 / 176 bytes: d, dmin, 12 bytes of scales, Q5_K's 32 bytes qh,
+ * 128 of nibbles qs) -> row r of a group superblock. Scales as ggml's get_scale_min_k4: bytes
+ * s[0..11]; group j < 4: sc = s[j] & 63, mn = s[j + 4] & 63; j >= 4: the low 4 bits from s[j + 4]
+ * (sc the low nibble, mn the high one), the top 2 from the top bits of s[j - 4] (sc) and s[j]
+ * (mn). Values: group g's value l is nibble g % 2 of qs[32 (g / 2) + l], and (Q5_K) bit g of
+ * qh[l] its bit 4. */
+static void pack_block_k(int64_t w_type, const uint8_t *src, int r, uint8_t *dst) {
+    struct k_header *out = (struct k_header *)dst;
+    const uint8_t *s = src + 4, *qh = src + 16, *qs = src + (w_type == LME_TYPE_Q5_K ? 48 : 16);
     memcpy(out->d[r], src, 2);
     memcpy(out->dmin[r], src + 2, 2);
     for (int j = 0; j < K_GROUPS; j++) {
@@ -192,20 +197,32 @@ static void pack_block_q4_k(const uint8_t *src, int r, uint8_t *dst) {
         out->mn[j][r] = j < 4 ? s[j + 4] & 63 : (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
     }
     for (int g = 0; g < K_GROUPS; g++) {
-        const uint8_t *in = qs + QK * (g / 2);
-        const int shift = 4 * (g % 2);
-        for (int j = 0; j < QK / 2; j++) {        /* byte j: value j | value j + 16 << 4, as Q4_1 */
-            const uint8_t lo = (in[j] >> shift) & 0x0F, hi = (in[j + QK / 2] >> shift) & 0x0F;
-            out->qs[g][j / LANE_BYTES][r][j % LANE_BYTES] = (uint8_t)(lo | (hi << 4));
-        }
+        uint8_t v[QK];
+        for (int l = 0; l < QK; l++)
+            v[l] = (uint8_t)(((qs[QK * (g / 2) + l] >> (4 * (g % 2))) & 0x0F)
+                             | (w_type == LME_TYPE_Q5_K ? ((qh[l] >> g) & 1) << 4 : 0));
+        uint8_t *chunks = dst + sizeof(struct k_header) + g * k_group_chunks(w_type) * CHUNK_BYTES + LANE_BYTES * r;
+        for (int j = 0; j < QK / 2; j++)          /* byte j: value j | value j + 16 << 4, as Q4_1 */
+            chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES] = (uint8_t)((v[j] & 0x0F) | (v[j + QK / 2] & 0x0F) << 4);
+        if (w_type == LME_TYPE_Q5_K)
+            for (int i = 0; i < LANE_BYTES; i++) {
+                uint8_t bits = 0;
+                for (int k = 0; k < 4; k++)
+                    bits |= (uint8_t)((v[4 * k + i] >> 4) << k | (v[QK / 2 + 4 * k + i] >> 4) << (4 + k));
+                chunks[4 * CHUNK_BYTES + i] = bits;
+            }
     }
 }
+
+static void pack_block_q4_k(const uint8_t *src, int r, uint8_t *dst) { pack_block_k(LME_TYPE_Q4_K, src, r, dst); }
+static void pack_block_q5_k(const uint8_t *src, int r, uint8_t *dst) { pack_block_k(LME_TYPE_Q5_K, src, r, dst); }
 
 typedef void (*pack_block_fn)(const uint8_t *src, int r, uint8_t *dst);
 
 static pack_block_fn pack_block_of(int64_t w_type) {
     switch (w_type) {
     case LME_TYPE_Q4_K: return pack_block_q4_k;
+    case LME_TYPE_Q5_K: return pack_block_q5_k;
     case LME_TYPE_Q8_0: return pack_block_q8_0;
     case LME_TYPE_Q4_0: return pack_block_q4_0;
     default: return pack_block_q4_1;
@@ -244,17 +261,16 @@ static ALWAYS_INLINE int64_t group_bytes(int64_t w_type, int64_t n_cols) {
     return n_cols / unit_values(w_type) * group_block_bytes(w_type);
 }
 
-/* the unit holding block b: its group block, for Q4_K its group superblock */
+/* the unit holding block b: its group block, for Q4_K / Q5_K its group superblock */
 static ALWAYS_INLINE const uint8_t *unit_of(int64_t w_type, const uint8_t *group, int64_t b) {
-    return w_type == LME_TYPE_Q4_K ? group + b / K_GROUPS * (int64_t)sizeof(struct group_q4_k)
-                                   : group + b * group_block_bytes(w_type);
+    return is_k_type(w_type) ? group + b / K_GROUPS * group_block_bytes(w_type) : group + b * group_block_bytes(w_type);
 }
 
 /* chunk 0 of block b's values (the next chunks follow, CHUNK_BYTES apart) */
 static ALWAYS_INLINE const uint8_t *values_of(int64_t w_type, const uint8_t *group, int64_t b) {
-    return w_type == LME_TYPE_Q4_K ? unit_of(w_type, group, b) + offsetof(struct group_q4_k, qs)
-                                         + b % K_GROUPS * sizeof(((struct group_q4_k *)0)->qs[0])
-                                   : unit_of(w_type, group, b) + values_offset(w_type);
+    return is_k_type(w_type) ? unit_of(w_type, group, b) + sizeof(struct k_header)
+                                   + b % K_GROUPS * k_group_chunks(w_type) * CHUNK_BYTES
+                             : unit_of(w_type, group, b) + values_offset(w_type);
 }
 
 struct packed_args {
@@ -299,12 +315,30 @@ static void unpack_row_q4_1(const uint8_t *group, int64_t b, int r, int32_t u[QK
     *m = fp16_to_fp32(load_u16(g->m[r]));
 }
 
+static void unpack_row_k(int64_t w_type, const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    const struct k_header *h = (const struct k_header *)unit_of(w_type, group, b);
+    const uint8_t *chunks = values_of(w_type, group, b) + LANE_BYTES * r;
+    const int64_t g = b % K_GROUPS;
+    for (int j = 0; j < QK / 2; j++) {
+        const uint8_t byte = chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES];
+        u[j] = byte & 0x0F;
+        u[j + QK / 2] = byte >> 4;
+        if (w_type == LME_TYPE_Q5_K) {             /* bit 4: bits j / 4 and 4 + j / 4 of byte j % 4 */
+            const uint8_t bits = chunks[4 * CHUNK_BYTES + j % LANE_BYTES];
+            u[j] |= ((bits >> (j / LANE_BYTES)) & 1) << 4;
+            u[j + QK / 2] |= ((bits >> (4 + j / LANE_BYTES)) & 1) << 4;
+        }
+    }
+    *d = fp16_to_fp32(load_u16(h->d[r])) * (float)h->sc[g][r];          /* exact: 11 x 6 bits */
+    *m = -(fp16_to_fp32(load_u16(h->dmin[r])) * (float)h->mn[g][r]);
+}
+
 static void unpack_row_q4_k(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
-    const struct group_q4_k *g = (const struct group_q4_k *)unit_of(LME_TYPE_Q4_K, group, b);
-    const int64_t k = b % K_GROUPS;
-    unpack_nibbles(g->qs[k], r, u);
-    *d = fp16_to_fp32(load_u16(g->d[r])) * (float)g->sc[k][r];          /* exact: 11 x 6 bits */
-    *m = -(fp16_to_fp32(load_u16(g->dmin[r])) * (float)g->mn[k][r]);
+    unpack_row_k(LME_TYPE_Q4_K, group, b, r, u, d, m);
+}
+
+static void unpack_row_q5_k(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    unpack_row_k(LME_TYPE_Q5_K, group, b, r, u, d, m);
 }
 
 static unpack_row_fn unpack_row_of(int64_t w_type) {
@@ -312,6 +346,7 @@ static unpack_row_fn unpack_row_of(int64_t w_type) {
     case LME_TYPE_Q8_0: return unpack_row_q8_0;
     case LME_TYPE_Q4_0: return unpack_row_q4_0;
     case LME_TYPE_Q4_K: return unpack_row_q4_k;
+    case LME_TYPE_Q5_K: return unpack_row_q5_k;
     default: return unpack_row_q4_1;
     }
 }
@@ -379,8 +414,8 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
                 _mm_prefetch((const char *)grp + b * stream + PREFETCH_BYTES + line, _MM_HINT_T0);
         const uint8_t *blk = unit_of(w_type, grp, b), *values = values_of(w_type, grp, b);
         __m512 d, m;
-        if (w_type == LME_TYPE_Q4_K) {                   /* d = d_sb sc, m = -(dmin_sb mn): exact */
-            const struct group_q4_k *g = (const struct group_q4_k *)blk;
+        if (is_k_type(w_type)) {                         /* d = d_sb sc, m = -(dmin_sb mn): exact */
+            const struct k_header *g = (const struct k_header *)blk;
             const int64_t k = b % K_GROUPS;
             d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)g->d)),
                               _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)g->sc[k]))));
@@ -402,6 +437,12 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
                 const __m512i raw = _mm512_loadu_si512(values + CHUNK_BYTES * k);
                 u[k] = _mm512_and_si512(raw, low4);
                 u[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+            }
+            if (w_type == LME_TYPE_Q5_K) {               /* bit 4 of chunk k: bit k of the 5th chunk */
+                const __m512i bits = _mm512_loadu_si512(values + 4 * CHUNK_BYTES), bit4 = _mm512_set1_epi8(0x10);
+                for (int k = 0; k < 8; k++)
+                    u[k] = _mm512_or_si512(u[k], _mm512_and_si512(k <= 4 ? _mm512_slli_epi16(bits, 4 - k)
+                                                                         : _mm512_srli_epi16(bits, k - 4), bit4));
             }
         }
         for (int t = 0; t < n_group; t++) {
@@ -456,6 +497,7 @@ TARGET_AVX512 static void matmul_packed_avx512(const struct packed_args *a) {
     const int two = a->n_terms == 2;
     switch (a->w_type) {
     case LME_TYPE_Q4_K: two ? groups_avx512(a, LME_TYPE_Q4_K, 2) : groups_avx512(a, LME_TYPE_Q4_K, 1); return;
+    case LME_TYPE_Q5_K: two ? groups_avx512(a, LME_TYPE_Q5_K, 2) : groups_avx512(a, LME_TYPE_Q5_K, 1); return;
     case LME_TYPE_Q4_1: two ? groups_avx512(a, LME_TYPE_Q4_1, 2) : groups_avx512(a, LME_TYPE_Q4_1, 1); return;
     case LME_TYPE_Q4_0: two ? groups_avx512(a, LME_TYPE_Q4_0, 2) : groups_avx512(a, LME_TYPE_Q4_0, 1); return;
     default: two ? groups_avx512(a, LME_TYPE_Q8_0, 2) : groups_avx512(a, LME_TYPE_Q8_0, 1); return;
@@ -473,6 +515,8 @@ TARGET_AVX512 static void matmul_packed_avx512(const struct packed_args *a) {
  *     Q4_0, Q4_1, Q4_K (u <= 15): s16 = sum over k of maddubs(u_k, x_k), summed in int16: a lane
  *                            adds 16 products, at most 16 * 15 * 128 < 2^15, so it cannot
  *                            overflow; isum = madd(s16, 1)
+ *     Q5_K (u <= 31):        the same in two halves (k < 4, k >= 4: 8 * 31 * 128 < 2^15 each),
+ *                            isum = madd(s16_a, 1) + madd(s16_b, 1)
  *     Q8_0 (u = q + 128):    maddubs(u, x) pairs could reach 2 * 255 * 127 and saturate, so the
  *                            signed form, q = u - 128 and m = 0: isum = sum over k of
  *                            madd(maddubs(|q_k|, sign(x_k, q_k)), 1) (pairs at most 2 * 128 * 127),
@@ -491,18 +535,6 @@ TARGET_AVX512 static void matmul_packed_avx512(const struct packed_args *a) {
 
 #define HALF_ROWS 8                           /* rows per 256-bit register of int32 */
 #define X_BATCH 8                             /* activation rows whose block sums are formed together */
-#if defined(__clang__)
-#define LME_UNROLL _Pragma("clang loop unroll(full)")
-#elif defined(__GNUC__)
-#define LME_UNROLL _Pragma("GCC unroll 16")
-#else
-#define LME_UNROLL
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define LME_KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
-#else
-#define LME_KEEP_IN_REGISTER(v) ((void)0)
-#endif
 
 /* 4 activation bytes (values 4k..4k+3 of a block) in every 32-bit lane */
 TARGET_AVX2 static ALWAYS_INLINE __m256i broadcast4_avx2(const int8_t *p) {
@@ -535,18 +567,28 @@ TARGET_AVX2 static ALWAYS_INLINE void isums_avx2(int64_t w_type, const uint8_t *
         return;
     }
     const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i bits = w_type == LME_TYPE_Q5_K ? _mm256_loadu_si256((const __m256i *)(values + 4 * CHUNK_BYTES))
+                                                 : _mm256_setzero_si256();
     __m256i s16[X_BATCH];
     LME_UNROLL for (int k = 0; k < 8; k++) {           /* chunk k % 4: low nibbles, then high ones */
         const __m256i raw = _mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * (k % 4)));
-        const __m256i u = _mm256_and_si256(k < 4 ? raw : _mm256_srli_epi16(raw, 4), low4);
+        __m256i u = _mm256_and_si256(k < 4 ? raw : _mm256_srli_epi16(raw, 4), low4);
+        if (w_type == LME_TYPE_Q5_K) {                 /* bit 4: bit k of the 5th chunk */
+            u = _mm256_or_si256(u, _mm256_and_si256(k <= 4 ? _mm256_slli_epi16(bits, 4 - k) : _mm256_srli_epi16(bits, k - 4),
+                                                    _mm256_set1_epi8(0x10)));
+            if (k == 4)                                /* Q5_K: int16 holds only 4 chunks' sums (8 * 31 * 128) */
+                for (int i = 0; i < n_x; i++)
+                    isum[i] = _mm256_madd_epi16(s16[i], ones);
+        }
         LME_UNROLL for (int i = 0; i < n_x; i++) {
             const __m256i p = _mm256_maddubs_epi16(u, broadcast4_avx2(xr[i] + 4 * k));
-            s16[i] = k == 0 ? p : _mm256_add_epi16(s16[i], p);
+            s16[i] = k == 0 || (w_type == LME_TYPE_Q5_K && k == 4) ? p : _mm256_add_epi16(s16[i], p);
             LME_KEEP_IN_REGISTER(s16[i]);
         }
     }
     for (int i = 0; i < n_x; i++)
-        isum[i] = _mm256_madd_epi16(s16[i], ones);
+        isum[i] = w_type == LME_TYPE_Q5_K ? _mm256_add_epi32(isum[i], _mm256_madd_epi16(s16[i], ones))
+                                          : _mm256_madd_epi16(s16[i], ones);
 }
 
 /* Half `half` (rows 8 half .. 8 half + 7) of one group of 16 rows times tokens t0 .. t0 + n_group - 1
@@ -566,8 +608,8 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
                 _mm_prefetch((const char *)grp + b * stream + PREFETCH_BYTES + line, _MM_HINT_T0);
         const uint8_t *blk = unit_of(w_type, grp, b);
         __m256 d, m;
-        if (w_type == LME_TYPE_Q4_K) {                 /* d = d_sb sc, m = -(dmin_sb mn): exact */
-            const struct group_q4_k *g = (const struct group_q4_k *)blk;
+        if (is_k_type(w_type)) {                       /* d = d_sb sc, m = -(dmin_sb mn): exact */
+            const struct k_header *g = (const struct k_header *)blk;
             const int64_t k = b % K_GROUPS;
             d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g->d[HALF_ROWS * half])),
                               _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
@@ -646,6 +688,7 @@ TARGET_AVX2 static void matmul_packed_avx2(const struct packed_args *a) {
     const int two = a->n_terms == 2;
     switch (a->w_type) {
     case LME_TYPE_Q4_K: two ? groups_avx2(a, LME_TYPE_Q4_K, 2) : groups_avx2(a, LME_TYPE_Q4_K, 1); return;
+    case LME_TYPE_Q5_K: two ? groups_avx2(a, LME_TYPE_Q5_K, 2) : groups_avx2(a, LME_TYPE_Q5_K, 1); return;
     case LME_TYPE_Q4_1: two ? groups_avx2(a, LME_TYPE_Q4_1, 2) : groups_avx2(a, LME_TYPE_Q4_1, 1); return;
     case LME_TYPE_Q4_0: two ? groups_avx2(a, LME_TYPE_Q4_0, 2) : groups_avx2(a, LME_TYPE_Q4_0, 1); return;
     default: two ? groups_avx2(a, LME_TYPE_Q8_0, 2) : groups_avx2(a, LME_TYPE_Q8_0, 1); return;

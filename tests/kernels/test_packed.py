@@ -1,9 +1,9 @@
-"""The 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K matrices (kernels/csrc/packed.c) and its
-int8 product `lme_matmul_packed`: the layout against an independent NumPy decoder, the product on
+"""The 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K matrices (kernels/csrc/packed.c) and
+its int8 product `lme_matmul_packed`: the layout against an independent NumPy decoder, the product on
 every SIMD path against the Numba reference on the raw blocks (32-value types) and against float64
 NumPy, batch invariance, row ranges, argument checks, and the model with pack=True against
-pack=False. Q4_K's NumPy decoder of ggml blocks is itself checked against the gguf package's
-dequantization.
+pack=False. The NumPy decoder of ggml's Q4_K / Q5_K blocks is itself checked against the gguf
+package's dequantization.
 
 Tolerances (u = 2**-24, the float32 unit roundoff). The block sums isum = sum(u_i * xq_i) are
 exact int32 in every implementation (|isum| <= 255 * 127 * 32 < 2**24, so even its conversion to
@@ -18,7 +18,7 @@ bound on recursive summation
 
 (S computed in float64 from the data, in the packed form w = d * u + m with u unsigned: for Q8_0
 u = q + 128 and m = -128 d, so S is the size of the terms the kernel really adds, which cancel;
-for Q4_K, per group of 32 values, d = d_sb * sc and m = -dmin_sb * mn, exact in float32;
+for Q4_K / Q5_K, per group of 32 values, d = d_sb * sc and m = -dmin_sb * mn, exact in float32;
 the +5 covers the rounding of d * xd, of m * xs, of xs itself against xd * sum(xq), of the sum of
 two terms' xs and the final add of the two terms' results in the reference). The Numba reference
 `matmul_q8_numba` obeys the same bound (its terms, in the signed form, are no larger), so packed
@@ -33,20 +33,21 @@ import pytest
 
 from lmengine.kernels import matmul as mm
 from lmengine.kernels import native
-from lmengine.kernels.quant import F16, F32, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QK, QK_K, quantize
+from lmengine.kernels.quant import F16, F32, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, QK_K, quantize
 
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE,
                                 reason=f"the C extension lmengine.kernels._native is not loaded: {native.LOAD_ERROR}")
 
 U = 2.0 ** -24
 Q8_TYPES = (Q8_0, Q4_0, Q4_1)                        # the 32-value types
-PACKED_TYPES = Q8_TYPES + (Q4_K,)
-TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1", Q4_K: "q4_k"}
+K_TYPES = (Q4_K, Q5_K)                               # packed per 256-value superblock
+PACKED_TYPES = Q8_TYPES + K_TYPES
+TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1", Q4_K: "q4_k", Q5_K: "q5_k"}
 GROUP = 16
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}          # ggml bytes per 32-value block
 GROUP_BLOCK_BYTES = {Q4_1: 320, Q4_0: 288, Q8_0: 544}  # packed bytes per 16 rows x 32 columns (packed.c)
-Q4_K_BYTES = 144                                     # ggml bytes per Q4_K superblock (256 values)
-Q4_K_GROUP_BYTES = 2368                              # packed bytes per 16 rows x 256 columns (packed.c)
+K_BYTES = {Q4_K: 144, Q5_K: 176}                     # ggml bytes per superblock (256 values)
+K_GROUP_BYTES = {Q4_K: 2368, Q5_K: 2880}             # packed bytes per 16 rows x 256 columns (packed.c)
 ROW_COUNTS = (1, 15, 16, 17, 37, 100)
 COL_COUNTS = (32, 64, 576)
 ERR_NULL, ERR_TYPE, ERR_SHAPE, ERR_RANGE, ERR_LENGTH = -1, -2, -3, -4, -5
@@ -61,8 +62,8 @@ def make_raw(w_type, n_rows, n_cols, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
     w *= np.exp(rng.uniform(-3, 1, (n_rows, n_cols // QK))).repeat(QK, axis=1).astype(np.float32)
-    if w_type == Q4_K:    # Q4_K: every third row's scale, min and nibble bytes random (all 6-bit codes)
-        blocks = quantize(Q4_K, w).reshape(n_rows, n_cols // QK_K, Q4_K_BYTES)
+    if w_type in K_TYPES:  # every third row's scale, min and value bytes random (all 6-bit codes)
+        blocks = quantize(w_type, w).reshape(n_rows, n_cols // QK_K, K_BYTES[w_type])
         blocks[::3, :, 4:] = rng.integers(0, 256, blocks[::3, :, 4:].shape, dtype=np.uint8)
         return np.ascontiguousarray(blocks).reshape(-1)
     blocks = quantize(w_type, w).reshape(n_rows, n_cols // QK, BLOCK_BYTES[w_type])
@@ -131,37 +132,51 @@ def unpack(packed, w_type, n_rows, n_cols):
     return np.concatenate(fields, axis=2)[:n_rows]
 
 
-def q4_k_form(raw, n_rows, n_cols):
-    """unsigned_form of raw Q4_K superblocks (ggml's layout, read here with NumPy: d, dmin f16;
-    12 bytes s of 6-bit scales and mins, group j < 4: sc = s[j] & 63, mn = s[j + 4] & 63, j >= 4:
-    sc = s[j + 4] & 15 | (s[j - 4] >> 6) << 4, mn = s[j + 4] >> 4 | (s[j] >> 6) << 4; group g's
-    value l = nibble g % 2 of qs[32 (g / 2) + l]); per 32-value group d = d_sb sc, m = -dmin_sb mn."""
-    b = raw.reshape(n_rows, n_cols // QK_K, Q4_K_BYTES)
+def k_form(raw, w_type, n_rows, n_cols):
+    """unsigned_form of raw Q4_K / Q5_K superblocks (ggml's layout, read here with NumPy: d, dmin
+    f16; 12 bytes s of 6-bit scales and mins, group j < 4: sc = s[j] & 63, mn = s[j + 4] & 63,
+    j >= 4: sc = s[j + 4] & 15 | (s[j - 4] >> 6) << 4, mn = s[j + 4] >> 4 | (s[j] >> 6) << 4;
+    Q5_K: 32 bytes qh; 128 bytes qs: group g's value l = nibble g % 2 of qs[32 (g / 2) + l], and
+    for Q5_K bit g of qh[l] its bit 4); per 32-value group d = d_sb sc, m = -dmin_sb mn."""
+    b = raw.reshape(n_rows, n_cols // QK_K, K_BYTES[w_type])
     d = b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float64)
     dmin = b[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
     s = b[:, :, 4:16].astype(np.int64)
     sc = np.concatenate([s[:, :, 0:4] & 63, (s[:, :, 8:12] & 15) | ((s[:, :, 0:4] >> 6) << 4)], axis=2)
     mn = np.concatenate([s[:, :, 4:8] & 63, (s[:, :, 8:12] >> 4) | ((s[:, :, 4:8] >> 6) << 4)], axis=2)
-    qs = b[:, :, 16:].reshape(n_rows, -1, 4, 32).astype(np.int64)          # [row, sb, pair, l]
+    qs = b[:, :, -128:].reshape(n_rows, -1, 4, 32).astype(np.int64)        # [row, sb, pair, l]
     u = np.stack([qs & 15, qs >> 4], axis=3)                                 # [row, sb, pair, nibble, l]
-    u = u.reshape(n_rows, n_cols // QK, QK)                                  # group g = 2 pair + nibble
+    u = u.reshape(n_rows, n_cols // QK_K, 8, QK)                             # group g = 2 pair + nibble
+    if w_type == Q5_K:
+        qh = b[:, :, 16:48].astype(np.int64)                                 # [row, sb, l]
+        u = u | ((qh[:, :, None, :] >> np.arange(8)[None, None, :, None]) & 1) << 4
+    u = u.reshape(n_rows, n_cols // QK, QK)
     return u, (d[:, :, None] * sc).reshape(n_rows, -1), (-dmin[:, :, None] * mn).reshape(n_rows, -1)
 
 
-def q4_k_packed_form(packed, n_rows, n_cols):
-    """(u, d, m) as q4_k_form, read from the packed layout with NumPy (packed.c, struct group_q4_k:
+def k_packed_form(packed, w_type, n_rows, n_cols):
+    """(u, d, m) as k_form, read from the packed layout with NumPy (packed.c, struct k_header:
     per group of 16 rows and superblock: d f16 x 16 | dmin f16 x 16 | sc [8 groups][16 rows] |
-    mn [8][16] | per group 4 chunks of 64 bytes as Q4_1's: row r's byte j of a group at chunk j / 4,
-    offset 4 r + j % 4, holding value j (low nibble) and j + 16); padding rows included."""
+    mn [8][16] | per group 4 chunks of 64 bytes as Q4_1's (row r's byte j of a group at chunk j / 4,
+    offset 4 r + j % 4, holding the low 4 bits of value j and of j + 16), for Q5_K then a 5th chunk
+    (row r's byte i at 4 r + i: bit k = bit 4 of value 4k + i, bit 4 + k that of 16 + 4k + i));
+    padding rows included."""
     n_groups, n_sb = -(-n_rows // GROUP), n_cols // QK_K
-    g = packed.reshape(n_groups, n_sb, Q4_K_GROUP_BYTES)
+    n_chunks = 5 if w_type == Q5_K else 4
+    g = packed.reshape(n_groups, n_sb, K_GROUP_BYTES[w_type])
     d = g[:, :, 0:32].copy().view(np.float16).astype(np.float64)            # [group, sb, row]
     dmin = g[:, :, 32:64].copy().view(np.float16).astype(np.float64)
     sc = g[:, :, 64:192].reshape(n_groups, n_sb, 8, GROUP).astype(np.float64)
     mn = g[:, :, 192:320].reshape(n_groups, n_sb, 8, GROUP).astype(np.float64)
-    chunks = g[:, :, 320:].reshape(n_groups, n_sb, 8, 4, GROUP, 4)         # [group, sb, k, chunk, row, byte]
-    nibble_bytes = chunks.transpose(0, 4, 1, 2, 3, 5).reshape(n_groups * GROUP, n_sb * 8, 16).astype(np.int64)
+    chunks = g[:, :, 320:].reshape(n_groups, n_sb, 8, n_chunks, GROUP, 4)  # [group, sb, k, chunk, row, byte]
+    chunks = chunks.transpose(0, 4, 1, 2, 3, 5).astype(np.int64)            # [group, row, sb, k, chunk, byte]
+    nibble_bytes = chunks[:, :, :, :, :4].reshape(n_groups * GROUP, n_sb * 8, 16)
     u = np.concatenate([nibble_bytes & 15, nibble_bytes >> 4], axis=2)
+    if w_type == Q5_K:
+        bits = chunks[:, :, :, :, 4].reshape(n_groups * GROUP, n_sb * 8, 1, 4)        # [row, block, 1, i]
+        k = np.arange(4)[None, None, :, None]
+        high = np.concatenate([(bits >> k) & 1, (bits >> (4 + k)) & 1], axis=2)      # value 4k + i, 16 + 4k + i
+        u = u | high.reshape(n_groups * GROUP, n_sb * 8, 32) << 4
 
     def per_row(a):  # [group, sb, k, row] -> [group * 16, sb * 8]
         return a.transpose(0, 3, 1, 2).reshape(n_groups * GROUP, n_sb * 8)
@@ -172,9 +187,9 @@ def q4_k_packed_form(packed, n_rows, n_cols):
 def unsigned_form(raw, w_type, n_rows, n_cols):
     """(u int64 [n_rows, n_blocks, 32], d f64, m f64 [n_rows, n_blocks]): W = d * u + m with u
     unsigned, read from the raw ggml blocks (Q8_0: u = q + 128, m = -128 d; Q4_0: u = nibble,
-    m = -8 d; Q4_1: u = nibble, m from the block; Q4_K: q4_k_form)."""
-    if w_type == Q4_K:
-        return q4_k_form(raw, n_rows, n_cols)
+    m = -8 d; Q4_1: u = nibble, m from the block; Q4_K, Q5_K: k_form)."""
+    if w_type in K_TYPES:
+        return k_form(raw, w_type, n_rows, n_cols)
     b = raw.reshape(n_rows, n_cols // QK, BLOCK_BYTES[w_type])
     d = b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float64)
     if w_type == Q8_0:
@@ -264,31 +279,34 @@ def test_pack_round_trip(w_type, n_rows, n_cols):
 K_COL_COUNTS = (256, 768)
 
 
+@pytest.mark.parametrize("w_type", K_TYPES, ids=TYPE_IDS.get)
 @pytest.mark.parametrize("n_cols", K_COL_COUNTS)
 @pytest.mark.parametrize("n_rows", ROW_COUNTS)
-def test_q4_k_pack_round_trip(n_rows, n_cols):
-    """The packed Q4_K matrix holds the same weights as the ggml blocks, in every group of 32
-    values (scales and mins with all 6-bit codes); padding rows are zero."""
-    raw = make_raw(Q4_K, n_rows, n_cols, seed=n_rows * 1000 + n_cols)
-    packed = native.pack_q8(raw, Q4_K, n_rows, n_cols)
-    assert packed.size == -(-n_rows // GROUP) * (n_cols // QK_K) * Q4_K_GROUP_BYTES
-    u, d, m = q4_k_packed_form(packed, n_rows, n_cols)
-    ref_u, ref_d, ref_m = q4_k_form(raw, n_rows, n_cols)
+def test_k_pack_round_trip(w_type, n_rows, n_cols):
+    """The packed Q4_K / Q5_K matrix holds the same weights as the ggml blocks, in every group of
+    32 values (scales and mins with all 6-bit codes); padding rows are zero."""
+    raw = make_raw(w_type, n_rows, n_cols, seed=n_rows * 1000 + n_cols)
+    packed = native.pack_q8(raw, w_type, n_rows, n_cols)
+    assert packed.size == -(-n_rows // GROUP) * (n_cols // QK_K) * K_GROUP_BYTES[w_type]
+    u, d, m = k_packed_form(packed, w_type, n_rows, n_cols)
+    ref_u, ref_d, ref_m = k_form(raw, w_type, n_rows, n_cols)
     np.testing.assert_array_equal(u[:n_rows], ref_u)
     np.testing.assert_array_equal(d[:n_rows], ref_d)
     np.testing.assert_array_equal(m[:n_rows], ref_m)
     assert not u[n_rows:].any() and not d[n_rows:].any() and not m[n_rows:].any()
 
 
-def test_q4_k_decoder_matches_gguf():
-    """The NumPy decoder of ggml's Q4_K blocks used above is that of the gguf package: the same
-    weights up to the one float32 rounding of gguf's d * sc * q - dmin * mn."""
+@pytest.mark.parametrize("w_type", K_TYPES, ids=TYPE_IDS.get)
+def test_k_decoder_matches_gguf(w_type):
+    """The NumPy decoder of ggml's Q4_K / Q5_K blocks used above is that of the gguf package: the
+    same weights up to the one float32 rounding of gguf's d * sc * q - dmin * mn."""
     from gguf import GGMLQuantizationType, quants
     n_rows, n_cols = 37, 768
-    raw = make_raw(Q4_K, n_rows, n_cols, seed=9)
-    u, d, m = q4_k_form(raw, n_rows, n_cols)
+    raw = make_raw(w_type, n_rows, n_cols, seed=9)
+    u, d, m = k_form(raw, w_type, n_rows, n_cols)
     ours = (d[:, :, None] * u + m[:, :, None]).reshape(n_rows, n_cols)
-    theirs = quants.dequantize(raw.reshape(n_rows, -1), GGMLQuantizationType.Q4_K).astype(np.float64)
+    gguf_type = GGMLQuantizationType.Q4_K if w_type == Q4_K else GGMLQuantizationType.Q5_K
+    theirs = quants.dequantize(raw.reshape(n_rows, -1), gguf_type).astype(np.float64)
     size = np.maximum(np.abs(d[:, :, None] * u), np.abs(m[:, :, None])).reshape(n_rows, n_cols)
     assert np.all(np.abs(ours - theirs) <= 2 * U * size)
     assert np.abs(ours).max() > 0
@@ -303,10 +321,11 @@ def test_packed_bytes_are_the_documented_group_block_sizes():
                 expected = -(-n_rows // GROUP) * (n_cols // QK) * group_block
                 assert native.packed_bytes(w_type, n_rows, n_cols) == expected
                 assert native.lib.lme_packed_bytes(w_type, n_rows, n_cols) == expected
-    for n_rows in (0,) + ROW_COUNTS:
-        for n_cols in K_COL_COUNTS:
-            expected = -(-n_rows // GROUP) * (n_cols // QK_K) * Q4_K_GROUP_BYTES
-            assert native.packed_bytes(Q4_K, n_rows, n_cols) == expected
+    for w_type in K_TYPES:
+        for n_rows in (0,) + ROW_COUNTS:
+            for n_cols in K_COL_COUNTS:
+                expected = -(-n_rows // GROUP) * (n_cols // QK_K) * K_GROUP_BYTES[w_type]
+                assert native.packed_bytes(w_type, n_rows, n_cols) == expected
     assert native.PACK_ROWS == GROUP
 
 
@@ -329,16 +348,16 @@ K_PRODUCT_CASES = [(1, 256, 1), (15, 512, 3), (16, 256, 8), (17, 768, 9), (37, 2
 
 
 def cols_for(w_type):
-    """A width the type takes (Q4_K: whole superblocks) for the tests below."""
-    return 256 if w_type == Q4_K else 96
+    """A width the type takes (K types: whole superblocks) for the tests below."""
+    return 256 if w_type in K_TYPES else 96
 
 
 @pytest.mark.parametrize("n_terms", (1, 2))
 @pytest.mark.parametrize("w_type", PACKED_TYPES, ids=TYPE_IDS.get)
 def test_product_matches_numba_reference_and_float64(isa, w_type, n_terms):
     """Within K u S of the float64 product; the 32-value types also within 2 K u S of the Numba
-    kernel on the raw blocks (Q4_K's row-major kernels take Q8_K activations, another input)."""
-    for n_rows, n_cols, n_tok in (K_PRODUCT_CASES if w_type == Q4_K else PRODUCT_CASES):
+    kernel on the raw blocks (the K types' row-major kernels take Q8_K activations, another input)."""
+    for n_rows, n_cols, n_tok in (K_PRODUCT_CASES if w_type in K_TYPES else PRODUCT_CASES):
         raw = make_raw(w_type, n_rows, n_cols, seed=n_rows + n_cols + w_type)
         xq, xd, xs = quantize_x(make_x(n_tok, n_cols, seed=n_rows), n_terms)
         p = native.pack_q8(raw, w_type, n_rows, n_cols)
@@ -348,7 +367,7 @@ def test_product_matches_numba_reference_and_float64(isa, w_type, n_terms):
         bound = error_bound(n_cols, n_terms, scale)
         case = f"{n_rows}x{n_cols}, {n_tok} tokens"
         assert np.all(np.abs(out - exact) <= bound), case               # the independent reference
-        if w_type != Q4_K:
+        if w_type not in K_TYPES:
             ref = numba_reference(raw, w_type, n_rows, n_cols, xq, xd, xs, n_terms)
             assert np.all(np.abs(out - ref) <= 2 * bound), case          # both within K u S of exact
         assert np.abs(exact).max() > 1e3 * bound.max(), case             # the bound is not vacuous
@@ -499,7 +518,7 @@ def test_matmul_packed_argument_errors(valid_call):
                      dict(n_tok=4), dict(p_len=0), dict(out_len=0)],
         ERR_SHAPE: [dict(n_terms=3, n_tok=2), dict(n_terms=0, n_tok=3), dict(n_terms=-1, n_tok=3), dict(n_cols=48),
                     dict(n_cols=0), dict(n_cols=-32), dict(n_rows=-1), dict(n_tok=-1)],
-        ERR_TYPE: [dict(w_type=F16), dict(w_type=F32), dict(w_type=Q5_K), dict(w_type=-1), dict(w_type=99)],
+        ERR_TYPE: [dict(w_type=F16), dict(w_type=F32), dict(w_type=Q6_K), dict(w_type=-1), dict(w_type=99)],
     }
     for code, changes in bad.items():
         for change in changes:
@@ -543,9 +562,10 @@ def test_pack_q8_argument_errors():
     assert native.lib.lme_packed_bytes(F16, 16, 32) == ERR_TYPE
     assert native.lib.lme_packed_bytes(Q8_0, 16, 33) == ERR_SHAPE
     assert native.lib.lme_packed_bytes(Q8_0, -1, 32) == ERR_SHAPE
-    assert native.lib.lme_packed_bytes(Q4_K, 16, 64) == ERR_SHAPE           # Q4_K: whole superblocks
-    assert native.lib.lme_packed_bytes(Q4_K, 16, 256) == Q4_K_GROUP_BYTES
-    assert status(w_type=Q4_K) == ERR_SHAPE
+    for w_type in K_TYPES:                                                 # whole superblocks
+        assert native.lib.lme_packed_bytes(w_type, 16, 64) == ERR_SHAPE
+        assert native.lib.lme_packed_bytes(w_type, 16, 256) == K_GROUP_BYTES[w_type]
+        assert status(w_type=w_type) == ERR_SHAPE
     assert status() == 0
 
 
