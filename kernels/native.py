@@ -33,7 +33,7 @@ from numba import cfunc, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quant import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QK, TYPE_NAMES, row_bytes
+from .quant import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, TYPE_NAMES, row_bytes
 
 ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
 ISA_NAMES = {ISA_SCALAR: "scalar", ISA_AVX2: "avx2", ISA_AVX512: "avx512-vnni"}
@@ -449,7 +449,7 @@ def matmul_q8_rows(w_u8, w_type, n_rows, n_cols, row_begin, row_end, xq, xd, xs,
 
 
 PACK_ROWS = 16   # rows per group of the packed layout (kernels/csrc/packed.c)
-PACKED_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K)   # weight types with a packed layout
+PACKED_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)   # weight types with a packed layout
 
 
 def packs_well() -> bool:
@@ -460,7 +460,7 @@ def packs_well() -> bool:
 
 
 def packed_bytes(w_type, n_rows, n_cols) -> int:
-    """Size of the packed form of an (n_rows, n_cols) Q8_0/Q4_0/Q4_1/Q4_K/Q5_K matrix."""
+    """Size of the packed form of an (n_rows, n_cols) matrix of a type in PACKED_TYPES."""
     _require_native()
     _check_type(w_type, PACKED_TYPES)
     size = lib.lme_packed_bytes(int(w_type), int(n_rows), int(n_cols))
@@ -470,7 +470,7 @@ def packed_bytes(w_type, n_rows, n_cols) -> int:
 
 def pack_q8(w_u8, w_type, n_rows, n_cols, out=None) -> np.ndarray:
     """The 16-row packed form (kernels/csrc/packed.c) of the (n_rows, n_cols) matrix of raw
-    Q8_0/Q4_0/Q4_1/Q4_K/Q5_K blocks w_u8, written into `out` (uint8 [packed_bytes(...)]) or a new array."""
+    blocks w_u8 (a type in PACKED_TYPES), written into `out` (uint8 [packed_bytes(...)]) or a new array."""
     w_u8 = _contiguous("w_u8", np.asarray(w_u8), np.uint8, 1)
     size = packed_bytes(w_type, n_rows, n_cols)
     out = np.empty(size, dtype=np.uint8) if out is None else _contiguous("out", out, np.uint8, 1)

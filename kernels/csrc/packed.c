@@ -1,5 +1,5 @@
-/* packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K matrices re-laid out 16 rows at a time, and their product
- * with int8 activations (API: lmengine.h).
+/* packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrices re-laid out 16 rows at a time, and their
+ * product with int8 activations (API: lmengine.h).
  *
  * Why: in ggml's row-major layout one SIMD register holds 32 values of ONE row, so every block
  * product ends in a horizontal sum and a per-(row, token) scale -- about one instruction per 3
@@ -34,6 +34,14 @@
  * 32-value activation blocks -- finer than ggml's Q8_K (one activation scale per 256 values). The
  * scales and mins take one byte instead of 12 bits: per 16 rows x 256 columns Q4_K 2368 bytes
  * against ggml's 16 x 144 = 2304 (+2.8%), Q5_K 2880 against 2816 (+2.3%).
+ *
+ * Q6_K (w = d_sb * sc_s * q, q = 6-bit value - 32, one int8 scale sc_s per sub-block of 16 values)
+ * has a header of the 16 rows' f16 d and their int8 scales (struct q6_header), then per group 6
+ * chunks: 4 of the low 4 bits as Q4_1's, then 2 of the top 2 bits (chunk 4 for values 0..15, 5
+ * for 16..31: row r's byte i holds at bits 2k, 2k + 1 those of value 4k + i, resp. 16 + 4k + i),
+ * 3360 bytes per 16 x 256, as ggml's 16 x 210. Its block sum is isum = sum over the two sub-blocks
+ * of sc_s * sum(q x) -- exact in int32 and in float32 (|isum| <= 2 * 128 * 16 * 32 * 127 < 2^24) --
+ * with d = d_sb and m = 0: the signed form of Q8_0's AVX2 kernel, no m * xs term.
  *
  * Every type is then read as  w = d * u + m  with u unsigned: Q4_1 (u = nibble, m from the block),
  * Q4_0 (u = nibble, m = -8 d), Q8_0 (u = q + 128, m = -128 d), Q4_K and Q5_K (u = the 4- or 5-bit
@@ -95,8 +103,28 @@ struct k_header {
     uint8_t mn[K_GROUPS][GROUP_ROWS];                             /* 6-bit min */
 };
 
-static ALWAYS_INLINE int is_k_type(int64_t w_type) { return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K; }
-static ALWAYS_INLINE int64_t k_group_chunks(int64_t w_type) { return w_type == LME_TYPE_Q5_K ? 5 : 4; }
+/* The header of a Q6_K group superblock */
+struct q6_header {
+    uint8_t d[GROUP_ROWS][2];
+    int8_t sc[2 * K_GROUPS][GROUP_ROWS];                          /* scale of sub-block s, row r */
+};
+
+/* the types packed per superblock, and their header and chunks per group of 32 values */
+static ALWAYS_INLINE int is_k_type(int64_t w_type) {
+    return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K || w_type == LME_TYPE_Q6_K;
+}
+static ALWAYS_INLINE int64_t k_header_bytes(int64_t w_type) {
+    return w_type == LME_TYPE_Q6_K ? sizeof(struct q6_header) : sizeof(struct k_header);
+}
+static ALWAYS_INLINE int64_t k_group_chunks(int64_t w_type) {
+    return w_type == LME_TYPE_Q6_K ? 6 : w_type == LME_TYPE_Q5_K ? 5 : 4;
+}
+
+/* the types whose header is a k_header (d, dmin, scales and mins) */
+static ALWAYS_INLINE int has_k_header(int64_t w_type) { return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K; }
+
+/* whether w = d u + m has an m (the signed forms, Q8_0 on AVX2 and Q6_K, have none) */
+static ALWAYS_INLINE int signed_form(int64_t w_type) { return w_type == LME_TYPE_Q8_0 || w_type == LME_TYPE_Q6_K; }
 
 _Static_assert(sizeof(struct group_q8_0) == 544 && offsetof(struct group_q8_0, qs) == 32
                && sizeof(((struct group_q8_0 *)0)->qs[0]) == CHUNK_BYTES, "Q8_0 group block");
@@ -109,13 +137,14 @@ _Static_assert(sizeof(struct group_q8_0) == GROUP_ROWS * sizeof(struct block_q8_
                "packing moves bytes, it adds none");
 _Static_assert(sizeof(struct k_header) == 320 && offsetof(struct k_header, sc) == 64
                && offsetof(struct k_header, mn) == 192, "K group superblock header");
+_Static_assert(sizeof(struct q6_header) == 288 && offsetof(struct q6_header, sc) == 32, "Q6_K header");
 
 /* bytes of one packed unit: a group block (16 rows x 32 columns), for Q4_K / Q5_K a group
  * superblock (16 x 256); 0: no packed layout */
 static int64_t group_block_bytes(int64_t w_type) {
     switch (w_type) {
-    case LME_TYPE_Q4_K: case LME_TYPE_Q5_K:
-        return sizeof(struct k_header) + K_GROUPS * k_group_chunks(w_type) * CHUNK_BYTES;
+    case LME_TYPE_Q4_K: case LME_TYPE_Q5_K: case LME_TYPE_Q6_K:
+        return k_header_bytes(w_type) + K_GROUPS * k_group_chunks(w_type) * CHUNK_BYTES;
     case LME_TYPE_Q4_1: return sizeof(struct group_q4_1);
     case LME_TYPE_Q4_0: return sizeof(struct group_q4_0);
     case LME_TYPE_Q8_0: return sizeof(struct group_q8_0);
@@ -126,7 +155,12 @@ static int64_t group_block_bytes(int64_t w_type) {
 /* columns of one packed unit, and ggml's bytes for them in one row */
 static ALWAYS_INLINE int64_t unit_values(int64_t w_type) { return is_k_type(w_type) ? QK_K : QK; }
 static ALWAYS_INLINE int64_t unit_src_bytes(int64_t w_type) {
-    return w_type == LME_TYPE_Q4_K ? 144 : w_type == LME_TYPE_Q5_K ? 176 : block_bytes(w_type);
+    switch (w_type) {
+    case LME_TYPE_Q4_K: return 144;
+    case LME_TYPE_Q5_K: return 176;
+    case LME_TYPE_Q6_K: return 210;
+    default: return block_bytes(w_type);
+    }
 }
 
 /* where qs starts in a group block (d, and m, come first) */
@@ -214,6 +248,35 @@ static void pack_block_k(int64_t w_type, const uint8_t *src, int r, uint8_t *dst
     }
 }
 
+/* A Q6_K superblock (210 bytes: ql[128] | qh[64] | int8 scales[16] | f16 d) -> row r of a group
+ * superblock. Value 128 n + 32 k + l (n < 2, k < 4, l < 32): low 4 bits nibble k / 2 of
+ * ql[64 n + 32 (k % 2) + l], top 2 bits bits 2k, 2k + 1 of qh[32 n + l]. */
+static void pack_block_q6_k(const uint8_t *src, int r, uint8_t *dst) {
+    struct q6_header *out = (struct q6_header *)dst;
+    const uint8_t *ql = src, *qh = src + 128;
+    memcpy(out->d[r], src + 208, 2);
+    for (int s = 0; s < 2 * K_GROUPS; s++)
+        out->sc[s][r] = (int8_t)src[192 + s];
+    for (int g = 0; g < K_GROUPS; g++) {
+        const int n = g / 4, k = g % 4;
+        uint8_t v[QK];                                         /* the 6-bit values, q + 32 */
+        for (int l = 0; l < QK; l++)
+            v[l] = (uint8_t)(((ql[64 * n + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0x0F)
+                             | ((qh[32 * n + l] >> (2 * k)) & 3) << 4);
+        uint8_t *chunks = dst + sizeof(struct q6_header) + g * k_group_chunks(LME_TYPE_Q6_K) * CHUNK_BYTES
+                          + LANE_BYTES * r;
+        for (int j = 0; j < QK / 2; j++)          /* byte j: value j | value j + 16 << 4, as Q4_1 */
+            chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES] = (uint8_t)((v[j] & 0x0F) | (v[j + QK / 2] & 0x0F) << 4);
+        for (int h = 0; h < 2; h++)               /* chunk 4 + h: the top bits of values 16 h + 4k + i */
+            for (int i = 0; i < LANE_BYTES; i++) {
+                uint8_t bits = 0;
+                for (int kk = 0; kk < 4; kk++)
+                    bits |= (uint8_t)((v[QK / 2 * h + 4 * kk + i] >> 4) << (2 * kk));
+                chunks[(4 + h) * CHUNK_BYTES + i] = bits;
+            }
+    }
+}
+
 static void pack_block_q4_k(const uint8_t *src, int r, uint8_t *dst) { pack_block_k(LME_TYPE_Q4_K, src, r, dst); }
 static void pack_block_q5_k(const uint8_t *src, int r, uint8_t *dst) { pack_block_k(LME_TYPE_Q5_K, src, r, dst); }
 
@@ -223,6 +286,7 @@ static pack_block_fn pack_block_of(int64_t w_type) {
     switch (w_type) {
     case LME_TYPE_Q4_K: return pack_block_q4_k;
     case LME_TYPE_Q5_K: return pack_block_q5_k;
+    case LME_TYPE_Q6_K: return pack_block_q6_k;
     case LME_TYPE_Q8_0: return pack_block_q8_0;
     case LME_TYPE_Q4_0: return pack_block_q4_0;
     default: return pack_block_q4_1;
@@ -268,7 +332,7 @@ static ALWAYS_INLINE const uint8_t *unit_of(int64_t w_type, const uint8_t *group
 
 /* chunk 0 of block b's values (the next chunks follow, CHUNK_BYTES apart) */
 static ALWAYS_INLINE const uint8_t *values_of(int64_t w_type, const uint8_t *group, int64_t b) {
-    return is_k_type(w_type) ? unit_of(w_type, group, b) + sizeof(struct k_header)
+    return is_k_type(w_type) ? unit_of(w_type, group, b) + k_header_bytes(w_type)
                                    + b % K_GROUPS * k_group_chunks(w_type) * CHUNK_BYTES
                              : unit_of(w_type, group, b) + values_offset(w_type);
 }
@@ -341,12 +405,28 @@ static void unpack_row_q5_k(const uint8_t *group, int64_t b, int r, int32_t u[QK
     unpack_row_k(LME_TYPE_Q5_K, group, b, r, u, d, m);
 }
 
+/* Q6_K: u = sc_s * q (signed), d = d_sb, m = 0 */
+static void unpack_row_q6_k(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    const struct q6_header *h = (const struct q6_header *)unit_of(LME_TYPE_Q6_K, group, b);
+    const uint8_t *chunks = values_of(LME_TYPE_Q6_K, group, b) + LANE_BYTES * r;
+    const int64_t g = b % K_GROUPS;
+    for (int j = 0; j < QK; j++) {
+        const int k = j % (QK / 2) / LANE_BYTES, i = j % LANE_BYTES;
+        const uint8_t low = chunks[k * CHUNK_BYTES + i] >> (4 * (j / (QK / 2))) & 0x0F;
+        const uint8_t top = chunks[(4 + j / (QK / 2)) * CHUNK_BYTES + i] >> (2 * k) & 3;
+        u[j] = h->sc[2 * g + j / (QK / 2)][r] * ((low | top << 4) - 32);
+    }
+    *d = fp16_to_fp32(load_u16(h->d[r]));
+    *m = 0.0f;
+}
+
 static unpack_row_fn unpack_row_of(int64_t w_type) {
     switch (w_type) {
     case LME_TYPE_Q8_0: return unpack_row_q8_0;
     case LME_TYPE_Q4_0: return unpack_row_q4_0;
     case LME_TYPE_Q4_K: return unpack_row_q4_k;
     case LME_TYPE_Q5_K: return unpack_row_q5_k;
+    case LME_TYPE_Q6_K: return unpack_row_q6_k;
     default: return unpack_row_q4_1;
     }
 }
@@ -414,7 +494,7 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
                 _mm_prefetch((const char *)grp + b * stream + PREFETCH_BYTES + line, _MM_HINT_T0);
         const uint8_t *blk = unit_of(w_type, grp, b), *values = values_of(w_type, grp, b);
         __m512 d, m;
-        if (is_k_type(w_type)) {                         /* d = d_sb sc, m = -(dmin_sb mn): exact */
+        if (has_k_header(w_type)) {                      /* d = d_sb sc, m = -(dmin_sb mn): exact */
             const struct k_header *g = (const struct k_header *)blk;
             const int64_t k = b % K_GROUPS;
             d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)g->d)),
@@ -543,14 +623,54 @@ TARGET_AVX2 static ALWAYS_INLINE __m256i broadcast4_avx2(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
+/* Q6_K's isums_avx2: the 6-bit values u_k = low 4 bits | top 2 (chunk 4 + k / 4, bits 2 (k % 4))
+ * << 4, q_k = u_k - 32 in the signed form; per sub-block (chunks 0-3: values 0..15, 4-7: 16..31)
+ * the int16 sum of 4 maddubs (at most 4 * 2 * 32 * 127 < 2^15), then madd with the 8 rows' scale
+ * of that sub-block in both int16 halves of their lane. sub_scales: the sub-block 2g scales of
+ * the half's 8 rows (sub-block 2g + 1's 16 bytes further). */
+TARGET_AVX2 static ALWAYS_INLINE void q6_isums_avx2(const uint8_t *values, const int8_t *sub_scales,
+                                                    const int8_t *const xr[], int n_x, __m256i isum[]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30), offset = _mm256_set1_epi8(32);
+    __m256i scale[2];                                  /* int16 pairs (sc, sc) per row lane */
+    for (int h = 0; h < 2; h++) {
+        const __m128i bytes = _mm_loadl_epi64((const __m128i *)(sub_scales + h * GROUP_ROWS));
+        scale[h] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(bytes, bytes));
+    }
+    __m256i s16[X_BATCH];
+    LME_UNROLL for (int k = 0; k < 8; k++) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * (k % 4)));
+        const __m256i top = _mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * (4 + k / 4)));
+        const int shift = 4 - 2 * (k % 4);             /* bits 2 (k % 4), +1 -> bits 4, 5 */
+        const __m256i high = _mm256_and_si256(shift > 0 ? _mm256_slli_epi16(top, shift)
+                                              : shift < 0 ? _mm256_srli_epi16(top, -shift) : top, top2);
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(k < 4 ? raw : _mm256_srli_epi16(raw, 4), low4),
+                                                          high), offset);
+        const __m256i abs_q = _mm256_abs_epi8(q);
+        if (k == 4)                                    /* sub-block 2g done */
+            for (int i = 0; i < n_x; i++)
+                isum[i] = _mm256_madd_epi16(s16[i], scale[0]);
+        LME_UNROLL for (int i = 0; i < n_x; i++) {
+            const __m256i p = _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(broadcast4_avx2(xr[i] + 4 * k), q));
+            s16[i] = k % 4 == 0 ? p : _mm256_add_epi16(s16[i], p);
+            LME_KEEP_IN_REGISTER(s16[i]);
+        }
+    }
+    for (int i = 0; i < n_x; i++)
+        isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(s16[i], scale[1]));
+}
+
 /* isum[i] of the half's 8 rows with activation rows xr[i], i < n_x <= X_BATCH (a compile-time
  * constant after inlining): chunk by chunk, the chunk's values u_k (as described above; Q8_0: q,
  * signed) formed once and multiplied with the 4 bytes of every activation row, so that only one
  * chunk and the n_x partial sums are live (8 value registers and 8 tokens' sums did not fit AVX2's
  * 16 registers: the spills cost a third of the time). */
-TARGET_AVX2 static ALWAYS_INLINE void isums_avx2(int64_t w_type, const uint8_t *values, const int8_t *const xr[],
-                                                 int n_x, __m256i isum[]) {
+TARGET_AVX2 static ALWAYS_INLINE void isums_avx2(int64_t w_type, const uint8_t *values, const int8_t *sub_scales,
+                                                 const int8_t *const xr[], int n_x, __m256i isum[]) {
     const __m256i ones = _mm256_set1_epi16(1);
+    if (w_type == LME_TYPE_Q6_K) {
+        q6_isums_avx2(values, sub_scales, xr, n_x, isum);
+        return;
+    }
     if (w_type == LME_TYPE_Q8_0) {
         for (int i = 0; i < n_x; i++)
             isum[i] = _mm256_setzero_si256();
@@ -608,7 +728,13 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
                 _mm_prefetch((const char *)grp + b * stream + PREFETCH_BYTES + line, _MM_HINT_T0);
         const uint8_t *blk = unit_of(w_type, grp, b);
         __m256 d, m;
-        if (is_k_type(w_type)) {                       /* d = d_sb sc, m = -(dmin_sb mn): exact */
+        const int8_t *sub_scales = NULL;
+        if (w_type == LME_TYPE_Q6_K) {                 /* d = d_sb; the scales go into isum */
+            const struct q6_header *g = (const struct q6_header *)blk;
+            d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g->d[HALF_ROWS * half]));
+            m = _mm256_setzero_ps();
+            sub_scales = &g->sc[2 * (b % K_GROUPS)][HALF_ROWS * half];
+        } else if (has_k_header(w_type)) {             /* d = d_sb sc, m = -(dmin_sb mn): exact */
             const struct k_header *g = (const struct k_header *)blk;
             const int64_t k = b % K_GROUPS;
             d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g->d[HALF_ROWS * half])),
@@ -635,7 +761,7 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
                 const int t = (i0 + i) / n_terms, j = (i0 + i) % n_terms;
                 xr[i] = a->xq + (j * a->n_tok + t0 + t) * a->n_cols + b * QK;
             }
-            isums_avx2(w_type, values, xr, n_x, isum + i0);
+            isums_avx2(w_type, values, sub_scales, xr, n_x, isum + i0);
         }
         for (int t = 0; t < n_group; t++) {
             float xs_sum = 0.0f;
@@ -645,7 +771,7 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
                 acc[t] = _mm256_fmadd_ps(isum_f, _mm256_mul_ps(d, _mm256_set1_ps(a->xd[x_row * n_blocks + b])), acc[t]);
                 xs_sum += a->xs[x_row * n_blocks + b];
             }
-            if (w_type != LME_TYPE_Q8_0)
+            if (!signed_form(w_type))
                 acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs_sum), acc[t]);
         }
     }
@@ -689,6 +815,7 @@ TARGET_AVX2 static void matmul_packed_avx2(const struct packed_args *a) {
     switch (a->w_type) {
     case LME_TYPE_Q4_K: two ? groups_avx2(a, LME_TYPE_Q4_K, 2) : groups_avx2(a, LME_TYPE_Q4_K, 1); return;
     case LME_TYPE_Q5_K: two ? groups_avx2(a, LME_TYPE_Q5_K, 2) : groups_avx2(a, LME_TYPE_Q5_K, 1); return;
+    case LME_TYPE_Q6_K: two ? groups_avx2(a, LME_TYPE_Q6_K, 2) : groups_avx2(a, LME_TYPE_Q6_K, 1); return;
     case LME_TYPE_Q4_1: two ? groups_avx2(a, LME_TYPE_Q4_1, 2) : groups_avx2(a, LME_TYPE_Q4_1, 1); return;
     case LME_TYPE_Q4_0: two ? groups_avx2(a, LME_TYPE_Q4_0, 2) : groups_avx2(a, LME_TYPE_Q4_0, 1); return;
     default: two ? groups_avx2(a, LME_TYPE_Q8_0, 2) : groups_avx2(a, LME_TYPE_Q8_0, 1); return;
@@ -722,7 +849,9 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
     const struct packed_args a = {w_type, p, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out};
     switch (lme_get_isa()) {
 #if LME_X86
-    case LME_ISA_AVX512: matmul_packed_avx512(&a); break;
+    case LME_ISA_AVX512:                   /* Q6_K: the AVX2 kernel (no AVX-512 one written yet) */
+        w_type == LME_TYPE_Q6_K ? matmul_packed_avx2(&a) : matmul_packed_avx512(&a);
+        break;
     case LME_ISA_AVX2: matmul_packed_avx2(&a); break;
 #endif
     default: matmul_packed_scalar(&a); break;

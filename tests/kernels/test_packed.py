@@ -1,9 +1,9 @@
-"""The 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K matrices (kernels/csrc/packed.c) and
-its int8 product `lme_matmul_packed`: the layout against an independent NumPy decoder, the product on
+"""The 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrices (kernels/csrc/packed.c)
+and its int8 product `lme_matmul_packed`: the layout against an independent NumPy decoder, the product on
 every SIMD path against the Numba reference on the raw blocks (32-value types) and against float64
 NumPy, batch invariance, row ranges, argument checks, and the model with pack=True against
-pack=False. The NumPy decoder of ggml's Q4_K / Q5_K blocks is itself checked against the gguf
-package's dequantization.
+pack=False. The NumPy decoder of ggml's Q4_K / Q5_K / Q6_K blocks is itself checked against the
+gguf package's dequantization.
 
 Tolerances (u = 2**-24, the float32 unit roundoff). The block sums isum = sum(u_i * xq_i) are
 exact int32 in every implementation (|isum| <= 255 * 127 * 32 < 2**24, so even its conversion to
@@ -18,7 +18,8 @@ bound on recursive summation
 
 (S computed in float64 from the data, in the packed form w = d * u + m with u unsigned: for Q8_0
 u = q + 128 and m = -128 d, so S is the size of the terms the kernel really adds, which cancel;
-for Q4_K / Q5_K, per group of 32 values, d = d_sb * sc and m = -dmin_sb * mn, exact in float32;
+for Q4_K / Q5_K, per group of 32 values, d = d_sb * sc and m = -dmin_sb * mn, exact in float32; for
+Q6_K u = sc_s * q (signed), d = d_sb, m = 0;
 the +5 covers the rounding of d * xd, of m * xs, of xs itself against xd * sum(xq), of the sum of
 two terms' xs and the final add of the two terms' results in the reference). The Numba reference
 `matmul_q8_numba` obeys the same bound (its terms, in the signed form, are no larger), so packed
@@ -33,21 +34,21 @@ import pytest
 
 from lmengine.kernels import matmul as mm
 from lmengine.kernels import native
-from lmengine.kernels.quant import F16, F32, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, QK_K, quantize
+from lmengine.kernels.quant import F16, F32, Q3_K, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, QK_K, quantize
 
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE,
                                 reason=f"the C extension lmengine.kernels._native is not loaded: {native.LOAD_ERROR}")
 
 U = 2.0 ** -24
 Q8_TYPES = (Q8_0, Q4_0, Q4_1)                        # the 32-value types
-K_TYPES = (Q4_K, Q5_K)                               # packed per 256-value superblock
+K_TYPES = (Q4_K, Q5_K, Q6_K)                         # packed per 256-value superblock
 PACKED_TYPES = Q8_TYPES + K_TYPES
-TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1", Q4_K: "q4_k", Q5_K: "q5_k"}
+TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}
 GROUP = 16
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}          # ggml bytes per 32-value block
 GROUP_BLOCK_BYTES = {Q4_1: 320, Q4_0: 288, Q8_0: 544}  # packed bytes per 16 rows x 32 columns (packed.c)
-K_BYTES = {Q4_K: 144, Q5_K: 176}                     # ggml bytes per superblock (256 values)
-K_GROUP_BYTES = {Q4_K: 2368, Q5_K: 2880}             # packed bytes per 16 rows x 256 columns (packed.c)
+K_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}          # ggml bytes per superblock (256 values)
+K_GROUP_BYTES = {Q4_K: 2368, Q5_K: 2880, Q6_K: 3360}  # packed bytes per 16 rows x 256 columns (packed.c)
 ROW_COUNTS = (1, 15, 16, 17, 37, 100)
 COL_COUNTS = (32, 64, 576)
 ERR_NULL, ERR_TYPE, ERR_SHAPE, ERR_RANGE, ERR_LENGTH = -1, -2, -3, -4, -5
@@ -62,9 +63,10 @@ def make_raw(w_type, n_rows, n_cols, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
     w *= np.exp(rng.uniform(-3, 1, (n_rows, n_cols // QK))).repeat(QK, axis=1).astype(np.float32)
-    if w_type in K_TYPES:  # every third row's scale, min and value bytes random (all 6-bit codes)
+    if w_type in K_TYPES:  # every third row's scale, min and value bytes random (every code), d kept
         blocks = quantize(w_type, w).reshape(n_rows, n_cols // QK_K, K_BYTES[w_type])
-        blocks[::3, :, 4:] = rng.integers(0, 256, blocks[::3, :, 4:].shape, dtype=np.uint8)
+        kept = slice(0, 208) if w_type == Q6_K else slice(4, None)
+        blocks[::3, :, kept] = rng.integers(0, 256, blocks[::3, :, kept].shape, dtype=np.uint8)
         return np.ascontiguousarray(blocks).reshape(-1)
     blocks = quantize(w_type, w).reshape(n_rows, n_cols // QK, BLOCK_BYTES[w_type])
     first_value = 4 if w_type == Q4_1 else 2
@@ -137,7 +139,10 @@ def k_form(raw, w_type, n_rows, n_cols):
     f16; 12 bytes s of 6-bit scales and mins, group j < 4: sc = s[j] & 63, mn = s[j + 4] & 63,
     j >= 4: sc = s[j + 4] & 15 | (s[j - 4] >> 6) << 4, mn = s[j + 4] >> 4 | (s[j] >> 6) << 4;
     Q5_K: 32 bytes qh; 128 bytes qs: group g's value l = nibble g % 2 of qs[32 (g / 2) + l], and
-    for Q5_K bit g of qh[l] its bit 4); per 32-value group d = d_sb sc, m = -dmin_sb mn."""
+    for Q5_K bit g of qh[l] its bit 4); per 32-value group d = d_sb sc, m = -dmin_sb mn. Q6_K:
+    q6_k_form."""
+    if w_type == Q6_K:
+        return q6_k_form(raw, n_rows, n_cols)
     b = raw.reshape(n_rows, n_cols // QK_K, K_BYTES[w_type])
     d = b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float64)
     dmin = b[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
@@ -154,13 +159,55 @@ def k_form(raw, w_type, n_rows, n_cols):
     return u, (d[:, :, None] * sc).reshape(n_rows, -1), (-dmin[:, :, None] * mn).reshape(n_rows, -1)
 
 
+def q6_k_form(raw, n_rows, n_cols):
+    """k_form of raw Q6_K superblocks (ggml's layout, read here with NumPy: ql[128] | qh[64] |
+    int8 scales[16] | f16 d; value 128 n + 32 k + l: low 4 bits nibble k // 2 of
+    ql[64 n + 32 (k % 2) + l], top 2 bits bits 2k, 2k + 1 of qh[32 n + l], minus 32; scale
+    scales[value // 16]): u = scale * q (signed), d = d_sb, m = 0 per 32-value group."""
+    b = raw.reshape(n_rows, n_cols // QK_K, 210)
+    ql = b[:, :, :128].reshape(n_rows, -1, 2, 2, 32).astype(np.int64)    # [row, sb, n, k % 2, l]
+    qh = b[:, :, 128:192].reshape(n_rows, -1, 2, 1, 32).astype(np.int64)  # [row, sb, n, 1, l]
+    low = np.concatenate([ql & 15, ql >> 4], axis=3)                       # [row, sb, n, k, l]
+    top = (qh >> (2 * np.arange(4))[None, None, None, :, None]) & 3
+    q = (low | top << 4) - 32
+    scale = b[:, :, 192:208].copy().view(np.int8).astype(np.int64).repeat(16, axis=2)
+    u = q.reshape(n_rows, -1, QK_K) * scale
+    d = b[:, :, 208:210].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    d = d.repeat(QK_K // QK, axis=1)
+    return u.reshape(n_rows, n_cols // QK, QK), d, np.zeros_like(d)
+
+
+def q6_k_packed_form(packed, n_rows, n_cols):
+    """(u, d, m) as q6_k_form, read from the packed layout with NumPy (packed.c, struct q6_header:
+    per group of 16 rows and superblock: d f16 x 16 | int8 sc [16 sub-blocks][16 rows] | per group
+    6 chunks of 64 bytes: 4 of the low 4 bits as Q4_1's, then chunk 4 + h (row r's byte i at
+    4 r + i) holding at bits 2k, 2k + 1 the top bits of value 16 h + 4k + i)."""
+    n_groups, n_sb = -(-n_rows // GROUP), n_cols // QK_K
+    g = packed.reshape(n_groups, n_sb, K_GROUP_BYTES[Q6_K])
+    d = g[:, :, 0:32].copy().view(np.float16).astype(np.float64)            # [group, sb, row]
+    sc = g[:, :, 32:288].copy().view(np.int8).reshape(n_groups, n_sb, 16, GROUP).astype(np.int64)
+    chunks = g[:, :, 288:].reshape(n_groups, n_sb, 8, 6, GROUP, 4).transpose(0, 4, 1, 2, 3, 5).astype(np.int64)
+    n_rows_all = n_groups * GROUP
+    nibble_bytes = chunks[:, :, :, :, :4].reshape(n_rows_all, n_sb * 8, 16)
+    low = np.concatenate([nibble_bytes & 15, nibble_bytes >> 4], axis=2)
+    tops = chunks[:, :, :, :, 4:].reshape(n_rows_all, n_sb * 8, 2, 1, 4)    # [row, block, h, 1, i]
+    top = (tops >> (2 * np.arange(4))[None, None, None, :, None]) & 3      # [row, block, h, k, i]
+    q = (low | top.reshape(n_rows_all, n_sb * 8, 32) << 4) - 32
+    scale = sc.transpose(0, 3, 1, 2).reshape(n_rows_all, n_sb * 16).repeat(16, axis=1)
+    u = q * scale.reshape(n_rows_all, n_sb * 8, 32)
+    d = d.transpose(0, 2, 1).reshape(n_rows_all, n_sb).repeat(QK_K // QK, axis=1)
+    return u, d, np.zeros_like(d)
+
+
 def k_packed_form(packed, w_type, n_rows, n_cols):
     """(u, d, m) as k_form, read from the packed layout with NumPy (packed.c, struct k_header:
     per group of 16 rows and superblock: d f16 x 16 | dmin f16 x 16 | sc [8 groups][16 rows] |
     mn [8][16] | per group 4 chunks of 64 bytes as Q4_1's (row r's byte j of a group at chunk j / 4,
     offset 4 r + j % 4, holding the low 4 bits of value j and of j + 16), for Q5_K then a 5th chunk
     (row r's byte i at 4 r + i: bit k = bit 4 of value 4k + i, bit 4 + k that of 16 + 4k + i));
-    padding rows included."""
+    padding rows included. Q6_K: q6_k_packed_form."""
+    if w_type == Q6_K:
+        return q6_k_packed_form(packed, n_rows, n_cols)
     n_groups, n_sb = -(-n_rows // GROUP), n_cols // QK_K
     n_chunks = 5 if w_type == Q5_K else 4
     g = packed.reshape(n_groups, n_sb, K_GROUP_BYTES[w_type])
@@ -298,14 +345,15 @@ def test_k_pack_round_trip(w_type, n_rows, n_cols):
 
 @pytest.mark.parametrize("w_type", K_TYPES, ids=TYPE_IDS.get)
 def test_k_decoder_matches_gguf(w_type):
-    """The NumPy decoder of ggml's Q4_K / Q5_K blocks used above is that of the gguf package: the
-    same weights up to the one float32 rounding of gguf's d * sc * q - dmin * mn."""
+    """The NumPy decoder of ggml's Q4_K / Q5_K / Q6_K blocks used above is that of the gguf package:
+    the same weights up to the float32 rounding of gguf's d * sc * q - dmin * mn (Q6_K: d * sc * q)."""
     from gguf import GGMLQuantizationType, quants
     n_rows, n_cols = 37, 768
     raw = make_raw(w_type, n_rows, n_cols, seed=9)
     u, d, m = k_form(raw, w_type, n_rows, n_cols)
     ours = (d[:, :, None] * u + m[:, :, None]).reshape(n_rows, n_cols)
-    gguf_type = GGMLQuantizationType.Q4_K if w_type == Q4_K else GGMLQuantizationType.Q5_K
+    gguf_type = {Q4_K: GGMLQuantizationType.Q4_K, Q5_K: GGMLQuantizationType.Q5_K,
+                 Q6_K: GGMLQuantizationType.Q6_K}[w_type]
     theirs = quants.dequantize(raw.reshape(n_rows, -1), gguf_type).astype(np.float64)
     size = np.maximum(np.abs(d[:, :, None] * u), np.abs(m[:, :, None])).reshape(n_rows, n_cols)
     assert np.all(np.abs(ours - theirs) <= 2 * U * size)
@@ -518,7 +566,7 @@ def test_matmul_packed_argument_errors(valid_call):
                      dict(n_tok=4), dict(p_len=0), dict(out_len=0)],
         ERR_SHAPE: [dict(n_terms=3, n_tok=2), dict(n_terms=0, n_tok=3), dict(n_terms=-1, n_tok=3), dict(n_cols=48),
                     dict(n_cols=0), dict(n_cols=-32), dict(n_rows=-1), dict(n_tok=-1)],
-        ERR_TYPE: [dict(w_type=F16), dict(w_type=F32), dict(w_type=Q6_K), dict(w_type=-1), dict(w_type=99)],
+        ERR_TYPE: [dict(w_type=F16), dict(w_type=F32), dict(w_type=Q3_K), dict(w_type=-1), dict(w_type=99)],
     }
     for code, changes in bad.items():
         for change in changes:
