@@ -43,6 +43,9 @@
  * of sc_s * sum(q x) -- exact in int32 and in float32 (|isum| <= 2 * 128 * 16 * 32 * 127 < 2^24) --
  * with d = d_sb and m = 0: the signed form of Q8_0's AVX2 kernel, no m * xs term.
  *
+ * The K types have an AVX2 kernel only (so have the row-major K kernels of kquants.c): on an
+ * AVX-512 machine they run on it.
+ *
  * Every type is then read as  w = d * u + m  with u unsigned: Q4_1 (u = nibble, m from the block),
  * Q4_0 (u = nibble, m = -8 d), Q8_0 (u = q + 128, m = -128 d), Q4_K and Q5_K (u = the 4- or 5-bit
  * value, d and m from the superblock's and the group's scales). A block's dot product with an activation block
@@ -477,7 +480,7 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
                                                             int n_terms, int n_group, int64_t group,
                                                             int64_t t0) {
     const int64_t n_blocks = a->n_cols / QK, gbytes = group_bytes(w_type, a->n_cols);
-    const int64_t stream = gbytes / n_blocks;           /* packed bytes per block (Q4_K: on average) */
+    const int64_t stream = gbytes / n_blocks;           /* packed bytes per block */
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[TOKEN_GROUP];
     for (int t = 0; t < n_group; t++)
@@ -493,21 +496,10 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
             for (int64_t line = 0; line < stream; line += 64)
                 _mm_prefetch((const char *)grp + b * stream + PREFETCH_BYTES + line, _MM_HINT_T0);
         const uint8_t *blk = unit_of(w_type, grp, b), *values = values_of(w_type, grp, b);
-        __m512 d, m;
-        if (has_k_header(w_type)) {                      /* d = d_sb sc, m = -(dmin_sb mn): exact */
-            const struct k_header *g = (const struct k_header *)blk;
-            const int64_t k = b % K_GROUPS;
-            d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)g->d)),
-                              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)g->sc[k]))));
-            m = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)g->dmin)),
-                                            _mm512_set1_ps(-1.0f)),
-                              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)g->mn[k]))));
-        } else {
-            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));             /* d: first */
-            m = w_type == LME_TYPE_Q4_1
-                    ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + offsetof(struct group_q4_1, m))))
-                    : _mm512_mul_ps(d, _mm512_set1_ps(implied_min_factor(w_type)));
-        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));   /* d: first */
+        const __m512 m = w_type == LME_TYPE_Q4_1
+                             ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + offsetof(struct group_q4_1, m))))
+                             : _mm512_mul_ps(d, _mm512_set1_ps(implied_min_factor(w_type)));
         __m512i u[8];                                    /* u[k]: values 4k..4k+3 of the 16 rows */
         if (w_type == LME_TYPE_Q8_0) {
             for (int k = 0; k < 8; k++)
@@ -517,12 +509,6 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
                 const __m512i raw = _mm512_loadu_si512(values + CHUNK_BYTES * k);
                 u[k] = _mm512_and_si512(raw, low4);
                 u[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-            }
-            if (w_type == LME_TYPE_Q5_K) {               /* bit 4 of chunk k: bit k of the 5th chunk */
-                const __m512i bits = _mm512_loadu_si512(values + 4 * CHUNK_BYTES), bit4 = _mm512_set1_epi8(0x10);
-                for (int k = 0; k < 8; k++)
-                    u[k] = _mm512_or_si512(u[k], _mm512_and_si512(k <= 4 ? _mm512_slli_epi16(bits, 4 - k)
-                                                                         : _mm512_srli_epi16(bits, k - 4), bit4));
             }
         }
         for (int t = 0; t < n_group; t++) {
@@ -576,8 +562,6 @@ TARGET_AVX512 static ALWAYS_INLINE void groups_avx512(const struct packed_args *
 TARGET_AVX512 static void matmul_packed_avx512(const struct packed_args *a) {
     const int two = a->n_terms == 2;
     switch (a->w_type) {
-    case LME_TYPE_Q4_K: two ? groups_avx512(a, LME_TYPE_Q4_K, 2) : groups_avx512(a, LME_TYPE_Q4_K, 1); return;
-    case LME_TYPE_Q5_K: two ? groups_avx512(a, LME_TYPE_Q5_K, 2) : groups_avx512(a, LME_TYPE_Q5_K, 1); return;
     case LME_TYPE_Q4_1: two ? groups_avx512(a, LME_TYPE_Q4_1, 2) : groups_avx512(a, LME_TYPE_Q4_1, 1); return;
     case LME_TYPE_Q4_0: two ? groups_avx512(a, LME_TYPE_Q4_0, 2) : groups_avx512(a, LME_TYPE_Q4_0, 1); return;
     default: two ? groups_avx512(a, LME_TYPE_Q8_0, 2) : groups_avx512(a, LME_TYPE_Q8_0, 1); return;
@@ -849,8 +833,8 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
     const struct packed_args a = {w_type, p, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out};
     switch (lme_get_isa()) {
 #if LME_X86
-    case LME_ISA_AVX512:                   /* Q6_K: the AVX2 kernel (no AVX-512 one written yet) */
-        w_type == LME_TYPE_Q6_K ? matmul_packed_avx2(&a) : matmul_packed_avx512(&a);
+    case LME_ISA_AVX512:                   /* the K types: the AVX2 kernel (no AVX-512 one yet) */
+        is_k_type(w_type) ? matmul_packed_avx2(&a) : matmul_packed_avx512(&a);
         break;
     case LME_ISA_AVX2: matmul_packed_avx2(&a); break;
 #endif
