@@ -33,7 +33,7 @@ from numba import cfunc, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quant import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, TYPE_NAMES, row_bytes
+from .quant import BF16, F16, F32, IQ4_XS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, TYPE_NAMES, row_bytes
 
 ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
 ISA_NAMES = {ISA_SCALAR: "scalar", ISA_AVX2: "avx2", ISA_AVX512: "avx512-vnni"}
@@ -449,7 +449,7 @@ def matmul_q8_rows(w_u8, w_type, n_rows, n_cols, row_begin, row_end, xq, xd, xs,
 
 
 PACK_ROWS = 16   # rows per group of the packed layout (kernels/csrc/packed.c)
-PACKED_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)   # weight types with a packed layout
+PACKED_TYPES = (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, IQ4_XS)   # weight types with a packed layout
 
 
 def packs_well() -> bool:

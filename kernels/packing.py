@@ -1,4 +1,4 @@
-"""Re-laying matrices out at load time: the 16-row packed form of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrices
+"""Re-laying matrices out at load time: the 16-row packed form of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / IQ4_XS matrices
 (kernels/csrc/packed.c, for the AVX2 and AVX-512 VNNI products), and giving the file's pages of a matrix
 back to the OS once a packed copy replaces it.
 

@@ -5,8 +5,8 @@
  * Files (ggml's layout: one file per family of kernels, CPU features apart):
  *   cpu.c        CPU feature detection and the SIMD path in use (lme_*_isa)
  *   qdot.c       products of row-major ggml weight blocks with activations
- *   packed.c     the 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrices and
- *                its product
+ *   packed.c     the 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / IQ4_XS
+ *                matrices and its product
  *   attention.c  one token's attention over a KV cache
  *   ops.c        elementwise work: swiglu, activation quantization, f32 -> f16, rope
  *   common.h     internal pieces shared by them (block formats, f16 conversion, target macros)
@@ -104,8 +104,8 @@ int lme_matmul_f32(int64_t w_type, const uint8_t *w, int64_t w_len,
                    float *out, int64_t out_len);
 
 /* ---- packed.c: the 16-row packed layout ------------------------------------------------------ */
-/* The packed form of a Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrix (layout and arithmetic:
- * packed.c; the K types need whole 256-column superblocks), made for the int8 product on AVX2 and
+/* The packed form of a Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / IQ4_XS matrix (layout and
+ * arithmetic: packed.c; the K types and IQ4_XS need whole 256-column superblocks), made for the int8 product on AVX2 and
  * AVX-512 VNNI (elsewhere a portable loop computes the same sums).
  * lme_packed_bytes: its size in bytes (negative LME_ERR_* for a bad type or shape).
  * lme_pack_q8:      w (row-major ggml blocks, as lme_matmul_q8) -> dst.

@@ -1,5 +1,5 @@
-/* packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrices re-laid out 16 rows at a time, and their
- * product with int8 activations (API: lmengine.h).
+/* packed: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / IQ4_XS matrices re-laid out 16 rows at a time,
+ * and their product with int8 activations (API: lmengine.h).
  *
  * Why: in ggml's row-major layout one SIMD register holds 32 values of ONE row, so every block
  * product ends in a horizontal sum and a per-(row, token) scale -- about one instruction per 3
@@ -42,6 +42,12 @@
  * 3360 bytes per 16 x 256, as ggml's 16 x 210. Its block sum is isum = sum over the two sub-blocks
  * of sc_s * sum(q x) -- exact in int32 and in float32 (|isum| <= 2 * 128 * 16 * 32 * 127 < 2^24) --
  * with d = d_sb and m = 0: the signed form of Q8_0's AVX2 kernel, no m * xs term.
+ *
+ * IQ4_XS (w = d_sb * (sc - 32) * kvalues[nibble], 6-bit scales per group of 32) has a header of
+ * the 16 rows' f16 d and their group scales minus 32 as int8 (struct iq4_header), then per group
+ * the 4 nibble chunks of Q4_1's layout (ggml's nibble order within a group is already Q4_1's):
+ * 2208 bytes per 16 x 256 against ggml's 16 x 136 = 2176 (+1.5%). A group is read in the signed
+ * form (the codebook values, -127..113, looked up by byte shuffles), d = d_sb * (sc - 32), m = 0.
  *
  * The K types have an AVX2 kernel only (so have the row-major K kernels of kquants.c): on an
  * AVX-512 machine they run on it.
@@ -112,12 +118,22 @@ struct q6_header {
     int8_t sc[2 * K_GROUPS][GROUP_ROWS];                          /* scale of sub-block s, row r */
 };
 
+/* The header of an IQ4_XS group superblock */
+struct iq4_header {
+    uint8_t d[GROUP_ROWS][2];
+    int8_t sc[K_GROUPS][GROUP_ROWS];                              /* scale - 32 of group g, row r */
+};
+
 /* the types packed per superblock, and their header and chunks per group of 32 values */
 static ALWAYS_INLINE int is_k_type(int64_t w_type) {
-    return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K || w_type == LME_TYPE_Q6_K;
+    return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K || w_type == LME_TYPE_Q6_K || w_type == LME_TYPE_IQ4_XS;
 }
 static ALWAYS_INLINE int64_t k_header_bytes(int64_t w_type) {
-    return w_type == LME_TYPE_Q6_K ? sizeof(struct q6_header) : sizeof(struct k_header);
+    switch (w_type) {
+    case LME_TYPE_Q6_K: return sizeof(struct q6_header);
+    case LME_TYPE_IQ4_XS: return sizeof(struct iq4_header);
+    default: return sizeof(struct k_header);
+    }
 }
 static ALWAYS_INLINE int64_t k_group_chunks(int64_t w_type) {
     return w_type == LME_TYPE_Q6_K ? 6 : w_type == LME_TYPE_Q5_K ? 5 : 4;
@@ -126,8 +142,10 @@ static ALWAYS_INLINE int64_t k_group_chunks(int64_t w_type) {
 /* the types whose header is a k_header (d, dmin, scales and mins) */
 static ALWAYS_INLINE int has_k_header(int64_t w_type) { return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K; }
 
-/* whether w = d u + m has an m (the signed forms, Q8_0 on AVX2 and Q6_K, have none) */
-static ALWAYS_INLINE int signed_form(int64_t w_type) { return w_type == LME_TYPE_Q8_0 || w_type == LME_TYPE_Q6_K; }
+/* whether w = d u + m has an m (the signed forms, Q8_0 on AVX2, Q6_K and IQ4_XS, have none) */
+static ALWAYS_INLINE int signed_form(int64_t w_type) {
+    return w_type == LME_TYPE_Q8_0 || w_type == LME_TYPE_Q6_K || w_type == LME_TYPE_IQ4_XS;
+}
 
 _Static_assert(sizeof(struct group_q8_0) == 544 && offsetof(struct group_q8_0, qs) == 32
                && sizeof(((struct group_q8_0 *)0)->qs[0]) == CHUNK_BYTES, "Q8_0 group block");
@@ -141,12 +159,13 @@ _Static_assert(sizeof(struct group_q8_0) == GROUP_ROWS * sizeof(struct block_q8_
 _Static_assert(sizeof(struct k_header) == 320 && offsetof(struct k_header, sc) == 64
                && offsetof(struct k_header, mn) == 192, "K group superblock header");
 _Static_assert(sizeof(struct q6_header) == 288 && offsetof(struct q6_header, sc) == 32, "Q6_K header");
+_Static_assert(sizeof(struct iq4_header) == 160 && offsetof(struct iq4_header, sc) == 32, "IQ4_XS header");
 
 /* bytes of one packed unit: a group block (16 rows x 32 columns), for Q4_K / Q5_K a group
  * superblock (16 x 256); 0: no packed layout */
 static int64_t group_block_bytes(int64_t w_type) {
     switch (w_type) {
-    case LME_TYPE_Q4_K: case LME_TYPE_Q5_K: case LME_TYPE_Q6_K:
+    case LME_TYPE_Q4_K: case LME_TYPE_Q5_K: case LME_TYPE_Q6_K: case LME_TYPE_IQ4_XS:
         return k_header_bytes(w_type) + K_GROUPS * k_group_chunks(w_type) * CHUNK_BYTES;
     case LME_TYPE_Q4_1: return sizeof(struct group_q4_1);
     case LME_TYPE_Q4_0: return sizeof(struct group_q4_0);
@@ -162,6 +181,7 @@ static ALWAYS_INLINE int64_t unit_src_bytes(int64_t w_type) {
     case LME_TYPE_Q4_K: return 144;
     case LME_TYPE_Q5_K: return 176;
     case LME_TYPE_Q6_K: return 210;
+    case LME_TYPE_IQ4_XS: return 136;
     default: return block_bytes(w_type);
     }
 }
@@ -280,6 +300,24 @@ static void pack_block_q6_k(const uint8_t *src, int r, uint8_t *dst) {
     }
 }
 
+/* An IQ4_XS superblock (136 bytes: f16 d | u16 scales_h | scales_l[4] | qs[128]) -> row r of a
+ * group superblock. Group g: scale = (nibble g % 2 of scales_l[g / 2]) | (bits 2g, 2g + 1 of
+ * scales_h) << 4, minus 32; its nibbles qs[16 g .. 16 g + 15], byte j holding values j and j + 16
+ * (Q4_1's order). */
+static void pack_block_iq4_xs(const uint8_t *src, int r, uint8_t *dst) {
+    struct iq4_header *out = (struct iq4_header *)dst;
+    const uint16_t scales_h = load_u16(src + 2);
+    memcpy(out->d[r], src, 2);
+    for (int g = 0; g < K_GROUPS; g++) {
+        const int low = (src[4 + g / 2] >> (4 * (g % 2))) & 0x0F, high = (scales_h >> (2 * g)) & 3;
+        out->sc[g][r] = (int8_t)((low | high << 4) - 32);
+        uint8_t *chunks = dst + sizeof(struct iq4_header) + g * k_group_chunks(LME_TYPE_IQ4_XS) * CHUNK_BYTES
+                          + LANE_BYTES * r;
+        for (int j = 0; j < QK / 2; j++)
+            chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES] = src[8 + 16 * g + j];
+    }
+}
+
 static void pack_block_q4_k(const uint8_t *src, int r, uint8_t *dst) { pack_block_k(LME_TYPE_Q4_K, src, r, dst); }
 static void pack_block_q5_k(const uint8_t *src, int r, uint8_t *dst) { pack_block_k(LME_TYPE_Q5_K, src, r, dst); }
 
@@ -290,6 +328,7 @@ static pack_block_fn pack_block_of(int64_t w_type) {
     case LME_TYPE_Q4_K: return pack_block_q4_k;
     case LME_TYPE_Q5_K: return pack_block_q5_k;
     case LME_TYPE_Q6_K: return pack_block_q6_k;
+    case LME_TYPE_IQ4_XS: return pack_block_iq4_xs;
     case LME_TYPE_Q8_0: return pack_block_q8_0;
     case LME_TYPE_Q4_0: return pack_block_q4_0;
     default: return pack_block_q4_1;
@@ -423,6 +462,19 @@ static void unpack_row_q6_k(const uint8_t *group, int64_t b, int r, int32_t u[QK
     *m = 0.0f;
 }
 
+/* IQ4_XS: u = kvalues[nibble] (signed), d = d_sb (sc - 32), m = 0 */
+static void unpack_row_iq4_xs(const uint8_t *group, int64_t b, int r, int32_t u[QK], float *d, float *m) {
+    const struct iq4_header *h = (const struct iq4_header *)unit_of(LME_TYPE_IQ4_XS, group, b);
+    const uint8_t *chunks = values_of(LME_TYPE_IQ4_XS, group, b) + LANE_BYTES * r;
+    for (int j = 0; j < QK / 2; j++) {
+        const uint8_t byte = chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES];
+        u[j] = KVALUES_IQ4NL[byte & 0x0F];
+        u[j + QK / 2] = KVALUES_IQ4NL[byte >> 4];
+    }
+    *d = fp16_to_fp32(load_u16(h->d[r])) * (float)h->sc[b % K_GROUPS][r];   /* exact: 11 x 6 bits */
+    *m = 0.0f;
+}
+
 static unpack_row_fn unpack_row_of(int64_t w_type) {
     switch (w_type) {
     case LME_TYPE_Q8_0: return unpack_row_q8_0;
@@ -430,6 +482,7 @@ static unpack_row_fn unpack_row_of(int64_t w_type) {
     case LME_TYPE_Q4_K: return unpack_row_q4_k;
     case LME_TYPE_Q5_K: return unpack_row_q5_k;
     case LME_TYPE_Q6_K: return unpack_row_q6_k;
+    case LME_TYPE_IQ4_XS: return unpack_row_iq4_xs;
     default: return unpack_row_q4_1;
     }
 }
@@ -581,6 +634,8 @@ TARGET_AVX512 static void matmul_packed_avx512(const struct packed_args *a) {
  *                            overflow; isum = madd(s16, 1)
  *     Q5_K (u <= 31):        the same in two halves (k < 4, k >= 4: 8 * 31 * 128 < 2^15 each),
  *                            isum = madd(s16_a, 1) + madd(s16_b, 1)
+ *     IQ4_XS:                q_k = the codebook values of chunk k's nibbles (vpshufb), then Q8_0's
+ *                            signed form
  *     Q8_0 (u = q + 128):    maddubs(u, x) pairs could reach 2 * 255 * 127 and saturate, so the
  *                            signed form, q = u - 128 and m = 0: isum = sum over k of
  *                            madd(maddubs(|q_k|, sign(x_k, q_k)), 1) (pairs at most 2 * 128 * 127),
@@ -655,12 +710,16 @@ TARGET_AVX2 static ALWAYS_INLINE void isums_avx2(int64_t w_type, const uint8_t *
         q6_isums_avx2(values, sub_scales, xr, n_x, isum);
         return;
     }
-    if (w_type == LME_TYPE_Q8_0) {
+    if (w_type == LME_TYPE_Q8_0 || w_type == LME_TYPE_IQ4_XS) {
+        const __m256i book = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL));
         for (int i = 0; i < n_x; i++)
             isum[i] = _mm256_setzero_si256();
-        LME_UNROLL for (int k = 0; k < 8; k++) {       /* q = u - 128: flip the top bit */
-            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * k)),
-                                               _mm256_set1_epi8((char)0x80));
+        LME_UNROLL for (int k = 0; k < 8; k++) {       /* Q8_0: q = u - 128, flip the top bit; IQ4_XS: */
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(values + CHUNK_BYTES * (w_type == LME_TYPE_Q8_0 ? k : k % 4)));
+            const __m256i q = w_type == LME_TYPE_Q8_0   /* the codebook value of each nibble */
+                                  ? _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80))
+                                  : _mm256_shuffle_epi8(book, _mm256_and_si256(k < 4 ? raw : _mm256_srli_epi16(raw, 4),
+                                                                               _mm256_set1_epi8(0x0F)));
             const __m256i abs_q = _mm256_abs_epi8(q);
             LME_UNROLL for (int i = 0; i < n_x; i++) {
                 isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(
@@ -713,7 +772,13 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
         const uint8_t *blk = unit_of(w_type, grp, b);
         __m256 d, m;
         const int8_t *sub_scales = NULL;
-        if (w_type == LME_TYPE_Q6_K) {                 /* d = d_sb; the scales go into isum */
+        if (w_type == LME_TYPE_IQ4_XS) {               /* d = d_sb (sc - 32): exact */
+            const struct iq4_header *g = (const struct iq4_header *)blk;
+            d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g->d[HALF_ROWS * half])),
+                              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                  _mm_loadl_epi64((const __m128i *)&g->sc[b % K_GROUPS][HALF_ROWS * half]))));
+            m = _mm256_setzero_ps();
+        } else if (w_type == LME_TYPE_Q6_K) {          /* d = d_sb; the scales go into isum */
             const struct q6_header *g = (const struct q6_header *)blk;
             d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g->d[HALF_ROWS * half]));
             m = _mm256_setzero_ps();
@@ -800,6 +865,7 @@ TARGET_AVX2 static void matmul_packed_avx2(const struct packed_args *a) {
     case LME_TYPE_Q4_K: two ? groups_avx2(a, LME_TYPE_Q4_K, 2) : groups_avx2(a, LME_TYPE_Q4_K, 1); return;
     case LME_TYPE_Q5_K: two ? groups_avx2(a, LME_TYPE_Q5_K, 2) : groups_avx2(a, LME_TYPE_Q5_K, 1); return;
     case LME_TYPE_Q6_K: two ? groups_avx2(a, LME_TYPE_Q6_K, 2) : groups_avx2(a, LME_TYPE_Q6_K, 1); return;
+    case LME_TYPE_IQ4_XS: two ? groups_avx2(a, LME_TYPE_IQ4_XS, 2) : groups_avx2(a, LME_TYPE_IQ4_XS, 1); return;
     case LME_TYPE_Q4_1: two ? groups_avx2(a, LME_TYPE_Q4_1, 2) : groups_avx2(a, LME_TYPE_Q4_1, 1); return;
     case LME_TYPE_Q4_0: two ? groups_avx2(a, LME_TYPE_Q4_0, 2) : groups_avx2(a, LME_TYPE_Q4_0, 1); return;
     default: two ? groups_avx2(a, LME_TYPE_Q8_0, 2) : groups_avx2(a, LME_TYPE_Q8_0, 1); return;

@@ -1,9 +1,9 @@
-"""The 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K matrices (kernels/csrc/packed.c)
-and its int8 product `lme_matmul_packed`: the layout against an independent NumPy decoder, the product on
+"""The 16-row packed layout of Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / IQ4_XS matrices
+(kernels/csrc/packed.c) and its int8 product `lme_matmul_packed`: the layout against an independent NumPy decoder, the product on
 every SIMD path against the Numba reference on the raw blocks (32-value types) and against float64
 NumPy, batch invariance, row ranges, argument checks, and the model with pack=True against
-pack=False. The NumPy decoder of ggml's Q4_K / Q5_K / Q6_K blocks is itself checked against the
-gguf package's dequantization.
+pack=False. The NumPy decoder of ggml's Q4_K / Q5_K / Q6_K / IQ4_XS blocks is itself checked against
+the gguf package's dequantization.
 
 Tolerances (u = 2**-24, the float32 unit roundoff). The block sums isum = sum(u_i * xq_i) are
 exact int32 in every implementation (|isum| <= 255 * 127 * 32 < 2**24, so even its conversion to
@@ -19,7 +19,8 @@ bound on recursive summation
 (S computed in float64 from the data, in the packed form w = d * u + m with u unsigned: for Q8_0
 u = q + 128 and m = -128 d, so S is the size of the terms the kernel really adds, which cancel;
 for Q4_K / Q5_K, per group of 32 values, d = d_sb * sc and m = -dmin_sb * mn, exact in float32; for
-Q6_K u = sc_s * q (signed), d = d_sb, m = 0;
+Q6_K u = sc_s * q (signed), d = d_sb, m = 0; for IQ4_XS u = the codebook value, d = d_sb (sc - 32),
+m = 0;
 the +5 covers the rounding of d * xd, of m * xs, of xs itself against xd * sum(xq), of the sum of
 two terms' xs and the final add of the two terms' results in the reference). The Numba reference
 `matmul_q8_numba` obeys the same bound (its terms, in the signed form, are no larger), so packed
@@ -34,21 +35,22 @@ import pytest
 
 from lmengine.kernels import matmul as mm
 from lmengine.kernels import native
-from lmengine.kernels.quant import F16, F32, Q3_K, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, QK_K, quantize
+from lmengine.kernels.quant import F16, F32, IQ4_XS, Q3_K, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, QK_K, quantize
 
 pytestmark = pytest.mark.skipif(not native.HAVE_NATIVE,
                                 reason=f"the C extension lmengine.kernels._native is not loaded: {native.LOAD_ERROR}")
 
 U = 2.0 ** -24
 Q8_TYPES = (Q8_0, Q4_0, Q4_1)                        # the 32-value types
-K_TYPES = (Q4_K, Q5_K, Q6_K)                         # packed per 256-value superblock
+K_TYPES = (Q4_K, Q5_K, Q6_K, IQ4_XS)                 # packed per 256-value superblock
 PACKED_TYPES = Q8_TYPES + K_TYPES
-TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}
+TYPE_IDS = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1", Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", IQ4_XS: "iq4_xs"}
 GROUP = 16
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}          # ggml bytes per 32-value block
 GROUP_BLOCK_BYTES = {Q4_1: 320, Q4_0: 288, Q8_0: 544}  # packed bytes per 16 rows x 32 columns (packed.c)
-K_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}          # ggml bytes per superblock (256 values)
-K_GROUP_BYTES = {Q4_K: 2368, Q5_K: 2880, Q6_K: 3360}  # packed bytes per 16 rows x 256 columns (packed.c)
+K_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210, IQ4_XS: 136}              # ggml bytes per superblock
+K_GROUP_BYTES = {Q4_K: 2368, Q5_K: 2880, Q6_K: 3360, IQ4_XS: 2208}    # packed, per 16 rows x 256 columns
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
 ROW_COUNTS = (1, 15, 16, 17, 37, 100)
 COL_COUNTS = (32, 64, 576)
 ERR_NULL, ERR_TYPE, ERR_SHAPE, ERR_RANGE, ERR_LENGTH = -1, -2, -3, -4, -5
@@ -65,7 +67,7 @@ def make_raw(w_type, n_rows, n_cols, seed):
     w *= np.exp(rng.uniform(-3, 1, (n_rows, n_cols // QK))).repeat(QK, axis=1).astype(np.float32)
     if w_type in K_TYPES:  # every third row's scale, min and value bytes random (every code), d kept
         blocks = quantize(w_type, w).reshape(n_rows, n_cols // QK_K, K_BYTES[w_type])
-        kept = slice(0, 208) if w_type == Q6_K else slice(4, None)
+        kept = {Q6_K: slice(0, 208), IQ4_XS: slice(2, None)}.get(w_type, slice(4, None))
         blocks[::3, :, kept] = rng.integers(0, 256, blocks[::3, :, kept].shape, dtype=np.uint8)
         return np.ascontiguousarray(blocks).reshape(-1)
     blocks = quantize(w_type, w).reshape(n_rows, n_cols // QK, BLOCK_BYTES[w_type])
@@ -143,6 +145,8 @@ def k_form(raw, w_type, n_rows, n_cols):
     q6_k_form."""
     if w_type == Q6_K:
         return q6_k_form(raw, n_rows, n_cols)
+    if w_type == IQ4_XS:
+        return iq4_xs_form(raw, n_rows, n_cols)
     b = raw.reshape(n_rows, n_cols // QK_K, K_BYTES[w_type])
     d = b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float64)
     dmin = b[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
@@ -177,6 +181,38 @@ def q6_k_form(raw, n_rows, n_cols):
     return u.reshape(n_rows, n_cols // QK, QK), d, np.zeros_like(d)
 
 
+def iq4_xs_form(raw, n_rows, n_cols):
+    """k_form of raw IQ4_XS superblocks (ggml's layout, read here with NumPy: f16 d | u16 scales_h |
+    scales_l[4] | qs[128]; group g's value l = KVALUES_IQ4NL[nibble l // 16 of qs[16 g + l % 16]],
+    its scale (nibble g % 2 of scales_l[g // 2]) | (bits 2g, 2g + 1 of scales_h) << 4, minus 32):
+    u = the codebook value (signed), d = d_sb (scale - 32), m = 0 per 32-value group."""
+    b = raw.reshape(n_rows, n_cols // QK_K, 136)
+    d = b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    scales_h = b[:, :, 2:4].copy().view(np.uint16)[:, :, 0].astype(np.int64)
+    scales_l = b[:, :, 4:8].astype(np.int64)
+    g = np.arange(8)
+    scale = ((scales_l[:, :, g // 2] >> (4 * (g % 2))) & 15) | ((scales_h[:, :, None] >> (2 * g)) & 3) << 4
+    qs = b[:, :, 8:].reshape(n_rows, -1, 8, 16).astype(np.int64)
+    u = KVALUES_IQ4NL[np.concatenate([qs & 15, qs >> 4], axis=3)]
+    d = (d[:, :, None] * (scale - 32)).reshape(n_rows, -1)
+    return u.reshape(n_rows, n_cols // QK, QK), d, np.zeros_like(d)
+
+
+def iq4_xs_packed_form(packed, n_rows, n_cols):
+    """(u, d, m) as iq4_xs_form, read from the packed layout with NumPy (packed.c, struct
+    iq4_header: per group of 16 rows and superblock: d f16 x 16 | int8 scale - 32 [8 groups][16
+    rows] | per group 4 nibble chunks as Q4_1's)."""
+    n_groups, n_sb = -(-n_rows // GROUP), n_cols // QK_K
+    g = packed.reshape(n_groups, n_sb, K_GROUP_BYTES[IQ4_XS])
+    d = g[:, :, 0:32].copy().view(np.float16).astype(np.float64)            # [group, sb, row]
+    sc = g[:, :, 32:160].copy().view(np.int8).reshape(n_groups, n_sb, 8, GROUP).astype(np.float64)
+    chunks = g[:, :, 160:].reshape(n_groups, n_sb, 8, 4, GROUP, 4).transpose(0, 4, 1, 2, 3, 5).astype(np.int64)
+    nibble_bytes = chunks.reshape(n_groups * GROUP, n_sb * 8, 16)
+    u = KVALUES_IQ4NL[np.concatenate([nibble_bytes & 15, nibble_bytes >> 4], axis=2)]
+    d = (d[:, :, None, :] * sc).transpose(0, 3, 1, 2).reshape(n_groups * GROUP, n_sb * 8)
+    return u, d, np.zeros_like(d)
+
+
 def q6_k_packed_form(packed, n_rows, n_cols):
     """(u, d, m) as q6_k_form, read from the packed layout with NumPy (packed.c, struct q6_header:
     per group of 16 rows and superblock: d f16 x 16 | int8 sc [16 sub-blocks][16 rows] | per group
@@ -208,6 +244,8 @@ def k_packed_form(packed, w_type, n_rows, n_cols):
     padding rows included. Q6_K: q6_k_packed_form."""
     if w_type == Q6_K:
         return q6_k_packed_form(packed, n_rows, n_cols)
+    if w_type == IQ4_XS:
+        return iq4_xs_packed_form(packed, n_rows, n_cols)
     n_groups, n_sb = -(-n_rows // GROUP), n_cols // QK_K
     n_chunks = 5 if w_type == Q5_K else 4
     g = packed.reshape(n_groups, n_sb, K_GROUP_BYTES[w_type])
@@ -330,8 +368,8 @@ K_COL_COUNTS = (256, 768)
 @pytest.mark.parametrize("n_cols", K_COL_COUNTS)
 @pytest.mark.parametrize("n_rows", ROW_COUNTS)
 def test_k_pack_round_trip(w_type, n_rows, n_cols):
-    """The packed Q4_K / Q5_K matrix holds the same weights as the ggml blocks, in every group of
-    32 values (scales and mins with all 6-bit codes); padding rows are zero."""
+    """The packed K-type matrix holds the same weights as the ggml blocks, in every group of 32
+    values (scales and mins with every code); padding rows have d = m = 0."""
     raw = make_raw(w_type, n_rows, n_cols, seed=n_rows * 1000 + n_cols)
     packed = native.pack_q8(raw, w_type, n_rows, n_cols)
     assert packed.size == -(-n_rows // GROUP) * (n_cols // QK_K) * K_GROUP_BYTES[w_type]
@@ -340,20 +378,21 @@ def test_k_pack_round_trip(w_type, n_rows, n_cols):
     np.testing.assert_array_equal(u[:n_rows], ref_u)
     np.testing.assert_array_equal(d[:n_rows], ref_d)
     np.testing.assert_array_equal(m[:n_rows], ref_m)
-    assert not u[n_rows:].any() and not d[n_rows:].any() and not m[n_rows:].any()
+    assert not d[n_rows:].any() and not m[n_rows:].any()
+    assert w_type == IQ4_XS or not u[n_rows:].any()          # (IQ4_XS: nibble 0 is the value -127)
 
 
 @pytest.mark.parametrize("w_type", K_TYPES, ids=TYPE_IDS.get)
 def test_k_decoder_matches_gguf(w_type):
-    """The NumPy decoder of ggml's Q4_K / Q5_K / Q6_K blocks used above is that of the gguf package:
-    the same weights up to the float32 rounding of gguf's d * sc * q - dmin * mn (Q6_K: d * sc * q)."""
+    """The NumPy decoder of ggml's Q4_K / Q5_K / Q6_K / IQ4_XS blocks used above is that of the gguf
+    package: the same weights up to the float32 rounding of gguf's d * sc * q - dmin * mn."""
     from gguf import GGMLQuantizationType, quants
     n_rows, n_cols = 37, 768
     raw = make_raw(w_type, n_rows, n_cols, seed=9)
     u, d, m = k_form(raw, w_type, n_rows, n_cols)
     ours = (d[:, :, None] * u + m[:, :, None]).reshape(n_rows, n_cols)
     gguf_type = {Q4_K: GGMLQuantizationType.Q4_K, Q5_K: GGMLQuantizationType.Q5_K,
-                 Q6_K: GGMLQuantizationType.Q6_K}[w_type]
+                 Q6_K: GGMLQuantizationType.Q6_K, IQ4_XS: GGMLQuantizationType.IQ4_XS}[w_type]
     theirs = quants.dequantize(raw.reshape(n_rows, -1), gguf_type).astype(np.float64)
     size = np.maximum(np.abs(d[:, :, None] * u), np.abs(m[:, :, None])).reshape(n_rows, n_cols)
     assert np.all(np.abs(ours - theirs) <= 2 * U * size)
