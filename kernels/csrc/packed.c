@@ -238,6 +238,36 @@ static void pack_block_q4_1(const uint8_t *src, int r, uint8_t *dst) {
         memcpy(out->qs[k][r], in->qs + LANE_BYTES * k, LANE_BYTES);
 }
 
+/* Packing the K types works on 4 bytes (of 4 values) at a time, in 32-bit words: per value only
+ * shifts and masks, so a 1B file packs at memory speed rather than at 0.6-0.8 GB/s per thread. */
+static ALWAYS_INLINE void store_u32(uint8_t *p, uint32_t v) {     /* little-endian, any alignment */
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+/* Row r's lanes (at `lanes` = chunk 0 + 4 r) of the 4 nibble chunks of one group of 32 values,
+ * value l being bits [shift, shift + 4) of in[l]: byte j = value j | value j + 16 << 4 (Q4_1's). */
+static void put_nibbles(const uint8_t *in, int shift, uint8_t *lanes) {
+    for (int k = 0; k < 4; k++) {
+        const uint32_t low = (load_u32(in + 4 * k) >> shift) & 0x0F0F0F0Fu;
+        const uint32_t high = (load_u32(in + 16 + 4 * k) >> shift) & 0x0F0F0F0Fu;
+        store_u32(lanes + k * CHUNK_BYTES, low | high << 4);
+    }
+}
+
+/* Row r's lane of a chunk of top bits: byte i holds, at bits [width k, width (k + 1)), the bits
+ * [shift, shift + width) of in[4k + i], for k < count (Q5_K: width 1, count 8, in[4k + i] being
+ * value 4k + i and, from k = 4, value 16 + 4 (k - 4) + i; Q6_K: width 2, count 4). */
+static ALWAYS_INLINE void put_top_bits(const uint8_t *in, int shift, int width, int count, uint8_t *lane) {
+    const uint32_t mask = width == 1 ? 0x01010101u : 0x03030303u;
+    uint32_t bits = 0;
+    for (int k = 0; k < count; k++)
+        bits |= ((load_u32(in + 4 * k) >> shift) & mask) << (width * k);
+    store_u32(lane, bits);
+}
+
 /* A Q4_K / Q5_K superblock (144 / 176 bytes: d, dmin, 12 bytes of scales, Q5_K's 32 bytes qh,
  * 128 of nibbles qs) -> row r of a group superblock. Scales as ggml's get_scale_min_k4: bytes
  * s[0..11]; group j < 4: sc = s[j] & 63, mn = s[j + 4] & 63; j >= 4: the low 4 bits from s[j + 4]
@@ -254,20 +284,10 @@ static void pack_block_k(int64_t w_type, const uint8_t *src, int r, uint8_t *dst
         out->mn[j][r] = j < 4 ? s[j + 4] & 63 : (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
     }
     for (int g = 0; g < K_GROUPS; g++) {
-        uint8_t v[QK];
-        for (int l = 0; l < QK; l++)
-            v[l] = (uint8_t)(((qs[QK * (g / 2) + l] >> (4 * (g % 2))) & 0x0F)
-                             | (w_type == LME_TYPE_Q5_K ? ((qh[l] >> g) & 1) << 4 : 0));
-        uint8_t *chunks = dst + sizeof(struct k_header) + g * k_group_chunks(w_type) * CHUNK_BYTES + LANE_BYTES * r;
-        for (int j = 0; j < QK / 2; j++)          /* byte j: value j | value j + 16 << 4, as Q4_1 */
-            chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES] = (uint8_t)((v[j] & 0x0F) | (v[j + QK / 2] & 0x0F) << 4);
-        if (w_type == LME_TYPE_Q5_K)
-            for (int i = 0; i < LANE_BYTES; i++) {
-                uint8_t bits = 0;
-                for (int k = 0; k < 4; k++)
-                    bits |= (uint8_t)((v[4 * k + i] >> 4) << k | (v[QK / 2 + 4 * k + i] >> 4) << (4 + k));
-                chunks[4 * CHUNK_BYTES + i] = bits;
-            }
+        uint8_t *lanes = dst + sizeof(struct k_header) + g * k_group_chunks(w_type) * CHUNK_BYTES + LANE_BYTES * r;
+        put_nibbles(qs + QK * (g / 2), 4 * (g % 2), lanes);
+        if (w_type == LME_TYPE_Q5_K)      /* byte i: bit k = bit g of qh[4k + i] (value 4k + i), k < 8 */
+            put_top_bits(qh, g, 1, 8, lanes + 4 * CHUNK_BYTES);
     }
 }
 
@@ -282,21 +302,11 @@ static void pack_block_q6_k(const uint8_t *src, int r, uint8_t *dst) {
         out->sc[s][r] = (int8_t)src[192 + s];
     for (int g = 0; g < K_GROUPS; g++) {
         const int n = g / 4, k = g % 4;
-        uint8_t v[QK];                                         /* the 6-bit values, q + 32 */
-        for (int l = 0; l < QK; l++)
-            v[l] = (uint8_t)(((ql[64 * n + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0x0F)
-                             | ((qh[32 * n + l] >> (2 * k)) & 3) << 4);
-        uint8_t *chunks = dst + sizeof(struct q6_header) + g * k_group_chunks(LME_TYPE_Q6_K) * CHUNK_BYTES
-                          + LANE_BYTES * r;
-        for (int j = 0; j < QK / 2; j++)          /* byte j: value j | value j + 16 << 4, as Q4_1 */
-            chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES] = (uint8_t)((v[j] & 0x0F) | (v[j + QK / 2] & 0x0F) << 4);
-        for (int h = 0; h < 2; h++)               /* chunk 4 + h: the top bits of values 16 h + 4k + i */
-            for (int i = 0; i < LANE_BYTES; i++) {
-                uint8_t bits = 0;
-                for (int kk = 0; kk < 4; kk++)
-                    bits |= (uint8_t)((v[QK / 2 * h + 4 * kk + i] >> 4) << (2 * kk));
-                chunks[(4 + h) * CHUNK_BYTES + i] = bits;
-            }
+        uint8_t *lanes = dst + sizeof(struct q6_header) + g * k_group_chunks(LME_TYPE_Q6_K) * CHUNK_BYTES
+                         + LANE_BYTES * r;
+        put_nibbles(ql + 64 * n + 32 * (k % 2), 4 * (k / 2), lanes);
+        for (int h = 0; h < 2; h++)       /* chunk 4 + h, byte i: bits 2kk.. = top of value 16 h + 4kk + i */
+            put_top_bits(qh + 32 * n + QK / 2 * h, 2 * k, 2, 4, lanes + (4 + h) * CHUNK_BYTES);
     }
 }
 
