@@ -39,10 +39,11 @@ call (`use_native()`), so code compiled and cached on disk stays correct in a pr
 extension is missing (see kernels/native.py). Non-contiguous arrays also take the Numba path.
 
 Packed matrices (`matmul_packed`, `matmul_packed_q8`): on AVX2 and AVX-512 VNNI CPUs models re-lay
-their Q8_0/Q4_0/Q4_1 matrices 16 rows at a time (`lmengine.kernels.native.pack_q8`,
-kernels/csrc/packed.c) and use these products instead: the same integer sums with no horizontal
-sums per block, ~3x the multiply-adds per second of the row-major kernel with VNNI, 1.1-2x with
-AVX2 (Q4_0/Q4_1 1.7x from 4 tokens on, 2x for one token).
+their Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/IQ4_XS matrices 16 rows at a time
+(`lmengine.kernels.native.pack_q8`, kernels/csrc/packed.c) and use these products instead: the
+same integer sums with no horizontal sums per block, ~3x the multiply-adds per second of the
+row-major kernel with VNNI, 1.1-2.1x with AVX2. The K types and IQ4_XS then take these 32-value
+activation blocks instead of Q8_K.
 
 Activation quantization (`quantize_activations`, `quantize_activations_x2`) runs in C
 (`lme_quantize_row`: scalar, AVX2, AVX-512, each bit-identical to the Numba loop here) and over threads for

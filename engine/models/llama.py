@@ -13,8 +13,8 @@ against), with a field per GGUF matrix kind (`attn_q`, ..., `output`, each a `Ma
 blocks are for every layer) and per vector kind. Every product in the layer loop is one call of
 `project` (one matrix) or `project_parts` (q|k|v, gate|up), whatever the matrix's layout.
 
-Packed matrices: on CPUs with AVX-512 VNNI the int8 paths read the Q8_0/Q4_0/Q4_1 matrices in the
-16-row packed layout of kernels/csrc/packed.c (made once at load by lmengine.kernels.packing,
+Packed matrices: on CPUs with AVX2 or AVX-512 VNNI the int8 paths read the Q8_0/Q4_0/Q4_1/Q4_K/
+Q5_K/Q6_K/IQ4_XS matrices (`packing.PACKABLE_TYPES`) in the 16-row packed layout of kernels/csrc/packed.c (made once at load by lmengine.kernels.packing,
 `LlamaWeights(pack=True)`; the file's pages of those matrices are then given back). A layer whose
 q, k, v (and gate, up) matrices are packed back to back runs them as one product over the
 concatenated rows, quantizing its input once.
@@ -194,7 +194,7 @@ class LlamaWeights:
         return sum(int((getattr(self.model, name).packed_at >= 0).sum()) for name in MATRIX_NAMES + ("output",))
 
     def _pack(self, gguf_file, matrices, fused):
-        """Pack every Q8_0/Q4_0/Q4_1 matrix, within a layer in the order q, k, v, attn_output,
+        """Pack every matrix of a type in packing.PACKABLE_TYPES, within a layer in the order q, k, v, attn_output,
         gate, up, down (so q|k|v and gate|up end up back to back), then the output matrix, and
         give the file's pages of each one back. (A tied embedding is still read by rows for the
         token lookup: only the pages of the tokens seen come back.)"""
