@@ -103,6 +103,19 @@ _Static_assert(sizeof(struct block_q5_1) == 24 && offsetof(struct block_q5_1, qh
                && offsetof(struct block_q5_1, qs) == 8, "Q5_1 block");
 _Static_assert(sizeof(struct block_iq4_nl) == 18 && offsetof(struct block_iq4_nl, qs) == 2, "IQ4_NL block");
 
+/* bytes per superblock of 256 values (LME_QK_K) of the K types and IQ4_XS; 0: not such a type */
+static inline int64_t kblock_bytes(int64_t w_type) {      /* bytes per superblock; 0: not a K type */
+    switch (w_type) {
+    case LME_TYPE_Q2_K: return 84;
+    case LME_TYPE_Q3_K: return 110;
+    case LME_TYPE_Q4_K: return 144;
+    case LME_TYPE_Q5_K: return 176;
+    case LME_TYPE_Q6_K: return 210;
+    case LME_TYPE_IQ4_XS: return 136;
+    default: return 0;
+    }
+}
+
 static inline int64_t block_size(int64_t w_type) {      /* values per block; 0: unsupported type */
     switch (w_type) {
     case LME_TYPE_F32: case LME_TYPE_F16: case LME_TYPE_BF16: return 1;

@@ -54,19 +54,7 @@
 #define TILE_BYTES (48 * 1024)                 /* weight bytes per row tile (stays in L2 while
                                                 * every token group passes over it) */
 
-/* KVALUES_IQ4NL, the 4-bit codebook of IQ4_XS: common.h */
-
-static inline int64_t kblock_bytes(int64_t w_type) {      /* bytes per superblock; 0: not a K type */
-    switch (w_type) {
-    case LME_TYPE_Q2_K: return 84;
-    case LME_TYPE_Q3_K: return 110;
-    case LME_TYPE_Q4_K: return 144;
-    case LME_TYPE_Q5_K: return 176;
-    case LME_TYPE_Q6_K: return 210;
-    case LME_TYPE_IQ4_XS: return 136;
-    default: return 0;
-    }
-}
+/* KVALUES_IQ4NL, the 4-bit codebook of IQ4_XS, and kblock_bytes: common.h */
 
 static ALWAYS_INLINE int has_mins(int64_t w_type) {          /* w = d sc q - dmin mn */
     return w_type == LME_TYPE_Q2_K || w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K;

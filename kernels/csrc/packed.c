@@ -103,7 +103,7 @@ struct group_q4_1 {
 
 /* The header of a Q4_K / Q5_K group superblock (16 rows x 256 columns = 8 groups of 32 values);
  * the groups' chunks follow, group after group (k_group_chunks each). */
-#define QK_K 256                               /* values per K-quant superblock */
+#define QK_K LME_QK_K                          /* values per K-quant superblock */
 #define K_GROUPS (QK_K / QK)                   /* groups of 32 values per superblock */
 struct k_header {
     uint8_t d[GROUP_ROWS][2];
@@ -124,8 +124,9 @@ struct iq4_header {
     int8_t sc[K_GROUPS][GROUP_ROWS];                              /* scale - 32 of group g, row r */
 };
 
-/* the types packed per superblock, and their header and chunks per group of 32 values */
-static ALWAYS_INLINE int is_k_type(int64_t w_type) {
+/* the types packed per superblock of 256 columns (the K types with a packed layout and IQ4_XS),
+ * and their header and chunks per group of 32 values */
+static ALWAYS_INLINE int per_superblock(int64_t w_type) {
     return w_type == LME_TYPE_Q4_K || w_type == LME_TYPE_Q5_K || w_type == LME_TYPE_Q6_K || w_type == LME_TYPE_IQ4_XS;
 }
 static ALWAYS_INLINE int64_t k_header_bytes(int64_t w_type) {
@@ -161,8 +162,8 @@ _Static_assert(sizeof(struct k_header) == 320 && offsetof(struct k_header, sc) =
 _Static_assert(sizeof(struct q6_header) == 288 && offsetof(struct q6_header, sc) == 32, "Q6_K header");
 _Static_assert(sizeof(struct iq4_header) == 160 && offsetof(struct iq4_header, sc) == 32, "IQ4_XS header");
 
-/* bytes of one packed unit: a group block (16 rows x 32 columns), for Q4_K / Q5_K a group
- * superblock (16 x 256); 0: no packed layout */
+/* bytes of one packed unit: a group block (16 rows x 32 columns), for the per_superblock types a
+ * group superblock (16 x 256); 0: no packed layout */
 static int64_t group_block_bytes(int64_t w_type) {
     switch (w_type) {
     case LME_TYPE_Q4_K: case LME_TYPE_Q5_K: case LME_TYPE_Q6_K: case LME_TYPE_IQ4_XS:
@@ -175,15 +176,9 @@ static int64_t group_block_bytes(int64_t w_type) {
 }
 
 /* columns of one packed unit, and ggml's bytes for them in one row */
-static ALWAYS_INLINE int64_t unit_values(int64_t w_type) { return is_k_type(w_type) ? QK_K : QK; }
+static ALWAYS_INLINE int64_t unit_values(int64_t w_type) { return per_superblock(w_type) ? QK_K : QK; }
 static ALWAYS_INLINE int64_t unit_src_bytes(int64_t w_type) {
-    switch (w_type) {
-    case LME_TYPE_Q4_K: return 144;
-    case LME_TYPE_Q5_K: return 176;
-    case LME_TYPE_Q6_K: return 210;
-    case LME_TYPE_IQ4_XS: return 136;
-    default: return block_bytes(w_type);
-    }
+    return per_superblock(w_type) ? kblock_bytes(w_type) : block_bytes(w_type);
 }
 
 /* where qs starts in a group block (d, and m, come first) */
@@ -359,7 +354,7 @@ int lme_pack_q8(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows,
         return LME_ERR_NULL;
     if (w_len < n_rows * n_units * bytes || dst_len < packed)
         return LME_ERR_LENGTH;
-    memset(dst, 0, (size_t)packed);                            /* padding rows: d = m = u = 0 */
+    memset(dst, 0, (size_t)packed);           /* padding rows: zero bytes, so d = m = 0 */
     const int64_t gb = group_block_bytes(w_type);
     const pack_block_fn pack_block = pack_block_of(w_type);
     for (int64_t row = 0; row < n_rows; row++) {
@@ -377,14 +372,14 @@ static ALWAYS_INLINE int64_t group_bytes(int64_t w_type, int64_t n_cols) {
     return n_cols / unit_values(w_type) * group_block_bytes(w_type);
 }
 
-/* the unit holding block b: its group block, for Q4_K / Q5_K its group superblock */
+/* the unit holding block b: its group block, or its group superblock */
 static ALWAYS_INLINE const uint8_t *unit_of(int64_t w_type, const uint8_t *group, int64_t b) {
-    return is_k_type(w_type) ? group + b / K_GROUPS * group_block_bytes(w_type) : group + b * group_block_bytes(w_type);
+    return group + b / (unit_values(w_type) / QK) * group_block_bytes(w_type);
 }
 
 /* chunk 0 of block b's values (the next chunks follow, CHUNK_BYTES apart) */
 static ALWAYS_INLINE const uint8_t *values_of(int64_t w_type, const uint8_t *group, int64_t b) {
-    return is_k_type(w_type) ? unit_of(w_type, group, b) + k_header_bytes(w_type)
+    return per_superblock(w_type) ? unit_of(w_type, group, b) + k_header_bytes(w_type)
                                    + b % K_GROUPS * k_group_chunks(w_type) * CHUNK_BYTES
                              : unit_of(w_type, group, b) + values_offset(w_type);
 }
@@ -910,7 +905,7 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
     switch (lme_get_isa()) {
 #if LME_X86
     case LME_ISA_AVX512:                   /* the K types: the AVX2 kernel (no AVX-512 one yet) */
-        is_k_type(w_type) ? matmul_packed_avx2(&a) : matmul_packed_avx512(&a);
+        per_superblock(w_type) ? matmul_packed_avx2(&a) : matmul_packed_avx512(&a);
         break;
     case LME_ISA_AVX2: matmul_packed_avx2(&a); break;
 #endif

@@ -36,13 +36,23 @@ def f32_model(tmp_path_factory):
     return path, hf
 
 
+def _quantized(f32_model, tmp_path_factory, name):
+    """(name, GGUFFile, config) of the f32 model quantized by `lmengine quantize` to `name`."""
+    dst = tmp_path_factory.mktemp("kq") / f"{name}.gguf"
+    quantize_gguf(str(f32_model[0]), str(dst), name, pure=name in PURE)
+    f = GGUFFile(dst)
+    return name, f, config_from_gguf(f)
+
+
 @pytest.fixture(scope="module", params=MIXES + PURE)
 def k_model(request, f32_model, tmp_path_factory):
-    src, _ = f32_model
-    dst = tmp_path_factory.mktemp("kq") / f"{request.param}.gguf"
-    quantize_gguf(str(src), str(dst), request.param, pure=request.param in PURE)
-    f = GGUFFile(dst)
-    return request.param, f, config_from_gguf(f)
+    return _quantized(f32_model, tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module", params=MIXES)
+def mix_model(request, f32_model, tmp_path_factory):
+    """The mixes only: their K-quant and IQ4_XS matrices have a packed layout."""
+    return _quantized(f32_model, tmp_path_factory, request.param)
 
 
 def _backend(k_model, activations, n_slots=1):
@@ -118,20 +128,20 @@ PACKED_K_RMS_RATIO = {"int8": 1.0, "mixed": 1.0, "int8x2": 1.25}
 
 
 @pytest.mark.parametrize("activations", ["int8", "mixed", "int8x2"])
-def test_packed_k_matrices_track_the_exact_path_as_well(k_model, activations):
+def test_packed_k_matrices_track_the_exact_path_as_well(mix_model, activations):
     """The mixes' Q4_K, Q5_K, Q6_K and IQ4_XS matrices in the packed layout (kernels/csrc/packed.c:
     32-value activation blocks) against the same file on the row-major K kernels (Q8_K: one activation
     scale per 256 values): the packed model is at least as close to the exact path
     (PACKED_K_RMS_RATIO)."""
-    name, f, config = k_model
-    if name not in MIXES or not native.HAVE_NATIVE:
-        pytest.skip("the mixes have the packed K types; packing needs the C extension")
+    name, f, config = mix_model
+    if not native.HAVE_NATIVE:
+        pytest.skip("packing needs the C extension")
     packed = NumbaLlamaBackend(f, config, n_ctx=64, activations=activations, pack=True)
     row_major = NumbaLlamaBackend(f, config, n_ctx=64, activations=activations, pack=False)
     packed_types = {int(t) for name in ("attn_q", "ffn_gate", "ffn_up")
                     for t in getattr(packed.weights.model, name).w_type}
     assert packed_types & {Q4_K, Q5_K, Q6_K, IQ4_XS} and packed.weights.n_packed > 0 and row_major.weights.n_packed == 0
-    exact = _backend(k_model, "f32").forward(0, PROMPT, 0, all_logits=True)
+    exact = _backend(mix_model, "f32").forward(0, PROMPT, 0, all_logits=True)
     got = packed.forward(0, PROMPT, 0, all_logits=True)
     ref = row_major.forward(0, PROMPT, 0, all_logits=True)
     assert _rms(got - exact) <= PACKED_K_RMS_RATIO[activations] * _rms(ref - exact)
