@@ -19,9 +19,11 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+#define NEVER_INLINE __attribute__((noinline))
 #define ALIGN64 __attribute__((aligned(64)))
 #else
 #define ALWAYS_INLINE inline
+#define NEVER_INLINE
 #define ALIGN64
 #endif
 

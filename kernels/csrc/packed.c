@@ -847,10 +847,14 @@ TARGET_AVX2 static ALWAYS_INLINE void groups_avx2(const struct packed_args *a, i
     const int64_t group_end = (a->row_end + GROUP_ROWS - 1) / GROUP_ROWS;
     for (int64_t group = a->row_begin / GROUP_ROWS; group < group_end; group++) {
         for (int half = 0; half < 2 && group * GROUP_ROWS + HALF_ROWS * half < a->row_end; half++) {
+            /* X_BATCH activation rows per call: with two terms, 4 tokens (8 tokens' 16 block sums
+             * and 8 accumulators did not fit the 16 registers; the spills made two terms cost
+             * 2.6-3.2x one term from 8 tokens on, 2.0-2.1x now) */
+            const int step = TOKEN_GROUP / n_terms;
             int64_t t0 = 0;
-            for (; t0 + TOKEN_GROUP <= a->n_tok; t0 += TOKEN_GROUP)
-                half_tokens_avx2(a, w_type, n_terms, TOKEN_GROUP, group, half, t0);
-            switch (a->n_tok - t0) {                      /* the last tokens: a constant count */
+            for (; t0 + step <= a->n_tok; t0 += step)
+                half_tokens_avx2(a, w_type, n_terms, step, group, half, t0);
+            switch (a->n_tok - t0) {                      /* the last tokens: a constant count (with two terms at most 3) */
             case 7: half_tokens_avx2(a, w_type, n_terms, 7, group, half, t0); break;
             case 6: half_tokens_avx2(a, w_type, n_terms, 6, group, half, t0); break;
             case 5: half_tokens_avx2(a, w_type, n_terms, 5, group, half, t0); break;
@@ -864,16 +868,38 @@ TARGET_AVX2 static ALWAYS_INLINE void groups_avx2(const struct packed_args *a, i
     }
 }
 
+/* One function per (type, terms) pair: GCC allocates each one's registers on its own. (As one
+ * function of all 14, a change in the two-term path moved spills into Q4_0's one-term loop,
+ * which lost 40%.) */
+#define GROUPS_AVX2(type)                                                                           \
+    TARGET_AVX2 static NEVER_INLINE void groups_avx2_##type(const struct packed_args *a) {         \
+        if (a->n_terms == 2)                                                                       \
+            groups_avx2_2_##type(a);                                                               \
+        else                                                                                       \
+            groups_avx2_1_##type(a);                                                               \
+    }
+#define GROUPS_AVX2_TERMS(type, terms)                                                             \
+    TARGET_AVX2 static NEVER_INLINE void groups_avx2_##terms##_##type(const struct packed_args *a) { \
+        groups_avx2(a, LME_TYPE_##type, terms);                                                    \
+    }
+#define GROUPS_AVX2_ALL(type) GROUPS_AVX2_TERMS(type, 1) GROUPS_AVX2_TERMS(type, 2) GROUPS_AVX2(type)
+GROUPS_AVX2_ALL(Q8_0)
+GROUPS_AVX2_ALL(Q4_0)
+GROUPS_AVX2_ALL(Q4_1)
+GROUPS_AVX2_ALL(Q4_K)
+GROUPS_AVX2_ALL(Q5_K)
+GROUPS_AVX2_ALL(Q6_K)
+GROUPS_AVX2_ALL(IQ4_XS)
+
 TARGET_AVX2 static void matmul_packed_avx2(const struct packed_args *a) {
-    const int two = a->n_terms == 2;
     switch (a->w_type) {
-    case LME_TYPE_Q4_K: two ? groups_avx2(a, LME_TYPE_Q4_K, 2) : groups_avx2(a, LME_TYPE_Q4_K, 1); return;
-    case LME_TYPE_Q5_K: two ? groups_avx2(a, LME_TYPE_Q5_K, 2) : groups_avx2(a, LME_TYPE_Q5_K, 1); return;
-    case LME_TYPE_Q6_K: two ? groups_avx2(a, LME_TYPE_Q6_K, 2) : groups_avx2(a, LME_TYPE_Q6_K, 1); return;
-    case LME_TYPE_IQ4_XS: two ? groups_avx2(a, LME_TYPE_IQ4_XS, 2) : groups_avx2(a, LME_TYPE_IQ4_XS, 1); return;
-    case LME_TYPE_Q4_1: two ? groups_avx2(a, LME_TYPE_Q4_1, 2) : groups_avx2(a, LME_TYPE_Q4_1, 1); return;
-    case LME_TYPE_Q4_0: two ? groups_avx2(a, LME_TYPE_Q4_0, 2) : groups_avx2(a, LME_TYPE_Q4_0, 1); return;
-    default: two ? groups_avx2(a, LME_TYPE_Q8_0, 2) : groups_avx2(a, LME_TYPE_Q8_0, 1); return;
+    case LME_TYPE_Q4_K: groups_avx2_Q4_K(a); return;
+    case LME_TYPE_Q5_K: groups_avx2_Q5_K(a); return;
+    case LME_TYPE_Q6_K: groups_avx2_Q6_K(a); return;
+    case LME_TYPE_IQ4_XS: groups_avx2_IQ4_XS(a); return;
+    case LME_TYPE_Q4_1: groups_avx2_Q4_1(a); return;
+    case LME_TYPE_Q4_0: groups_avx2_Q4_0(a); return;
+    default: groups_avx2_Q8_0(a); return;
     }
 }
 #endif /* LME_X86 */
