@@ -10,9 +10,10 @@ free their slot. One `step()`:
      and a running request has a greater priority value than the first waiting one, that
      request is pre-empted (`_preempt_for`: it waits again, keeping its tokens, and later
      recomputes what its slot lost, with the same results);
-  2. runs every running sequence that has more than one uncached token (a new prompt) through
-     `backend.forward`, and all sequences that have exactly one (decoding) through ONE
-     `backend.forward_batch` call, so weights are read once for the whole batch;
+  2. runs every running sequence's uncached tokens, the decode rows (one token each) and the
+     prompt chunks together, through ONE `backend.forward_mixed` call, so that weights are read
+     once for the whole step (a backend that cannot join them runs each prompt through
+     `forward` and the decode rows through one `forward_batch`);
   3. samples the next token of every sequence in ONE `Sampler.sample` call.
 
 Threads, two modes:
@@ -38,8 +39,11 @@ offset, exactly like a prompt whose prefix was cached.
 
 Paced chunks (`prefill_pace`, None = off; the server sets 1.0): while sequences are decoding, a
 step's prompt budget shrinks to the number of prompt tokens that take about `prefill_pace` times
-the decode step's own time, from moving averages of the measured seconds per prompt token and per
-batched decode step (at least 2 tokens, at most `prefill_chunk`). So a long prompt arriving slows
+the decode step's own time, from moving averages of the measured seconds per token of steps of
+TIMED_STEP_TOKENS tokens or more (where the products, not the weight reads, set the time) and per
+decode-only step (at least 2 tokens, at most `prefill_chunk`). The chunk rides in the decode
+step's forward, so with few rows decoding (a step bound by reading the weights) it costs less
+than that. So a long prompt arriving slows
 the ongoing streams' inter-token latency by about (1 + prefill_pace)x, on any machine, instead of
 by a fixed chunk's cost, which is 28x the decode step where prompt tokens cost about as much as
 decode rows (the 2-core AVX2 machine, docs/SERVER.md); the long prompt's first token comes later
@@ -65,6 +69,7 @@ from .generator import Generator, StreamChunk, check_finite_logits
 # A prompt prefix at least this long, already computed in another slot, is copied from there
 # instead of being recomputed (copying costs a memcpy of its KV entries).
 MIN_SHARED_PREFIX = 8
+TIMED_STEP_TOKENS = 16     # steps of at least this many tokens time the seconds per token (pace)
 
 
 @dataclass(eq=False)     # a request is itself: `in` / `remove` on the queues compare identity
@@ -114,7 +119,7 @@ class Scheduler:
         self.closed = False
         self.prefill_chunk = prefill_chunk
         self.prefill_pace = None
-        self._prompt_token_s: float | None = None    # moving average: seconds per prompt token
+        self._token_s: float | None = None           # moving average: seconds per token of a large step
         self._decode_step_s: float | None = None     # moving average: seconds per batched decode step
         self.stats = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "preemptions": 0}   # totals, for /metrics
         self.preemption = True                       # a more urgent waiting request may take a running one's slot
@@ -152,9 +157,9 @@ class Scheduler:
         prefill_pace set and rows decoding, as many as fit in prefill_pace decode steps' time."""
         chunk = self.prefill_chunk
         if (chunk is None or self.prefill_pace is None or n_decoding == 0
-                or self._prompt_token_s is None or self._decode_step_s is None):
+                or self._token_s is None or self._decode_step_s is None):
             return chunk
-        fit = int(self.prefill_pace * self._decode_step_s / self._prompt_token_s)
+        fit = int(self.prefill_pace * self._decode_step_s / self._token_s)
         return max(2, min(chunk, fit))
 
     def _timed(self, average: str, seconds: float) -> None:
@@ -386,71 +391,99 @@ class Scheduler:
         self.running = keep
 
     def _forward_and_sample(self) -> None:
-        """Logits for every running request (prompts one by one, decodes in one batch), then one
-        sampling call over the rows that are finite. Failures end only their requests."""
-        backend = self.llm.backend
-        decode = []
+        """Logits for every running request from one forward over the step's tokens (decode rows
+        and prompt chunks), then one sampling call over the rows that are finite. Failures end
+        only their requests."""
         # rows past their prompt (they decode this step) set the pace of prompt chunks
         n_decoding = sum(1 for r in self.running if r.generator.logits is None and r.generator.generated)
         budget = self._prompt_budget(n_decoding)   # prompt tokens left for this step (None: no limit)
+        parts: list[tuple[Request, int, list[int], bool]] = []   # (request, start, tokens, completes it)
         for r in self.running:
             g = r.generator
             if g.logits is not None:
                 continue
+            if parts and self._shares_pending_prefix(g, parts):
+                self._run_parts(parts)       # first the prompt it shares, then a copy of its prefix
+                parts = []
             self._share_prefix(g)
             start, new = g.uncached()
-            if len(new) == 1:
-                decode.append((r, start, new))
-                continue
-            if budget is not None:
+            take = len(new)
+            if take > 1 and budget is not None:
                 take = _chunk_length(len(new), budget)
                 if take == 0:
                     continue                 # this step's budget is spent: the next step goes on
                 budget -= take
-                if take < len(new):
-                    self._prefill_part(r, start, new[:take])
-                    continue
-            try:
-                t0 = time.perf_counter()
-                logits = backend.forward(g.slot, np.asarray(new, dtype=np.int64), start)
-            except Exception as e:
-                self._end(r, e)
-                continue
-            self._timed("_prompt_token_s", (time.perf_counter() - t0) / len(new))
-            self.stats["prefill_tokens"] += len(new)
-            self._take_logits(r, logits[-1], start)
-        if decode:
-            self.stats["decode_rows"] += len(decode)
-            slots = np.array([r.generator.slot for r, _, _ in decode], dtype=np.int64)
-            tokens = np.array([new[0] for _, _, new in decode], dtype=np.int64)
-            positions = np.array([s for _, s, _ in decode], dtype=np.int64)
-            try:
-                t0 = time.perf_counter()
-                logits = backend.forward_batch(slots, tokens, positions)
-            except Exception as e:
-                for r, _, _ in decode:
-                    self._end(r, e)
-            else:
-                self._timed("_decode_step_s", time.perf_counter() - t0)
-                for i, (r, start, _) in enumerate(decode):
-                    self._take_logits(r, logits[i], start)
-
+            parts.append((r, start, new[:take], take == len(new)))
+        if parts:
+            self._run_parts(parts)
         ready = [r for r in self.running if not r.done and r.generator.logits is not None]
         if ready:
             self._sample(ready)
 
-    def _prefill_part(self, r: Request, start: int, part: list[int]) -> None:
-        """Compute one chunk of a prompt into its slot (no logits needed: more of it follows)."""
-        g = r.generator
-        try:
-            t0 = time.perf_counter()
-            self.llm.backend.forward(g.slot, np.asarray(part, dtype=np.int64), start)
-        except Exception as e:
-            self._end(r, e)
-            return
-        self._timed("_prompt_token_s", (time.perf_counter() - t0) / len(part))
-        self.stats["prefill_tokens"] += len(part)
-        self.llm.slots.commit(g.slot, start, part)
+    def _run_parts(self, parts: list[tuple[Request, int, list[int], bool]]) -> None:
+        """The parts' forward: one `forward_mixed` call where the backend has it and the tokens
+        fit; else, or if that call raises, each prompt part through `forward` and the decode rows
+        through one `forward_batch`, so that an error ends only the requests it concerns (a KV
+        cache's positions are simply written again)."""
+        backend = self.llm.backend
+        n_tokens = sum(len(tokens) for _, _, tokens, _ in parts)
+        if len(parts) > 1 and n_tokens <= backend.mixed_tokens:
+            calls = [(r.generator.slot, np.asarray(tokens, dtype=np.int64), start, complete)
+                     for r, start, tokens, complete in parts]
+            try:
+                t0 = time.perf_counter()
+                outputs = backend.forward_mixed(calls)
+            except Exception:
+                pass                          # again part by part: the error ends its own request
+            else:
+                self._time_step(parts, time.perf_counter() - t0)
+                for (r, start, tokens, complete), logits in zip(parts, outputs):
+                    self._took(r, start, tokens, complete, logits)
+                return
+        rows = [p for p in parts if len(p[2]) == 1 and p[3]]
+        for part in parts:
+            if len(part[2]) == 1 and part[3]:
+                continue
+            r, start, tokens, complete = part
+            try:
+                t0 = time.perf_counter()
+                logits = backend.forward(r.generator.slot, np.asarray(tokens, dtype=np.int64), start)
+            except Exception as e:
+                self._end(r, e)
+                continue
+            self._time_step([part], time.perf_counter() - t0)
+            self._took(r, start, tokens, complete, logits[-1])
+        if rows:
+            try:
+                t0 = time.perf_counter()
+                logits = backend.forward_batch(np.array([r.generator.slot for r, _, _, _ in rows], dtype=np.int64),
+                                               np.array([tokens[0] for _, _, tokens, _ in rows], dtype=np.int64),
+                                               np.array([start for _, start, _, _ in rows], dtype=np.int64))
+            except Exception as e:
+                for r, _, _, _ in rows:
+                    self._end(r, e)
+                return
+            self._time_step(rows, time.perf_counter() - t0)
+            for i, (r, start, tokens, complete) in enumerate(rows):
+                self._took(r, start, tokens, complete, logits[i])
+
+    def _time_step(self, parts, seconds: float) -> None:
+        """Fold one forward's time into the pace's moving averages and count its tokens."""
+        n_tokens = sum(len(tokens) for _, _, tokens, _ in parts)
+        n_rows = sum(1 for _, _, tokens, complete in parts if len(tokens) == 1 and complete)   # decode rows
+        if n_rows == len(parts):
+            self._timed("_decode_step_s", seconds)
+        if n_tokens >= TIMED_STEP_TOKENS:
+            self._timed("_token_s", seconds / n_tokens)
+        self.stats["decode_rows"] += n_rows
+        self.stats["prefill_tokens"] += n_tokens - n_rows
+
+    def _took(self, r: Request, start: int, tokens: list[int], complete: bool, logits) -> None:
+        """A part's result: the logits of a completed prompt or decode row, or a chunk's commit."""
+        if complete:
+            self._take_logits(r, logits, start)
+        else:                                 # a prompt's chunk: more of it follows
+            self.llm.slots.commit(r.generator.slot, start, tokens)
 
     def _take_logits(self, r: Request, logits: np.ndarray, start: int) -> None:
         try:
@@ -498,6 +531,19 @@ class Scheduler:
         if buf is None or buf.shape[0] < b or buf.shape[1] != width:
             buf = self._logits_buffer = np.empty((max(b, 8), width), dtype=np.float32)
         return np.stack(rows, out=buf[:b])
+
+    def _shares_pending_prefix(self, g: Generator, parts) -> bool:
+        """Whether g's prompt starts with MIN_SHARED_PREFIX or more uncached tokens that a prompt
+        part of this step computes (n samples of one prompt, a common system prompt): those parts
+        then run first, and g copies the prefix from their slot instead of computing it again."""
+        if not self.llm.backend.supports_rewind:
+            return False
+        own = self.llm.slots.plan(g.slot, g.tokens)
+        if own >= len(g.tokens) - 1:          # decoding, or nothing left to share
+            return False
+        return any(len(tokens) > 1
+                   and min(common_prefix(r.generator.tokens, g.tokens), start + len(tokens)) - own >= MIN_SHARED_PREFIX
+                   for r, start, tokens, _ in parts)
 
     def _share_prefix(self, g: Generator) -> None:
         """If another slot holds a longer prefix of g's tokens than g's own slot, copy it over

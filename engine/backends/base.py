@@ -44,6 +44,19 @@ class Backend(ABC):
         (prefix sharing, n > 1 samples, beam search). Recurrent backends copy the whole state and
         require `n_tokens` to equal the source length."""
 
+    mixed_tokens: int = 0    # the most tokens one forward_mixed call takes (0: it has none)
+
+    def forward_mixed(self, parts: list[tuple[int, np.ndarray, int, bool]]) -> list[np.ndarray | None]:
+        """One scheduler step in one forward, for a backend whose forward takes the tokens of
+        several sequences at once (`mixed_tokens` > 0): part i = (slot, token_ids, start_pos,
+        wants_logits) appends token_ids to the sequence in `slot` at start_pos, as `forward`
+        does; the slots are distinct, and at most `mixed_tokens` tokens in all. Returns per part
+        the float32 [vocab] logits of its last token when it wants them, else None. Each part's
+        results are the same as alone (batch invariance), and the weights are read once for the
+        decode rows and the prompt chunks together. Other backends get each prompt through
+        `forward` and the decode rows through one `forward_batch` (engine/scheduler.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no forward_mixed")
+
     n_threads: int | None = None
     max_threads: int | None = None   # the most threads this backend can run (None: no limit of its own)
 
@@ -109,6 +122,25 @@ def batch_call(slots, token_ids, positions, *, vocab_size: int, n_slots: int, n_
     if len(set(slots.tolist())) != slots.size:
         raise InvalidParameterError("forward_batch takes one token per slot")
     return token_ids, slots, positions, np.arange(token_ids.shape[0], dtype=np.int64)
+
+
+def mixed_call(parts, *, vocab_size: int, n_slots: int, n_ctx: int):
+    """Check `Backend.forward_mixed`'s parts (each as `forward_calls` checks a prompt; slots
+    distinct) and join them into one compiled call: (tokens, slots, positions, rows) int64
+    arrays, rows being the last token of every part that wants logits, in part order."""
+    calls, rows, seen, n = [], [], set(), 0
+    for slot, token_ids, start_pos, wants in parts:
+        if slot in seen:
+            raise InvalidParameterError(f"forward_mixed: slot {slot} appears in two parts")
+        seen.add(slot)
+        [call] = forward_calls(token_ids, slot, start_pos, False, vocab_size=vocab_size, n_slots=n_slots,
+                               n_ctx=n_ctx, chunk=max(len(token_ids), 1))
+        calls.append(call)
+        n += call[0].shape[0]
+        if wants:
+            rows.append(n - 1)
+    tokens, slots, positions = (np.concatenate([call[i] for call in calls]) for i in range(3))
+    return tokens, slots, positions, np.array(rows, dtype=np.int64)
 
 
 def checked_thread_count(n_threads, max_threads: int | None) -> int | None:

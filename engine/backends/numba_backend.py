@@ -13,11 +13,12 @@ from lmengine.kernels.attention import KEY_TILE, KV_DTYPES, cache_shapes
 from lmengine.kernels.matmul import ACT_F32, ACT_INT8, ACT_INT8X2
 
 from ..models.llama import LlamaWeights, llama_forward
-from .base import Backend, batch_call, forward_calls
+from .base import Backend, batch_call, forward_calls, mixed_call
 
 # Prompt tokens per compiled call: bounds the scratch memory of a long prefill
 # (8 arrays of [chunk, ~ffn_dim] floats) without costing speed (weights are read once per chunk).
 PREFILL_CHUNK = 256
+MIXED_TOKENS = 2 * PREFILL_CHUNK    # tokens of one forward_mixed call: the server's chunk and its decode rows
 
 # activations= choices: the activation precision of each matrix kind, in the order of
 # `llama_forward`'s `acts` (q, k, v, attn_output, ffn_gate, ffn_up, ffn_down, output).
@@ -139,6 +140,20 @@ class NumbaLlamaBackend(Backend):
     def forward_batch(self, slots, token_ids, positions):
         return self._run(*batch_call(slots, token_ids, positions, vocab_size=self.vocab_size,
                                      n_slots=self.n_slots, n_ctx=self.n_ctx))
+
+    mixed_tokens = MIXED_TOKENS
+
+    def forward_mixed(self, parts):
+        if sum(len(ids) for _, ids, _, _ in parts) > self.mixed_tokens:
+            raise InvalidParameterError(f"forward_mixed takes at most {self.mixed_tokens} tokens")
+        tokens, slots, positions, rows = mixed_call(parts, vocab_size=self.vocab_size,
+                                                    n_slots=self.n_slots, n_ctx=self.n_ctx)
+        logits = self._run(tokens, slots, positions, rows)
+        out, row = [], 0
+        for _, _, _, wants in parts:
+            out.append(logits[row] if wants else None)
+            row += bool(wants)
+        return out
 
     def hidden(self, tokens: np.ndarray, lengths: np.ndarray, *, slot: int) -> np.ndarray:
         """float32 [B, T, dim] final hidden states (after output_norm, before the output matrix) of

@@ -56,8 +56,9 @@ class PoisonTokenError(RuntimeError):
 
 class FakeBackend(Backend):
     def __init__(self, vocab_size: int, n_ctx: int = 128, n_slots: int = 4, poison_token: int | None = None,
-                 nan_prefix: tuple = (), step_delay: float = 0.0):
+                 nan_prefix: tuple = (), step_delay: float = 0.0, mixed_tokens: int = 0):
         self.vocab_size, self.n_ctx, self.n_slots = vocab_size, n_ctx, n_slots
+        self.mixed_tokens = mixed_tokens   # > 0: a forward_mixed of at most this many tokens
         self.cache: list[list[int]] = [[] for _ in range(n_slots)]   # the tokens each slot holds
         self.calls: list[tuple] = []
         self.poison_token = poison_token   # feeding it raises PoisonTokenError (a failing kernel)
@@ -107,6 +108,21 @@ class FakeBackend(Backend):
             self._feed(slot, [int(token)], int(position))
             rows.append(self._logits(self.cache[slot]))
         return np.stack(rows)
+
+    def forward_mixed(self, parts):
+        """With mixed_tokens > 0 (a backend_options entry): every part fed in turn, as one call."""
+        assert self.mixed_tokens > 0, "the scheduler called forward_mixed on a backend without it"
+        slots = [int(slot) for slot, _, _, _ in parts]
+        assert len(set(slots)) == len(slots), f"a slot twice in one step: {slots}"
+        assert sum(len(ids) for _, ids, _, _ in parts) <= self.mixed_tokens
+        self.calls.append(("forward_mixed", tuple((int(slot), len(ids)) for slot, ids, _, _ in parts)))
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        out = []
+        for slot, ids, start, wants in parts:
+            self._feed(int(slot), [int(t) for t in ids], int(start))
+            out.append(self._logits(self.cache[int(slot)]) if wants else None)
+        return out
 
     def copy_slot(self, src, dst, n_tokens):
         self._check_slot(src)

@@ -7,7 +7,7 @@ offset or a lost chunk changes the output. The real-model test compares SmolLM2'
 with and without chunking (the same kernels at other offsets: identical tokens expected)."""
 import pytest
 
-from fake_backend import expected_text, greedy_reference, make_fake_llm
+from fake_backend import expected_text, greedy_reference, make_fake_llm, make_tokenizer
 from lmengine import LLM, SamplingParams
 from lmengine.errors import InvalidParameterError
 from lmengine.scheduler import _chunk_length
@@ -23,14 +23,14 @@ def test_chunk_length_never_leaves_a_single_token():
     assert _chunk_length(3, 1) == 1
 
 
-def test_long_prompt_is_computed_in_chunks_between_decode_steps():
-    llm = make_fake_llm(n_slots=4, n_ctx=200)
+def long_prompt_beside_a_stream(llm, chunk: int) -> list[tuple]:
+    """A 135-token prompt generated (greedy) at prefill_chunk `chunk` while a short request
+    streams: both outputs must be the unchunked engine's. Returns the backend calls meanwhile."""
     short_prompt = "hi"
     long_prompt = "the quick brown fox jumps over the lazy dog. " * 3      # 135 characters = tokens
     want_short = expected_text(llm, short_prompt, 40)
     want_long = greedy_reference(llm.tokenizer.encode(long_prompt), 10, llm.vocab_size)
-
-    llm.scheduler.prefill_chunk = 16
+    llm.scheduler.prefill_chunk = chunk
     short = llm.stream(short_prompt, temperature=0, max_tokens=40, ignore_eos=True)
     text = next(short).text                    # the short request is decoding
     calls_before = len(llm.backend.calls)
@@ -38,8 +38,12 @@ def test_long_prompt_is_computed_in_chunks_between_decode_steps():
     text += "".join(c.text for c in short)
     assert out.token_ids == want_long
     assert text == want_short
+    return llm.backend.calls[calls_before:]
 
-    calls = llm.backend.calls[calls_before:]
+
+def test_long_prompt_is_computed_in_chunks_between_decode_steps():
+    llm = make_fake_llm(n_slots=4, n_ctx=200)
+    calls = long_prompt_beside_a_stream(llm, 16)
     prompt_forwards = [c for c in calls if c[0] == "forward" and c[3] > 1]
     assert [c[3] for c in prompt_forwards] == [16] * 8 + [7]           # 135 = 8 x 16 + 7
     assert [c[2] for c in prompt_forwards] == list(range(0, 135, 16))  # consecutive offsets
@@ -58,7 +62,7 @@ def test_paced_chunks_fit_the_measured_decode_step(monkeypatch):
     sched = llm.scheduler
     sched.prefill_chunk, sched.prefill_pace = 64, 1.5
     monkeypatch.setattr(sched, "_timed", lambda average, seconds: None)     # keep the averages below
-    sched._prompt_token_s, sched._decode_step_s = 0.002, 0.008             # 1.5 x 8 ms / 2 ms = 6 tokens
+    sched._token_s, sched._decode_step_s = 0.002, 0.008                    # 1.5 x 8 ms / 2 ms = 6 tokens
     assert sched._prompt_budget(0) == 64 and sched._prompt_budget(3) == 6
     short_prompt = "hi"
     long_prompt = "the quick brown fox jumps over the lazy dog. " * 3      # 135 tokens
@@ -144,3 +148,43 @@ def test_real_model_greedy_outputs_identical_with_chunks(smollm2_path):
         assert got_other == want_other
     finally:
         llm.close()
+
+
+def test_joined_step_carries_chunks_and_decode_rows_in_one_forward():
+    """A backend with forward_mixed gets each step's prompt chunk and decode row in one call;
+    the outputs are those of the unchunked engine (the fake model recomputes every sequence
+    without a cache, so a chunk at a wrong offset changes them)."""
+    llm = make_fake_llm(n_slots=4, n_ctx=200, backend_options={"mixed_tokens": 64})
+    calls = long_prompt_beside_a_stream(llm, 16)
+    chunks = [dict(c[1])[1] for c in calls if c[0] == "forward_mixed" and 1 in dict(c[1])]
+    assert chunks[:9] == [16] * 8 + [7]        # the long prompt (slot 1), beside the decode row
+    assert not any(c[0] == "forward" for c in calls)   # (a step of one part: forward_batch)
+
+
+def test_a_failing_joined_step_fails_only_its_request():
+    """When the one call of a step raises, its parts run again one by one, so the error ends
+    only the request that caused it; the other stream's tokens are unchanged."""
+    poison = make_tokenizer().token_to_id("?")
+    llm = make_fake_llm(n_slots=4, n_ctx=200, backend_options={"mixed_tokens": 64, "poison_token": poison})
+    want = expected_text(llm, "hi", 20)
+    short = llm.stream("hi", temperature=0, max_tokens=20, ignore_eos=True)
+    text = next(short).text
+    bad = llm.scheduler.submit(llm.tokenizer.encode("a prompt with a ?"), llm.resolve_params(GREEDY))
+    text += "".join(c.text for c in short)
+    assert text == want
+    assert bad.done and type(bad.error).__name__ == "PoisonTokenError"
+    assert not any(llm.slots.busy)
+
+
+def test_joined_step_still_shares_a_prompt_between_samples():
+    """n samples of one prompt in a joined step: the prompt is computed once, and the other
+    samples copy its slot (copy_slot) before their parts join the step."""
+    llm = make_fake_llm(n_slots=4, n_ctx=200, backend_options={"mixed_tokens": 64})
+    prompt = "a shared system prompt, then a question?"
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=3))
+    assert [o.text for o in out.outputs] == [expected_text(llm, prompt, 6)] * 3
+    copies = [c for c in llm.backend.calls if c[0] == "copy_slot"]
+    assert len(copies) == 2 and all(c[3] == len(prompt) - 1 for c in copies)
+    prompt_tokens = sum(n for c in llm.backend.calls if c[0] == "forward_mixed" for _, n in c[1] if n > 1)
+    prompt_tokens += sum(c[3] for c in llm.backend.calls if c[0] == "forward" and c[3] > 1)
+    assert prompt_tokens == len(prompt)        # computed once

@@ -103,6 +103,44 @@ def test_batched_decode_equals_single(tiny):
     assert np.abs(batched - ref).max() <= 1e-4 * (ref.max() - ref.min())
 
 
+def test_forward_mixed_equals_separate_calls(tiny):
+    """forward_mixed (one compiled call for decode rows and prompt chunks of several slots) gives
+    bit for bit the logits and cache contents of the separate forward / forward_batch calls
+    (the batch invariance of the kernels), and the f32 path matches transformers."""
+    from lmengine.errors import ContextLengthError, InvalidParameterError
+    model, f, config = tiny
+    rng = np.random.default_rng(6)
+    seq = [rng.integers(0, config.vocab_size, n) for n in (6, 9, 10)]
+    for activations in ("f32", "mixed"):
+        joined = NumbaLlamaBackend(f, config, n_ctx=64, n_slots=3, activations=activations)
+        alone = NumbaLlamaBackend(f, config, n_ctx=64, n_slots=3, activations=activations)
+        for b in (joined, alone):
+            b.forward(0, seq[0][:5], 0)                 # slot 0 decodes its 6th token
+            b.forward(2, seq[2][:4], 0)                 # slot 2 gets a chunk of 6 (no logits)
+        parts = [(0, seq[0][5:], 5, True), (1, seq[1], 0, True), (2, seq[2][4:], 4, False)]
+        got = joined.forward_mixed(parts)
+        want_1 = alone.forward(1, seq[1], 0)[-1]
+        alone.forward(2, seq[2][4:], 4)
+        want_0 = alone.forward_batch(np.array([0]), seq[0][5:], np.array([5]))[0]
+        assert got[2] is None
+        assert np.array_equal(got[0], want_0) and np.array_equal(got[1], want_1), activations
+        nxt = np.array([7])                             # slot 2's cache: the same next logits
+        assert np.array_equal(joined.forward(2, nxt, 10), alone.forward(2, nxt, 10)), activations
+        if activations == "f32":
+            for i in (0, 1):
+                ref = hf_logits(model, seq[i])[-1]
+                assert np.abs(got[i] - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    with pytest.raises(InvalidParameterError, match="slot 0 appears in two parts"):
+        joined.forward_mixed([(0, seq[0][:1], 0, True), (0, seq[0][1:2], 1, True)])
+    with pytest.raises(ContextLengthError):
+        joined.forward_mixed([(0, seq[0][:2], 63, True), (1, seq[1][:2], 0, True)])
+    with pytest.raises(InvalidParameterError, match="at most"):
+        joined.forward_mixed([(0, np.zeros(joined.mixed_tokens, dtype=np.int64), 0, True),
+                              (1, seq[1][:1], 0, True)])
+    with pytest.raises(InvalidParameterError):
+        joined.forward_mixed([(0, np.array([config.vocab_size]), 0, True), (1, seq[1][:1], 0, True)])
+
+
 def test_kv_cache_dtype(tiny):
     """kv_cache_dtype: "auto" is float32 on the exact path and f16 on the int8 ones; an f16 cache
     changes the exact path's logits by at most 2e-3 of their range at every position of a
