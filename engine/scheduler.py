@@ -440,10 +440,10 @@ class Scheduler:
                 for (r, start, tokens, complete), logits in zip(parts, outputs):
                     self._took(r, start, tokens, complete, logits)
                 return
-        rows = [p for p in parts if len(p[2]) == 1 and p[3]]
+        rows, prompts = [], []                # decode rows (a prompt's last token too): one batch
         for part in parts:
-            if len(part[2]) == 1 and part[3]:
-                continue
+            (rows if len(part[2]) == 1 and part[3] else prompts).append(part)
+        for part in prompts:
             r, start, tokens, complete = part
             try:
                 t0 = time.perf_counter()

@@ -316,10 +316,10 @@ static void pack_block_iq4_xs(const uint8_t *src, int r, uint8_t *dst) {
     for (int g = 0; g < K_GROUPS; g++) {
         const int low = (src[4 + g / 2] >> (4 * (g % 2))) & 0x0F, high = (scales_h >> (2 * g)) & 3;
         out->sc[g][r] = (int8_t)((low | high << 4) - 32);
-        uint8_t *chunks = dst + sizeof(struct iq4_header) + g * k_group_chunks(LME_TYPE_IQ4_XS) * CHUNK_BYTES
-                          + LANE_BYTES * r;
-        for (int j = 0; j < QK / 2; j++)
-            chunks[j / LANE_BYTES * CHUNK_BYTES + j % LANE_BYTES] = src[8 + 16 * g + j];
+        uint8_t *lanes = dst + sizeof(struct iq4_header) + g * k_group_chunks(LME_TYPE_IQ4_XS) * CHUNK_BYTES
+                         + LANE_BYTES * r;
+        for (int k = 0; k < QK / 2 / LANE_BYTES; k++)               /* as Q4_0 / Q4_1: a copy */
+            memcpy(lanes + k * CHUNK_BYTES, src + 8 + 16 * g + LANE_BYTES * k, LANE_BYTES);
     }
 }
 
@@ -874,35 +874,29 @@ TARGET_AVX2 static ALWAYS_INLINE void groups_avx2(const struct packed_args *a, i
 /* One function per (type, terms) pair: GCC allocates each one's registers on its own. (As one
  * function of all 14, a change in the two-term path moved spills into Q4_0's one-term loop,
  * which lost 40%.) */
-#define GROUPS_AVX2(type)                                                                           \
-    TARGET_AVX2 static NEVER_INLINE void groups_avx2_##type(const struct packed_args *a) {         \
-        if (a->n_terms == 2)                                                                       \
-            groups_avx2_2_##type(a);                                                               \
-        else                                                                                       \
-            groups_avx2_1_##type(a);                                                               \
-    }
-#define GROUPS_AVX2_TERMS(type, terms)                                                             \
-    TARGET_AVX2 static NEVER_INLINE void groups_avx2_##terms##_##type(const struct packed_args *a) { \
+#define GROUPS_AVX2(type, terms)                                                                   \
+    TARGET_AVX2 static NEVER_INLINE void groups_avx2_##type##_##terms(const struct packed_args *a) { \
         groups_avx2(a, LME_TYPE_##type, terms);                                                    \
     }
-#define GROUPS_AVX2_ALL(type) GROUPS_AVX2_TERMS(type, 1) GROUPS_AVX2_TERMS(type, 2) GROUPS_AVX2(type)
-GROUPS_AVX2_ALL(Q8_0)
-GROUPS_AVX2_ALL(Q4_0)
-GROUPS_AVX2_ALL(Q4_1)
-GROUPS_AVX2_ALL(Q4_K)
-GROUPS_AVX2_ALL(Q5_K)
-GROUPS_AVX2_ALL(Q6_K)
-GROUPS_AVX2_ALL(IQ4_XS)
+#define GROUPS_AVX2_BOTH(type) GROUPS_AVX2(type, 1) GROUPS_AVX2(type, 2)
+GROUPS_AVX2_BOTH(Q8_0)
+GROUPS_AVX2_BOTH(Q4_0)
+GROUPS_AVX2_BOTH(Q4_1)
+GROUPS_AVX2_BOTH(Q4_K)
+GROUPS_AVX2_BOTH(Q5_K)
+GROUPS_AVX2_BOTH(Q6_K)
+GROUPS_AVX2_BOTH(IQ4_XS)
 
 TARGET_AVX2 static void matmul_packed_avx2(const struct packed_args *a) {
+    const int two = a->n_terms == 2;
     switch (a->w_type) {
-    case LME_TYPE_Q4_K: groups_avx2_Q4_K(a); return;
-    case LME_TYPE_Q5_K: groups_avx2_Q5_K(a); return;
-    case LME_TYPE_Q6_K: groups_avx2_Q6_K(a); return;
-    case LME_TYPE_IQ4_XS: groups_avx2_IQ4_XS(a); return;
-    case LME_TYPE_Q4_1: groups_avx2_Q4_1(a); return;
-    case LME_TYPE_Q4_0: groups_avx2_Q4_0(a); return;
-    default: groups_avx2_Q8_0(a); return;
+    case LME_TYPE_Q4_K: two ? groups_avx2_Q4_K_2(a) : groups_avx2_Q4_K_1(a); return;
+    case LME_TYPE_Q5_K: two ? groups_avx2_Q5_K_2(a) : groups_avx2_Q5_K_1(a); return;
+    case LME_TYPE_Q6_K: two ? groups_avx2_Q6_K_2(a) : groups_avx2_Q6_K_1(a); return;
+    case LME_TYPE_IQ4_XS: two ? groups_avx2_IQ4_XS_2(a) : groups_avx2_IQ4_XS_1(a); return;
+    case LME_TYPE_Q4_1: two ? groups_avx2_Q4_1_2(a) : groups_avx2_Q4_1_1(a); return;
+    case LME_TYPE_Q4_0: two ? groups_avx2_Q4_0_2(a) : groups_avx2_Q4_0_1(a); return;
+    default: two ? groups_avx2_Q8_0_2(a) : groups_avx2_Q8_0_1(a); return;
     }
 }
 #endif /* LME_X86 */
