@@ -1,6 +1,6 @@
 """The C kernels (kernels/csrc/, API in lmengine.h: cpu.c the SIMD path, qdot.c row-major quantized
-products, packed.c the 16-row packed layout and its product, attention.c, ops.c swiglu, activation
-quantization, f16 conversion and rope; built by cffi as `lmengine.kernels._native`) for Python and
+products, packed.c the 16-row packed layout and its product, attention.c, ops.c swiglu, softmax rows,
+activation quantization, f16 conversion and rope; built by cffi as `lmengine.kernels._native`) for Python and
 Numba. Every C function has a portable path beside its SIMD ones, so it runs on any CPU.
 
 Loading: `HAVE_NATIVE` says whether the extension was found and loaded (`LOAD_ERROR` says why
@@ -13,7 +13,8 @@ nopython mode (after `numba.core.typing.cffi_utils.register_module`, which this 
 do: it imports cffi's C parser, ~0.04 s of every start), but it embeds the function's address in
 the compiled code, which makes that code uncacheable (and every Numba function that calls it). Our kernels instead call the C
 functions through named JIT symbols (`c_matmul_q8`, `c_matmul_f32`, `c_matmul_packed`,
-`c_attention`, `c_swiglu`, `c_quantize_row`, `c_to_f16`, `c_rope`, `c_native_available` below):
+`c_attention`, `c_swiglu`, `c_softmax_rows`, `c_quantize_row`, `c_to_f16`, `c_rope`,
+`c_native_available` below):
 compiled code refers to the name, and this module binds each name to an address when it is
 imported -- to the C function when the extension is loaded, otherwise to a Numba `cfunc`
 stand-in that returns LME_ERR_NO_NATIVE (the stand-in for `c_native_available` returns 0). So
@@ -57,7 +58,7 @@ else:
         ffi, lib = _native.ffi, _native.lib
         lib.lme_matmul_q8, lib.lme_matmul_f32, lib.lme_native_available   # an older build lacks these
         lib.lme_matmul_packed, lib.lme_pack_q8, lib.lme_packed_bytes, lib.lme_attention, lib.lme_swiglu, lib.lme_quantize_row
-        lib.lme_to_f16, lib.lme_rope, lib.lme_matmul_k, lib.lme_quantize_q8k
+        lib.lme_to_f16, lib.lme_rope, lib.lme_matmul_k, lib.lme_quantize_q8k, lib.lme_softmax_rows
     except (ImportError, AttributeError) as exc:
         ffi = lib = None
         LOAD_ERROR = f"lmengine.kernels._native could not be loaded ({exc}); build it with `pip install -e .`"
@@ -138,6 +139,14 @@ def _stub_swiglu(gate, gate_len, up, up_len, out, out_len):
     return ERR_NO_NATIVE
 
 
+_SIG_SOFTMAX_ROWS = types.int32(_p, _i64, _i64, _p, _i64)
+
+
+@_stand_in(_SIG_SOFTMAX_ROWS)
+def _stub_softmax_rows(s, s_len, n_cols, sums, sums_len):
+    return ERR_NO_NATIVE
+
+
 _SIG_QUANTIZE = types.int32(*([_p, _i64] * 7))
 
 
@@ -186,6 +195,7 @@ _SYMBOLS = {   # JIT symbol: (C function name, stand-in)
     "lmengine_matmul_packed": ("lme_matmul_packed", _stub_matmul_packed),
     "lmengine_attention": ("lme_attention", _stub_attention),
     "lmengine_swiglu": ("lme_swiglu", _stub_swiglu),
+    "lmengine_softmax_rows": ("lme_softmax_rows", _stub_softmax_rows),
     "lmengine_quantize_row": ("lme_quantize_row", _stub_quantize_row),
     "lmengine_to_f16": ("lme_to_f16", _stub_to_f16),
     "lmengine_rope": ("lme_rope", _stub_rope),
@@ -341,6 +351,13 @@ def c_swiglu(typingctx, gate, up, out):
     """lme_swiglu on three float32 1-D arrays (contiguous: the caller checks); 0 = done, else the
     caller computes it."""
     return _extern("lmengine_swiglu", (gate, up, out), (F32_1D, F32_1D, F32_1D))
+
+
+@intrinsic
+def c_softmax_rows(typingctx, s, n_cols, sums):
+    """lme_softmax_rows on float32 s (C-contiguous rows of n_cols: the caller checks) and sums
+    (float32 1-D, one per row); 0 = done, else the caller computes it."""
+    return _extern("lmengine_softmax_rows", (s, n_cols, sums), (F32_ANY, INT, F32_1D))
 
 
 @intrinsic

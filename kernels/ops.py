@@ -90,6 +90,31 @@ def rope(x, cos, sin, n_heads, head_dim, rope_dim, neox):
 
 
 @njit(cache=True, nogil=True)
+def softmax_rows(s, sums):
+    """s[r] = exp(s[r] - max(s[r])) in place and sums[r] = the sum of the new s[r], every row: a
+    softmax before its division (attention divides its output rows instead). s: float32
+    [n_rows, n_cols], C-contiguous, a finite value in every row (-inf entries give 0);
+    sums: float32 [n_rows]. The C kernel when the extension is loaded (SIMD exp: within float
+    rounding of this loop, see ops.c), else this loop (expf)."""
+    n_rows, n_cols = s.shape
+    if n_rows == 0:
+        return
+    if (s.strides[1] == 4 and s.strides[0] == 4 * n_cols and sums.strides[0] == 4
+            and native.c_softmax_rows(s, n_cols, sums) == 0):
+        return                                              # the C kernel did it
+    for r in range(n_rows):
+        best = np.float32(-np.inf)
+        for j in range(n_cols):
+            best = max(best, s[r, j])
+        total = np.float32(0.0)
+        for j in range(n_cols):
+            e = np.float32(math.exp(s[r, j] - best))
+            s[r, j] = e
+            total += e
+        sums[r] = total
+
+
+@njit(cache=True, nogil=True)
 def _swiglu_row(gate, up, out, t):
     g_row, u_row, o_row = gate[t], up[t], out[t]
     if (g_row.strides[0] == 4 and u_row.strides[0] == 4 and o_row.strides[0] == 4

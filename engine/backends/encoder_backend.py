@@ -6,8 +6,11 @@ states of a padded batch, which `engine/embed.py` pools into embeddings; GPT-2 a
 engine's generation contract (`Backend.forward` with a KV cache, see gpt2_backend.py). The BERT
 backend has no next-token logits: `forward` raises, pointing at `LLM.embed`.
 
-Threads: `n_threads` sets Numba's pool (LayerNorm, GELU, quantized products) and, through
-threadpoolctl when it is installed, the BLAS pool of NumPy (the float products).
+Threads: BERT runs every step of a batch on one pool of `n_threads` Python threads
+(engine/models/row_threads.py), BLAS one-threaded inside it through threadpoolctl (without
+threadpoolctl, which cannot be limited, the caller's thread alone runs the rows). GPT-2 gives
+NumPy's BLAS `n_threads` threads. Numba's pool (GPT-2's LayerNorm and GELU, quantized
+products) gets `n_threads` too.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import numba
 import numpy as np
 
 from ..errors import InvalidParameterError
-from ..models.linear import blas_threads
+from ..models.linear import blas_limits_work, blas_threads
+from ..models.row_threads import RowThreads
 from .base import Backend
 
 
@@ -46,6 +50,7 @@ class BertBackend(Backend):
         self.max_embed_tokens = config.max_seq_length   # texts are truncated to this (embed.py)
         self.default_pooling = config.pooling
         self.hidden_size = config.dim
+        self._rows = None                           # RowThreads of n_threads, made at the first batch
         self.set_threads(n_threads)
 
     @property
@@ -56,8 +61,13 @@ class BertBackend(Backend):
         """float32 [B, T, dim] hidden states of int64 tokens [B, T] (row b valid up to lengths[b])."""
         from ..models.bert import bert_hidden
         numba.set_num_threads(self.n_threads)
-        with blas_threads(self.n_threads):
-            return bert_hidden(self.weights, tokens, lengths, self.n_threads)
+        n_rows_threads = self.n_threads if blas_limits_work() else 1
+        if self._rows is None or self._rows.n_threads != n_rows_threads:
+            if self._rows is not None:
+                self._rows.close()
+            self._rows = RowThreads(n_rows_threads)
+        with blas_threads(1):
+            return bert_hidden(self.weights, tokens, lengths, self._rows)
 
     def forward(self, slot, token_ids, start_pos, all_logits=False):
         raise InvalidParameterError(
@@ -73,5 +83,8 @@ class BertBackend(Backend):
         self.hidden(np.zeros((1, 1), dtype=np.int64), np.ones(1, dtype=np.int64))
 
     def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
         self.weights = None
         self._gguf_file = None

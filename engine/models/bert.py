@@ -21,16 +21,17 @@ bert.context_length), tokenizer.ggml.token_type_count.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from lmengine.kernels.layernorm import GELU_ERF, bias_gelu, layernorm
+from lmengine.kernels.ops import softmax_rows
 
 from ..config import _float, _int
 from ..errors import MetadataError
-from .linear import Linear, blas_threads, tensor
+from .linear import MIN_ROWS_PER_THREAD, Linear, blas_threads, tensor
+from .row_threads import RowThreads
 
 POOLING_NAMES = {0: "mean", 1: "mean", 2: "cls", 3: "last"}   # GGUF pooling_type -> embed()'s pooling
 
@@ -110,30 +111,36 @@ class BertWeights:
 
 
 def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray, n_heads: int,
-                    causal: bool, n_threads: int = 1) -> np.ndarray:
+                    causal: bool, rows: RowThreads | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Multi-head attention within each sequence of a padded batch.
 
     q, k, v: float32 [B, T, n_heads * head_dim] (views with unit column stride are fine: the
     columns of a fused qkv product); lengths: [B] (positions >= lengths[b] are padding: only the
     lengths[b] x lengths[b] block of a sequence is computed). causal: a query attends to keys at
-    or before it only. n_threads: sequences are shared among this many Python threads (NumPy
-    releases the GIL in its products and ufuncs), each running one-thread BLAS.
-    Returns float32 [B * T, n_heads * head_dim] (padded rows are zeros, to be ignored).
+    or before it only. rows: the sequences are shared among these threads (NumPy releases the GIL
+    in its products and ufuncs), every n-th sequence to a thread, as the batch is sorted by
+    length; BLAS runs one-threaded (the caller's limit, or set here when rows is None).
+    out: float32 [B, T, n_heads * head_dim] to write into (None: a new array).
+    Returns out as [B * T, n_heads * head_dim] (padded rows are zeros, to be ignored).
     """
     B, T, width = q.shape
-    out = np.zeros((B, T, width), dtype=np.float32)
+    if out is None:
+        out = np.empty((B, T, width), dtype=np.float32)
     scale = np.float32(1.0 / np.sqrt(width // n_heads))
+    n_threads = rows.n_threads if rows is not None else 1
+    order = np.concatenate([np.arange(i, B, n_threads) for i in range(n_threads)])   # every n-th per thread
 
-    def run(rows) -> None:
-        for b in rows:
-            _attend(q[b], k[b], v[b], int(lengths[b]), n_heads, scale, causal, out[b])
+    def run(begin: int, end: int) -> None:
+        for b in order[begin:end]:
+            n = int(lengths[b])
+            _attend(q[b], k[b], v[b], n, n_heads, scale, causal, out[b])
+            out[b, n:] = 0.0
 
-    with blas_threads(1):     # per-sequence [heads, T, T] products: one BLAS thread each
-        if n_threads > 1 and B > 1:
-            with ThreadPoolExecutor(n_threads) as pool:
-                list(pool.map(run, np.array_split(np.arange(B), min(n_threads, B))))
-        else:
-            run(range(B))
+    if rows is None:
+        with blas_threads(1):     # per-sequence [heads, T, T] products: one BLAS thread
+            run(0, B)
+    else:
+        rows.split(run, B)
     return out.reshape(B * T, width)
 
 
@@ -146,33 +153,43 @@ def _attend(q, k, v, n: int, n_heads: int, scale, causal: bool, out) -> None:
     scores = np.matmul(heads(q * scale), heads(k).transpose(0, 2, 1))    # [H, n, n]
     if causal:
         scores[:, np.triu(np.ones((n, n), dtype=bool), 1)] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    total = scores.sum(axis=-1, keepdims=True)                           # [H, n, 1]
+    total = np.empty((n_heads, n, 1), dtype=np.float32)                  # [H, n, 1]
+    softmax_rows(scores.reshape(n_heads * n, n), total.reshape(n_heads * n))   # exp(s - max), sums
     o = heads(out)                                                       # [H, n, d] view of out
     np.matmul(scores, heads(v), out=o)
     o /= total                       # softmax's division after the product: d < n values a row
 
 
-def bert_hidden(w: BertWeights, tokens: np.ndarray, lengths: np.ndarray, n_threads: int = 1) -> np.ndarray:
+def bert_hidden(w: BertWeights, tokens: np.ndarray, lengths: np.ndarray, rows: RowThreads | None = None) -> np.ndarray:
     """Hidden states float32 [B, T, dim] of token ids int64 [B, T] (row b valid up to lengths[b];
-    T <= n_ctx_train, ids < vocab_size: the caller checks). n_threads: attention's threads (the
-    caller sets BLAS's and Numba's)."""
+    T <= n_ctx_train, ids < vocab_size: the caller checks). rows: the threads every step shares
+    its rows among (engine/models/row_threads.py), BLAS one-threaded (the caller sets it); None:
+    the caller's thread alone."""
     c = w.config
     B, T = tokens.shape
+    rows = rows if rows is not None else RowThreads(1)
     x = w.token_embd[tokens]                                               # [B, T, dim]
     x += w.position_embd[:T][None, :, :]
     x += w.token_type0
     x = np.ascontiguousarray(x.reshape(B * T, c.dim))
-    layernorm(x, w.embd_norm[0], w.embd_norm[1], c.norm_eps, x)
+
+    def norm(weights):                    # x = LayerNorm(x), in place: then= of x's rows begin..end
+        return lambda begin, end: layernorm(x[begin:end], weights[0], weights[1], c.norm_eps, x[begin:end], False)
+
+    rows.split(norm(w.embd_norm), B * T, MIN_ROWS_PER_THREAD)
+    # every layer's products write into the same arrays: fresh ones would be mapped page by page
+    # again in each layer (25 MB of page faults a layer for MiniLM's hidden at 32 x 128 tokens)
+    qkv = np.empty((B * T, 3 * c.dim), dtype=np.float32)
+    att = np.empty((B, T, c.dim), dtype=np.float32)
+    hidden = np.empty((B * T, c.ffn_dim), dtype=np.float32)
     for layer in w.layers:
-        qkv = layer.qkv(x).reshape(B, T, 3 * c.dim)                       # [B, T, 3*dim]
-        q, k, v = qkv[..., :c.dim], qkv[..., c.dim:2 * c.dim], qkv[..., 2 * c.dim:]
-        att = dense_attention(q, k, v, lengths, c.n_heads, causal=False, n_threads=n_threads)
-        layer.o(att, residual=x)                                           # x += o(att)
-        layernorm(x, layer.attn_norm[0], layer.attn_norm[1], c.norm_eps, x)
-        hidden = layer.up(x, add_bias=False)                               # [B*T, ffn_dim]
-        bias_gelu(hidden, layer.up_bias, GELU_ERF)
-        layer.down(hidden, residual=x)                                     # x += down(hidden)
-        layernorm(x, layer.out_norm[0], layer.out_norm[1], c.norm_eps, x)
+        layer.qkv(x, rows=rows, out=qkv)                                   # [B*T, 3*dim]
+        q, k, v = (qkv.reshape(B, T, 3 * c.dim)[..., i * c.dim:(i + 1) * c.dim] for i in range(3))
+        dense_attention(q, k, v, lengths, c.n_heads, causal=False, rows=rows, out=att)
+        layer.o(att.reshape(B * T, c.dim), residual=x, rows=rows, then=norm(layer.attn_norm))   # x = LN(x + o(att))
+
+        def gelu(begin, end, bias=layer.up_bias):                          # hidden = gelu(up(x) + bias)
+            bias_gelu(hidden[begin:end], bias, GELU_ERF, False)
+        layer.up(x, add_bias=False, rows=rows, then=gelu, out=hidden)
+        layer.down(hidden, residual=x, rows=rows, then=norm(layer.out_norm))   # x = LN(x + down(hidden))
     return x.reshape(B, T, c.dim)

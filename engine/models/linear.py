@@ -12,14 +12,27 @@ per call so that x stays in the cache.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import numpy as np
 
 from lmengine.converters.errors import TensorShapeError, UnsupportedQuantTypeError
 from lmengine.kernels import quant
 
+from .row_threads import RowThreads
+
 FLOAT_TYPES = (quant.F32, quant.F16, quant.BF16)
 ROWS_PER_CALL = 512      # rows of x per quantized product (x stays in L2)
+MIN_ROWS_PER_THREAD = 64   # a product split among RowThreads gives each thread at least this many rows
+
+
+def blas_limits_work() -> bool:
+    """Whether `blas_threads` can set BLAS's thread count (threadpoolctl is installed)."""
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def blas_threads(n_threads: int | None):
@@ -92,32 +105,58 @@ class Linear:
         self.bias = None if all(p.bias is None for p in parts) else np.concatenate(biases)
         return self
 
-    def __call__(self, x: np.ndarray, add_bias: bool = True, residual: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, x: np.ndarray, add_bias: bool = True, residual: np.ndarray | None = None,
+                 rows: RowThreads | None = None, then: Callable[[int, int], None] | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
         """x float32 [n, n_cols] (C-contiguous) -> float32 [n, n_rows] (+ bias unless add_bias is
         False). residual: a float32 [n, n_rows] array that gets the result added in place (bias
-        included, one pass) and is returned."""
-        out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
+        included, one pass) and is returned.
+        rows: the rows of x are shared among these threads: each computes its rows' GEMM (float
+        matrices), their bias or residual add, and then(begin, end), while they are in its cache;
+        the caller has BLAS run one-threaded. None: BLAS's and Numba's own threads, one range.
+        then: what to do next to rows begin..end of the result (a LayerNorm, an activation).
+        out: where the product goes (float32 [n, n_rows], C-contiguous); None: a new array."""
+        from lmengine.kernels.layernorm import add_rows_bias
+        if out is None:
+            out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
+        bias = self.bias if add_bias else None
+        parallel = rows is None
+
+        def finish(begin: int, end: int) -> None:          # bias and residual of rows begin..end
+            if residual is not None:
+                add_rows_bias(residual[begin:end], out[begin:end],
+                              bias if bias is not None else np.zeros(self.n_rows, dtype=np.float32), parallel)
+            elif bias is not None:
+                out[begin:end] += bias
+            if then is not None:
+                then(begin, end)
+
+        def product(begin: int, end: int) -> None:
+            np.matmul(x[begin:end], self.w.T, out=out[begin:end])
+            finish(begin, end)
+
         if self.w is not None:
-            np.matmul(x, self.w.T, out=out)
-        elif self.parts is not None:
+            step = product
+        else:
+            self._product_by_parts(x, out)
+            step = finish
+        if rows is None:
+            step(0, x.shape[0])
+        else:
+            rows.split(step, x.shape[0], min_per_thread=MIN_ROWS_PER_THREAD)
+        return residual if residual is not None else out
+
+    def _product_by_parts(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out = x @ W.T without bias for fused parts or a quantized matrix (Numba's threads)."""
+        if self.parts is not None:
             col = 0
             for part in self.parts:
                 out[:, col:col + part.n_rows] = part(x, add_bias=False)
                 col += part.n_rows
-        else:
-            from lmengine.kernels.matmul import matmul_f32   # compiled on first use (quantized files only)
-            for begin in range(0, x.shape[0], ROWS_PER_CALL):
-                end = min(x.shape[0], begin + ROWS_PER_CALL)
-                part = np.empty((end - begin, self.n_rows), dtype=np.float32)
-                matmul_f32(self.raw, self.type_id, self.n_rows, self.n_cols, np.ascontiguousarray(x[begin:end]), part)
-                out[begin:end] = part
-        if residual is not None:
-            from lmengine.kernels.layernorm import add_rows, add_rows_bias
-            if add_bias and self.bias is not None:
-                add_rows_bias(residual, out, self.bias)
-            else:
-                add_rows(residual, out)
-            return residual
-        if add_bias and self.bias is not None:
-            out += self.bias
-        return out
+            return
+        from lmengine.kernels.matmul import matmul_f32   # compiled on first use (quantized files only)
+        for begin in range(0, x.shape[0], ROWS_PER_CALL):
+            end = min(x.shape[0], begin + ROWS_PER_CALL)
+            part = np.empty((end - begin, self.n_rows), dtype=np.float32)
+            matmul_f32(self.raw, self.type_id, self.n_rows, self.n_cols, np.ascontiguousarray(x[begin:end]), part)
+            out[begin:end] = part

@@ -206,6 +206,25 @@ static ALWAYS_INLINE uint16_t fp32_to_fp16(float f) {
 }
 
 #if LME_X86
+/* exp(x) of 8 floats, exp512's polynomial and clamp (below) with AVX2 + FMA: 2^n is built from
+ * the exponent bits, as AVX2 has no scalef (n is in [-126, 127] after the clamp: a normal float). */
+TARGET_AVX2 static ALWAYS_INLINE __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));                        /* p * 2^n */
+}
+
 /* exp(x) of 16 floats (Cephes' expf polynomial: relative error ~2e-7); x is clamped to
  * [-87, 88], so huge negative arguments give ~1e-38 and huge positive ones ~1.6e38, never inf. */
 TARGET_AVX512 static ALWAYS_INLINE __m512 exp512(__m512 x) {

@@ -143,6 +143,14 @@ int lme_attention(int64_t kv_type, const float *q, int64_t q_len, int64_t group,
 int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_len, float *out,
                int64_t out_len);
 
+/* The unnormalized softmax of each row of s [s_len / n_cols rows][n_cols], in place:
+ * s[r][j] = exp(s[r][j] - max_j s[r][j]), sums[r] = the row's sum of them (the caller divides:
+ * attention divides its head_dim-wide output rather than the n_cols-wide weights). A row's -inf
+ * entries (a causal mask) give 0 on the portable path, ~1e-38 on the SIMD ones; a row needs one
+ * finite value. Portable path: kernels/ops.py's loop bit for bit (expf, the sum in order); AVX2
+ * (on AVX-512 CPUs too): a polynomial exp (relative error ~2e-7), the sum in 8 lanes. */
+int lme_softmax_rows(float *s, int64_t s_len, int64_t n_cols, float *sums, int64_t sums_len);
+
 /* One token's activations x [x_len] -> int8 blocks (as kernels/matmul.py _quantize_row_numba,
  * bit for bit, on every path): xq [x_len], xd, xs [x_len / 32]; with rq_len > 0 also the
  * residual's blocks rq, rd, rs (the second int8 term). */

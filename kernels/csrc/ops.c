@@ -7,6 +7,11 @@
  *   ~2e-7). (No AVX2 path: a vector exp cannot give expf's bits, and the portable loop is as fast
  *   as the Numba one it replaces.)
  *
+ * lme_softmax_rows: s[r] = exp(s[r] - max s[r]) in place and sums[r] = its sum, row by row
+ *   (attention's weights before the division; kernels/ops.py `softmax_rows`). portable: expf and
+ *   an in-order float sum, the Numba loop's bits. AVX2 (also taken on AVX-512 CPUs): common.h's
+ *   exp256 (relative error ~2e-7) and the sum in 8 lanes: within float rounding of it, not its bits.
+ *
  * lme_quantize_row: one token's activations -> int8 blocks of 32 (kernels/matmul.py's
  *   `_quantize_row_numba`, bit for bit, on every path): d = max|x| / 127,
  *   q = round-half-even(x * (1 / d)) (0 when d = 0), s = d * sum(q); with a second term
@@ -63,6 +68,87 @@ int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_
     case LME_ISA_AVX512: swiglu_avx512(gate, up, out, gate_len); break;
 #endif
     default: swiglu_scalar(gate, up, out, gate_len); break;
+    }
+    return LME_OK;
+}
+
+/* ---- softmax_rows ------------------------------------------------------------------------------ */
+
+static void softmax_row_scalar(float *s, int64_t n, float *sum) {
+    float best = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < n; j++)
+        best = s[j] > best ? s[j] : best;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = expf(s[j] - best);
+        total += s[j];
+    }
+    *sum = total;
+}
+
+#if LME_X86
+TARGET_AVX2 static float hsum256(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+TARGET_AVX2 static float hmax256(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+TARGET_AVX2 static void softmax_row_avx2(float *s, int64_t n, float *sum) {
+    const int64_t whole = n & ~(int64_t)7;                    /* 8-lane part; the tail one by one */
+    __m256 best8 = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < whole; j += 8)
+        best8 = _mm256_max_ps(best8, _mm256_loadu_ps(s + j));
+    float best = hmax256(best8);
+    for (int64_t j = whole; j < n; j++)
+        best = s[j] > best ? s[j] : best;
+    const __m256 best_v = _mm256_set1_ps(best);
+    __m256 total8 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < whole; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), best_v));
+        _mm256_storeu_ps(s + j, e);
+        total8 = _mm256_add_ps(total8, e);
+    }
+    float total = hsum256(total8);
+    if (whole < n) {                                          /* the tail through one masked vector */
+        float tail[8];
+        for (int64_t j = 0; j < 8; j++)
+            tail[j] = whole + j < n ? s[whole + j] - best : -INFINITY;
+        _mm256_storeu_ps(tail, exp256(_mm256_loadu_ps(tail)));
+        for (int64_t j = whole; j < n; j++) {
+            s[j] = tail[j - whole];
+            total += s[j];
+        }
+    }
+    *sum = total;
+}
+
+#endif
+
+int lme_softmax_rows(float *s, int64_t s_len, int64_t n_cols, float *sums, int64_t sums_len) {
+    if (s == NULL || sums == NULL)
+        return LME_ERR_NULL;
+    if (n_cols < 1 || s_len < 0 || s_len % n_cols)
+        return LME_ERR_SHAPE;
+    const int64_t n_rows = s_len / n_cols;
+    if (sums_len < n_rows)
+        return LME_ERR_LENGTH;
+    const int isa = lme_get_isa();
+    for (int64_t r = 0; r < n_rows; r++) {
+        float *row = s + r * n_cols;
+        switch (isa) {
+#if LME_X86
+        case LME_ISA_AVX512:                    /* the AVX2 path: attention's rows are short, and */
+        case LME_ISA_AVX2:                      /* no machine here could test a 512-bit one */
+            softmax_row_avx2(row, n_cols, sums + r);
+            break;
+#endif
+        default: softmax_row_scalar(row, n_cols, sums + r); break;
+        }
     }
     return LME_OK;
 }

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lmengine.models.bert import dense_attention
+from lmengine.models.row_threads import RowThreads
 
 
 def _reference(q, k, v, lengths, n_heads, causal):
@@ -36,7 +37,10 @@ def test_attention_matches_float64_with_padding(causal, n_threads):
     lengths = np.array([12, 1, 7, 12, 3])
     qkv = rng.standard_normal((B, T, 3 * n_heads * d)).astype(np.float32)
     q, k, v = np.split(qkv, 3, axis=-1)             # column views of a fused product, as bert passes them
-    got = dense_attention(q, k, v, lengths, n_heads, causal, n_threads=n_threads)
+    rows = RowThreads(n_threads) if n_threads > 1 else None       # None: the caller's thread, BLAS limited here
+    got = dense_attention(q, k, v, lengths, n_heads, causal, rows=rows)
+    if rows is not None:
+        rows.close()
     want = _reference(q, k, v, lengths, n_heads, causal)
     assert got.shape == (B * T, n_heads * d) and got.dtype == np.float32
     assert np.abs(got - want).max() <= 1e-5

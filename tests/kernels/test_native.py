@@ -12,6 +12,10 @@ Tolerances:
   operations, each rounded once, no fused multiply-adds).
 * swiglu: none on the portable path (expf, as the Numba loop); AVX-512's polynomial exp: 1e-6
   relative to max(1, |result|) as in test_ops.
+* softmax_rows: none on the portable path (expf, as the Numba loop). SIMD paths: each weight
+  within 1e-6 relative of exp() of the same float32 difference in float64 (the polynomial's
+  ~2e-7 and one rounding); each sum within 1e-6 + n_cols * 2^-24 relative (one rounding per
+  addition of values <= 1, in lanes).
 * attention: 1e-5 absolute, as in test_attention (float32 sums in a per-path order, and the
   exponential's rounding).
 """
@@ -376,6 +380,47 @@ def test_swiglu(isa, n):
     _swiglu_numba(gate, up, numba_out)
     if isa != native.ISA_AVX512:                                       # expf: the Numba loop's bits
         np.testing.assert_array_equal(out.view(np.uint32), numba_out.view(np.uint32))
+
+
+@pytest.mark.parametrize("n_cols", (1, 7, 8, 9, 16, 17, 128, 130))
+def test_softmax_rows(isa, n_cols):
+    from lmengine.kernels.ops import softmax_rows
+    rng = np.random.default_rng(n_cols)
+    n_rows = 5
+    scores = (rng.standard_normal((n_rows, n_cols)) * 10).astype(np.float32)
+    if n_cols > 1:
+        scores[1, 1:] = -np.inf                                       # a causal mask's row
+        scores[2, -1] = -np.inf
+    s = scores.copy()
+    sums = np.full(n_rows + 1, np.nan, np.float32)                     # one more: must stay untouched
+    assert native.lib.lme_softmax_rows(_f32(s), s.size, n_cols, _f32(sums), n_rows + 1) == 0
+    assert np.isnan(sums[n_rows])
+    diff = (scores - scores.max(axis=1, keepdims=True)).astype(np.float32)   # the float32 difference
+    want = np.exp(diff.astype(np.float64))
+    masked = np.isinf(scores)
+    assert np.all(np.abs(s - want)[~masked] <= 1e-6 * want[~masked])
+    assert np.all(s[masked] <= 1e-37)                                  # 0, or the SIMD clamp's ~1e-38
+    want_sums = want.sum(axis=1)
+    assert np.all(np.abs(sums[:n_rows] - want_sums) <= (1e-6 + n_cols * 2.0 ** -24) * want_sums)
+    wide = np.zeros((n_rows, n_cols + 3), np.float32)                 # rows not contiguous: the Numba loop
+    wide[:, :n_cols] = scores
+    loop_sums = np.empty(n_rows, np.float32)
+    softmax_rows(wide[:, :n_cols], loop_sums)
+    if isa == native.ISA_SCALAR:                                       # expf, in order: the loop's bits
+        np.testing.assert_array_equal(s.view(np.uint32), wide[:, :n_cols].view(np.uint32))
+        np.testing.assert_array_equal(sums[:n_rows].view(np.uint32), loop_sums.view(np.uint32))
+    ours = scores.copy()
+    softmax_rows(ours, np.empty(n_rows, np.float32))                  # contiguous: the C kernel
+    np.testing.assert_array_equal(ours.view(np.uint32), s.view(np.uint32))
+
+
+def test_softmax_rows_checks_its_arguments():     # LME_ERR_NULL -1, _SHAPE -3, _LENGTH -5
+    s, sums = np.zeros(12, np.float32), np.zeros(4, np.float32)
+    assert native.lib.lme_softmax_rows(native.ffi.NULL, 12, 3, _f32(sums), 4) == -1
+    assert native.lib.lme_softmax_rows(_f32(s), 12, 0, _f32(sums), 4) == -3
+    assert native.lib.lme_softmax_rows(_f32(s), 12, 5, _f32(sums), 4) == -3
+    assert native.lib.lme_softmax_rows(_f32(s), 12, 3, _f32(sums), 3) == -5
+    assert native.lib.lme_softmax_rows(_f32(s), 0, 3, _f32(sums), 0) == 0     # no rows: nothing to do
 
 
 def f16_rounding_cases():
