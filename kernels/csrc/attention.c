@@ -21,7 +21,7 @@
  *   portable (any head_dim, any CPU): the three steps as plain loops over float rows (f16 rows
  *     converted first), the softmax with expf.
  *   AVX2 (head_dim a multiple of 8; others take the portable loops): 8-lane FMA accumulators in
- *     registers, the portable softmax (expf).
+ *     registers, and the exponential is common.h's exp256 (relative error ~2e-7, as expf).
  *   AVX-512 (head_dim 32, 64, 128; other sizes take the AVX2 kernel, or the portable loops):
  *     16-lane accumulators in registers, and the exponential is common.h's exp512 (a polynomial,
  *     relative error ~2e-7, as expf).
@@ -55,8 +55,7 @@ static ALWAYS_INLINE const float *cache_floats(int f16, const void *cache, int64
     return buf;
 }
 
-/* step 2 of one head, in place: the scores s [n_pos] -> w_j = exp(s_j - max s) / sum (expf; the
- * AVX2 path uses it too) */
+/* step 2 of one head, in place: the scores s [n_pos] -> w_j = exp(s_j - max s) / sum (expf) */
 static void softmax_weights(float *s, int64_t n_pos) {
     float best = -INFINITY;
     for (int64_t j = 0; j < n_pos; j++)
@@ -135,7 +134,8 @@ static void attention_scalar(int f16, const float *q, int64_t group, int64_t hea
 /* Runs of up to 4 heads, the accumulators in registers: step 1 two vectors (16 positions) per
  * head; step 3 a chunk of 16 dims per head, the run of heads passing over the value rows once per
  * chunk. With one or two heads a second set of accumulators (even / odd d, or j) keeps enough FMA
- * chains going. Step 2 is the portable softmax_weights. */
+ * chains going. Step 2 is window_softmax_avx2: common.h's exp_shifted_avx2 (exp256), then one
+ * multiply by 1 / sum. */
 
 #define AVX2_HEADS 4                             /* heads sharing each load */
 
@@ -221,13 +221,27 @@ TARGET_AVX2 static ALWAYS_INLINE void values_avx2(int n_heads, int f16, const fl
     }
 }
 
+/* window_softmax with the 8-lane exponential: the tile's positions before first_pos get
+ * exp256's ~1e-38 rather than 0 (never read: step 3 starts at first_pos) */
+TARGET_AVX2 static void window_softmax_avx2(float *s, int64_t first_pos, int64_t n_pos, float cap) {
+    const int64_t lead = first_pos / KEY_TILE * KEY_TILE;
+    window_and_cap(s, first_pos, n_pos, cap);
+    const float inv_total = 1.0f / exp_shifted_avx2(s + lead, n_pos - lead);
+    const __m256 inv8 = _mm256_set1_ps(inv_total);
+    int64_t j = lead;
+    for (; j + 8 <= n_pos; j += 8)
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv8));
+    for (; j < n_pos; j++)
+        s[j] *= inv_total;
+}
+
 TARGET_AVX2 static ALWAYS_INLINE void heads_avx2(int n_heads, int f16, const float *q, int64_t head_dim,
                                                  const void *keys, const void *values, int64_t n_pos,
                                                  int64_t first_pos, float cap, float *scores, float *out) {
     const int64_t n_tiles = (n_pos + KEY_TILE - 1) / KEY_TILE, padded = n_tiles * KEY_TILE;
     scores_avx2(n_heads, f16, q, head_dim, keys, first_pos / KEY_TILE, n_tiles, padded, scores);
     for (int h = 0; h < n_heads; h++)
-        window_softmax(scores + h * padded, first_pos, n_pos, cap);
+        window_softmax_avx2(scores + h * padded, first_pos, n_pos, cap);
     values_avx2(n_heads, f16, scores, head_dim, values, first_pos, n_pos, padded, out);
 }
 

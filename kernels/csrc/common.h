@@ -8,6 +8,7 @@
 #include "lmengine.h"
 
 #include <stddef.h>
+#include <math.h>
 #include <string.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -223,6 +224,42 @@ TARGET_AVX2 static ALWAYS_INLINE __m256 exp256(__m256 x) {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));                        /* p * 2^n */
+}
+
+/* s[j] = exp(s[j] - max s) for j < n, in place (n >= 1); returns the sum of the new s, added in
+ * 8 lanes and then the tail. A softmax before its division: ops.c's lme_softmax_rows and the
+ * AVX2 attention kernel. -inf entries give exp256's ~1e-38; NaN propagates. */
+TARGET_AVX2 static ALWAYS_INLINE float exp_shifted_avx2(float *s, int64_t n) {
+    const int64_t whole = n & ~(int64_t)7;                    /* the 8-lane part; the tail after it */
+    __m256 best8 = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < whole; j += 8)
+        best8 = _mm256_max_ps(best8, _mm256_loadu_ps(s + j));
+    __m128 best4 = _mm_max_ps(_mm256_castps256_ps128(best8), _mm256_extractf128_ps(best8, 1));
+    best4 = _mm_max_ps(best4, _mm_movehl_ps(best4, best4));
+    float best = _mm_cvtss_f32(_mm_max_ss(best4, _mm_movehdup_ps(best4)));
+    for (int64_t j = whole; j < n; j++)
+        best = s[j] > best ? s[j] : best;
+    const __m256 best_v = _mm256_set1_ps(best);
+    __m256 total8 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < whole; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), best_v));
+        _mm256_storeu_ps(s + j, e);
+        total8 = _mm256_add_ps(total8, e);
+    }
+    __m128 total4 = _mm_add_ps(_mm256_castps256_ps128(total8), _mm256_extractf128_ps(total8, 1));
+    total4 = _mm_add_ps(total4, _mm_movehl_ps(total4, total4));
+    float total = _mm_cvtss_f32(_mm_add_ss(total4, _mm_movehdup_ps(total4)));
+    if (whole < n) {                                          /* the tail through one vector */
+        float tail[8];
+        for (int64_t j = 0; j < 8; j++)
+            tail[j] = whole + j < n ? s[whole + j] - best : -INFINITY;
+        _mm256_storeu_ps(tail, exp256(_mm256_loadu_ps(tail)));
+        for (int64_t j = whole; j < n; j++) {
+            s[j] = tail[j - whole];
+            total += s[j];
+        }
+    }
+    return total;
 }
 
 /* exp(x) of 16 floats (Cephes' expf polynomial: relative error ~2e-7); x is clamped to

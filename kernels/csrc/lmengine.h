@@ -139,7 +139,7 @@ int lme_attention(int64_t kv_type, const float *q, int64_t q_len, int64_t group,
 /* ---- ops.c: elementwise work ------------------------------------------------------------------ */
 
 /* out[i] = silu(gate[i]) * up[i] for i < gate_len. Portable path: kernels/ops.py's loop bit for
- * bit (expf); AVX-512: a polynomial exp (relative error ~2e-7). */
+ * bit (expf); AVX2 and AVX-512: a polynomial exp (relative error ~2e-7). */
 int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_len, float *out,
                int64_t out_len);
 
