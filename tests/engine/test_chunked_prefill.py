@@ -61,9 +61,9 @@ def test_paced_chunks_fit_the_measured_decode_step(monkeypatch):
     llm = make_fake_llm(n_slots=4, n_ctx=200)
     sched = llm.scheduler
     sched.prefill_chunk, sched.prefill_pace = 64, 1.5
-    monkeypatch.setattr(sched, "_timed", lambda average, seconds: None)     # keep the averages below
-    sched._token_s, sched._decode_step_s = 0.002, 0.008                    # 1.5 x 8 ms / 2 ms = 6 tokens
-    assert sched._prompt_budget(0) == 64 and sched._prompt_budget(3) == 6
+    monkeypatch.setattr(sched, "_timed", lambda average, seconds, key=None: None)   # keep the averages below
+    sched._token_s, sched._decode_step_s = 0.002, {1: 0.008}               # 1.5 x 8 ms / 2 ms = 6 tokens
+    assert sched._prompt_budget(0) == 64 and sched._prompt_budget(1) == 6
     short_prompt = "hi"
     long_prompt = "the quick brown fox jumps over the lazy dog. " * 3      # 135 tokens
     want_short = expected_text(llm, short_prompt, 40)
@@ -79,13 +79,45 @@ def test_paced_chunks_fit_the_measured_decode_step(monkeypatch):
     # = 132 < 135), then the last 3 tokens in one forward
     assert sizes == [6] * 22 + [3], sizes
     # the budget's bounds: at least 2 tokens, at most prefill_chunk
-    sched._decode_step_s = 0.0001
+    sched._decode_step_s = {1: 0.0001}
     assert sched._prompt_budget(1) == 2
-    sched._decode_step_s = 10.0
+    sched._decode_step_s = {1: 10.0}
     assert sched._prompt_budget(1) == 64
     for bad in (0, -1, True, "1", 1e9):
         with pytest.raises(InvalidParameterError, match="prefill_pace"):
             sched.prefill_pace = bad
+
+
+def test_pace_follows_the_rows_decoding_and_a_burst_of_prompts():
+    """The decode step's time is kept per number of rows: a row count never measured alone (in a
+    burst every step carries prompt tokens) is estimated from the nearest measured one, a prompt
+    token's time per row of difference; and when more requests compute prompts than decode, the
+    budget grows by that ratio. Values fixed here: 1 row 27 ms, 8 rows 73 ms, 8 ms per token."""
+    llm = make_fake_llm(n_slots=4, n_ctx=200)
+    sched = llm.scheduler
+    sched.prefill_chunk, sched.prefill_pace = 256, 1.0
+    sched._token_s, sched._decode_step_s = 0.008, {1: 0.027}
+    assert sched._decode_step_estimate(1) == 0.027
+    assert sched._decode_step_estimate(7) == pytest.approx(0.027 + 6 * 0.008)     # 75 ms, not 27
+    assert sched._prompt_budget(7) == 9                                          # 75 / 8
+    assert sched._prompt_budget(1) == 3                                          # 27 / 8
+    assert sched._prompt_budget(1, n_prompting=7) == 23                         # 27 / 8 x 7 / 1
+    assert sched._prompt_budget(4, n_prompting=2) == sched._prompt_budget(4)     # fewer prompting: no change
+    sched._decode_step_s = {1: 0.027, 8: 0.073}
+    assert sched._decode_step_estimate(6) == pytest.approx(0.073 - 2 * 0.008)   # the nearer count: 8
+    assert sched._decode_step_estimate(2) == pytest.approx(0.027 + 0.008)
+    sched._decode_step_s = {8: 0.073}
+    assert sched._decode_step_estimate(1) == pytest.approx(0.073 - 7 * 0.008)   # 17 ms
+    sched._token_s = 0.02
+    assert sched._decode_step_estimate(1) == 0.02                                # at least one token's time
+    # a measured step lands in its own row count's average
+    sched._decode_step_s = {}
+    sched._time_step([(None, 5, [1], True), (None, 9, [2], True)], 0.05)
+    sched._time_step([(None, 5, [1], True)], 0.03)
+    sched._time_step([(None, 5, [1], True), (None, 9, [2, 3, 4], False)], 0.5)    # a prompt chunk: no decode time
+    assert sched._decode_step_s == {2: 0.05, 1: 0.03}
+    sched._time_step([(None, 5, [1], True)], 0.08)
+    assert sched._decode_step_s[1] == pytest.approx(0.8 * 0.03 + 0.2 * 0.08)
 
 
 def test_budget_is_shared_by_prompts_of_one_step():
