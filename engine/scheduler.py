@@ -174,7 +174,8 @@ class Scheduler:
         token's seconds per row of difference (a decode row costs about a prompt token in the
         products; at least one token's time). Steps with prompt chunks are not decode-only, so in
         a burst the rows change without a measurement: an average over all row counts would keep
-        the time of an earlier, smaller batch (measured: 27 ms of one row where 7 rows took 85)."""
+        the time of an earlier, smaller batch (measured: one row's 27 ms while 7 rows and 3 prompt
+        tokens took 92 ms, docs/SERVER.md)."""
         measured = self._decode_step_s
         if n_rows in measured:
             return measured[n_rows]
