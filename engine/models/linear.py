@@ -116,16 +116,17 @@ class Linear:
         the caller has BLAS run one-threaded. None: BLAS's and Numba's own threads, one range.
         then: what to do next to rows begin..end of the result (a LayerNorm, an activation).
         out: where the product goes (float32 [n, n_rows], C-contiguous); None: a new array."""
-        from lmengine.kernels.layernorm import add_rows_bias
+        from lmengine.kernels.layernorm import add_rows, add_rows_bias
         if out is None:
             out = np.empty((x.shape[0], self.n_rows), dtype=np.float32)
         bias = self.bias if add_bias else None
         parallel = rows is None
 
         def finish(begin: int, end: int) -> None:          # bias and residual of rows begin..end
-            if residual is not None:
-                add_rows_bias(residual[begin:end], out[begin:end],
-                              bias if bias is not None else np.zeros(self.n_rows, dtype=np.float32), parallel)
+            if residual is not None and bias is not None:
+                add_rows_bias(residual[begin:end], out[begin:end], bias, parallel)
+            elif residual is not None:
+                add_rows(residual[begin:end], out[begin:end], parallel)
             elif bias is not None:
                 out[begin:end] += bias
             if then is not None:

@@ -57,15 +57,7 @@ static ALWAYS_INLINE const float *cache_floats(int f16, const void *cache, int64
 
 /* step 2 of one head, in place: the scores s [n_pos] -> w_j = exp(s_j - max s) / sum (expf) */
 static void softmax_weights(float *s, int64_t n_pos) {
-    float best = -INFINITY;
-    for (int64_t j = 0; j < n_pos; j++)
-        best = s[j] > best ? s[j] : best;
-    float total = 0.0f;
-    for (int64_t j = 0; j < n_pos; j++) {
-        s[j] = expf(s[j] - best);
-        total += s[j];
-    }
-    const float inv_total = 1.0f / total;
+    const float inv_total = 1.0f / exp_shifted(s, n_pos);
     for (int64_t j = 0; j < n_pos; j++)
         s[j] *= inv_total;
 }

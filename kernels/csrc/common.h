@@ -206,6 +206,20 @@ static ALWAYS_INLINE uint16_t fp32_to_fp16(float f) {
     return (uint16_t)(sign | h);
 }
 
+/* s[j] = exp(s[j] - max s) for j < n, in place (expf, the sum in order); returns the sum of the
+ * new s. A softmax before its division: the portable paths of lme_softmax_rows and attention
+ * (exp_shifted_avx2 below is the AVX2 form). */
+static inline float exp_shifted(float *s, int64_t n) {
+    float best = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < n; j++)
+        best = s[j] > best ? s[j] : best;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = expf(s[j] - best);
+        total += s[j];
+    }
+    return total;
+}
+
 #if LME_X86
 /* exp(x) of 8 floats, exp512's polynomial and clamp (below) with AVX2 + FMA: 2^n is built from
  * the exponent bits, as AVX2 has no scalef (n is in [-126, 127] after the clamp: a normal float). */

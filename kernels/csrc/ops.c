@@ -87,17 +87,6 @@ int lme_swiglu(const float *gate, int64_t gate_len, const float *up, int64_t up_
 
 /* ---- softmax_rows ------------------------------------------------------------------------------ */
 
-static void softmax_row_scalar(float *s, int64_t n, float *sum) {
-    float best = -INFINITY, total = 0.0f;
-    for (int64_t j = 0; j < n; j++)
-        best = s[j] > best ? s[j] : best;
-    for (int64_t j = 0; j < n; j++) {
-        s[j] = expf(s[j] - best);
-        total += s[j];
-    }
-    *sum = total;
-}
-
 #if LME_X86
 TARGET_AVX2 static void softmax_rows_avx2(float *s, int64_t n_rows, int64_t n_cols, float *sums) {
     for (int64_t r = 0; r < n_rows; r++)
@@ -122,7 +111,7 @@ int lme_softmax_rows(float *s, int64_t s_len, int64_t n_cols, float *sums, int64
 #endif
     default:
         for (int64_t r = 0; r < n_rows; r++)
-            softmax_row_scalar(s + r * n_cols, n_cols, sums + r);
+            sums[r] = exp_shifted(s + r * n_cols, n_cols);
         break;
     }
     return LME_OK;
