@@ -184,12 +184,14 @@ def _quantize_rows_parallel(x, xq, xd, xs, n_terms, use_c):
 
 @njit(cache=True, nogil=True)
 def _quantize_rows(x, xq, xd, xs, n_terms):
-    """Every token of x in n_terms (1 or 2) terms; over threads for PARALLEL_MIN_TOKENS or more."""
+    """Every token of x in n_terms (1 or 2) terms; over threads for PARALLEL_MIN_TOKENS or more.
+    xq's rows may be longer than n_cols (a padded row stride, see X_ROW_PAD): only their first
+    n_cols bytes are written."""
     n_tok, n_cols = x.shape
     if n_cols % QK != 0:
         raise ValueError("quantize_activations: n_cols must be a multiple of 32")
     n_blocks = n_cols // QK
-    if (xq.shape[0] != n_terms * n_tok or xq.shape[1] != n_cols or xd.shape[0] != xq.shape[0]
+    if (xq.shape[0] != n_terms * n_tok or xq.shape[1] < n_cols or xd.shape[0] != xq.shape[0]
             or xd.shape[1] != n_blocks or xs.shape[0] != xq.shape[0] or xs.shape[1] != n_blocks):
         raise ValueError("quantize_activations: xq/xd/xs shapes do not match x")
     use_c = _is_contiguous(x) and _is_contiguous(xq) and _is_contiguous(xd) and _is_contiguous(xs)
@@ -610,6 +612,29 @@ def matmul(w_u8, w_type, n_rows, n_cols, x, out, act):
 
 # -- packed matrices (kernels/csrc/packed.c: 16 rows interleaved, for AVX2 and AVX-512 VNNI) ------
 
+# Bytes added to each row of the packed product's int8 activations. Unpadded, the rows of a
+# 4096- or 8192-column matrix are a multiple of 4 KB apart: the 8 tokens the AVX2 kernel reads
+# together then share the same L1 sets and evict each other while the weights stream through.
+# One thread, 2048 x 8192, 8 / 16 tokens, GMAC/s unpadded -> padded (Zen 3, 2026-12-06): Q4_K
+# 65 / 66 -> 81 / 82, Q6_K 50 / 51 -> 58 / 58, Q4_0 68 / 70 -> 83 / 85; 2048 columns unchanged
+# (docs/ARCHITECTURE.md, "Padded activation rows").
+X_ROW_PAD = 64
+
+
+@njit(cache=True, nogil=True)
+def padded_activations(x, n_terms):
+    """(xq, xd, xs) for the packed product: x float32 [n_tok, n_cols] in n_terms (1 or 2) int8
+    terms, as quantize_activations / quantize_activations_x2 give them, but with xq's rows
+    n_cols + X_ROW_PAD bytes long (the pad is never read)."""
+    n_tok, n_cols = x.shape
+    if n_cols % QK != 0:
+        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
+    xq = np.empty((n_terms * n_tok, n_cols + X_ROW_PAD), dtype=np.int8)
+    xd = np.empty((n_terms * n_tok, n_cols // QK), dtype=np.float32)
+    xs = np.empty((n_terms * n_tok, n_cols // QK), dtype=np.float32)
+    _quantize_rows(x, xq, xd, xs, n_terms)
+    return xq, xd, xs
+
 @njit(cache=True, nogil=True, parallel=True)
 def _packed_groups(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_tok, group_terms, out):
     """The C product over groups of 16 rows on threads; group g with group_terms[g] terms."""
@@ -628,7 +653,7 @@ def _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out):
     n_tok = out.shape[0]
     if n_terms != 1 and n_terms != 2:
         raise ValueError("matmul_packed_q8: n_terms must be 1 or 2")
-    if (out.shape[1] != n_rows or xq.shape[0] != n_terms * n_tok or xq.shape[1] != n_cols
+    if (out.shape[1] != n_rows or xq.shape[0] != n_terms * n_tok or xq.shape[1] < n_cols
             or xd.shape[0] != xq.shape[0] or xd.shape[1] != n_cols // QK or xs.shape[0] != xq.shape[0]
             or xs.shape[1] != n_cols // QK):
         raise ValueError("matmul_packed_q8: xq/xd/xs/out shapes do not match (n_tok, n_rows, n_cols)")
@@ -640,9 +665,11 @@ def _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out):
 @njit(cache=True, nogil=True)
 def matmul_packed_q8(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out):
     """out float32 [n_tok, n_rows] = W x for W packed by `lmengine.kernels.native.pack_q8` (p_u8 uint8) and
-    x given as n_terms (1 or 2) int8 terms: xq int8 [n_terms * n_tok, n_cols], xd, xs float32
+    x given as n_terms (1 or 2) int8 terms: xq int8 [n_terms * n_tok, n_cols] (or rows longer
+    than n_cols, padded as `padded_activations` pads them), xd, xs float32
     [n_terms * n_tok, n_cols // 32], term j of token t in row j * n_tok + t (from
-    `quantize_activations` or `quantize_activations_x2`). Groups of 16 rows over threads.
+    `quantize_activations`, `quantize_activations_x2` or `padded_activations`). Groups of 16
+    rows over threads.
     Needs the C extension (packed matrices exist only where it is loaded)."""
     _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out)
     n_groups = (n_rows + native.PACK_ROWS - 1) // native.PACK_ROWS
@@ -669,7 +696,7 @@ def matmul_packed_parts(p_u8, w_type, part_rows, n_cols, x, out, part_acts):
         n_rows += part_rows[i]
     if x.ndim != 2 or x.shape[1] != n_cols or n_cols % QK != 0:
         raise ValueError("matmul_packed: x must have shape (n_tok, n_cols), n_cols a multiple of 32")
-    xq, xd, xs = quantize_activations_x2(x) if n_terms == 2 else quantize_activations(x)
+    xq, xd, xs = padded_activations(x, n_terms)
     _check_packed_args(p_u8, n_rows, n_cols, xq, xd, xs, n_terms, out)
     group_terms = np.empty((n_rows + native.PACK_ROWS - 1) // native.PACK_ROWS, dtype=np.int64)
     first = 0

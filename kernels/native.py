@@ -85,8 +85,8 @@ _p, _i64 = types.voidptr, types.int64
 _SIG_AVAILABLE = types.int32()
 _SIG_Q8 = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64)
 _SIG_F32 = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64)
-_SIG_PACKED = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i64,
-                          _p, _i64)
+_SIG_PACKED = types.int32(_i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _i64, _i64,
+                          _i64, _p, _i64)
 
 
 def _stand_in(signature):
@@ -116,8 +116,8 @@ def _stub_matmul_f32(w_type, w, w_len, n_rows, n_cols, row_begin, row_end, x, x_
 
 
 @_stand_in(_SIG_PACKED)
-def _stub_matmul_packed(w_type, p, p_len, n_rows, n_cols, row_begin, row_end, xq, xq_len, xd, xd_len,
-                        xs, xs_len, n_tok, n_terms, out, out_len):
+def _stub_matmul_packed(w_type, p, p_len, n_rows, n_cols, row_begin, row_end, xq, xq_len, xq_stride, xd,
+                        xd_len, xs, xs_len, n_tok, n_terms, out, out_len):
     return ERR_NO_NATIVE
 
 
@@ -313,10 +313,19 @@ def c_matmul_packed(typingctx, w_type, p_u8, n_rows, n_cols, row_begin, row_end,
                     n_terms, out):
     """lme_matmul_packed on rows [row_begin, row_end) (row_begin a multiple of PACK_ROWS) of a
     matrix packed by `pack_q8`; returns its status (0 = ok). Arrays must be contiguous (the
-    caller checks): p_u8 uint8 1-D, xq int8 2-D, xd/xs/out float32 2-D."""
-    return _extern("lmengine_matmul_packed",
-                   (w_type, p_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out),
-                   (INT, U8_1D, INT, INT, INT, INT, I8_2D, F32_2D, F32_2D, INT, INT, F32_2D))
+    caller checks): p_u8 uint8 1-D, xq int8 2-D (its rows xq.shape[1] >= n_cols bytes apart: a
+    padded row stride), xd/xs/out float32 2-D."""
+    kinds = (INT, U8_1D, INT, INT, INT, INT, I8_2D, F32_2D, F32_2D, INT, INT, F32_2D)
+    arg_types = (w_type, p_u8, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out)
+    if _extern("lmengine_matmul_packed", arg_types, kinds) is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        stride = cgutils.unpack_tuple(builder, context.make_array(signature.args[6])(context, builder, args[6]).shape)[1]
+        full = list(args[:7]) + [stride] + list(args[7:])
+        full_types = signature.args[:7] + (types.int64,) + signature.args[7:]
+        return _lower_extern_call(builder, context, "lmengine_matmul_packed", full_types, full)
+    return types.int32(*arg_types), codegen
 
 
 @intrinsic

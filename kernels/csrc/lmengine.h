@@ -111,13 +111,14 @@ int lme_matmul_f32(int64_t w_type, const uint8_t *w, int64_t w_len,
  * lme_pack_q8:      w (row-major ggml blocks, as lme_matmul_q8) -> dst.
  * lme_matmul_packed: as lme_matmul_q8 on the packed matrix p, for rows [row_begin, row_end)
  *                   with row_begin a multiple of 16; activations in n_terms (1 or 2) int8 terms,
- *                   term j of token t at row j * n_tok + t of xq / xd / xs, summed. */
+ *                   term j of token t at row j * n_tok + t of xq / xd / xs, summed; xq's rows
+ *                   xq_stride >= n_cols bytes apart (padded: see packed.c). */
 int64_t lme_packed_bytes(int64_t w_type, int64_t n_rows, int64_t n_cols);
 int lme_pack_q8(int64_t w_type, const uint8_t *w, int64_t w_len, int64_t n_rows, int64_t n_cols,
                 uint8_t *dst, int64_t dst_len);
 int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
                       int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
-                      const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
+                      const int8_t *xq, int64_t xq_len, int64_t xq_stride, const float *xd, int64_t xd_len,
                       const float *xs, int64_t xs_len, int64_t n_tok, int64_t n_terms,
                       float *out, int64_t out_len);
 

@@ -66,6 +66,12 @@
  * quantizing the first's rounding error; kernels.matmul ACT_INT8X2): term j of token t is row
  * j * n_tok + t of xq / xd / xs. Both terms accumulate into the token's one result.
  *
+ * xq's rows are xq_stride >= n_cols bytes apart. Callers pad them (kernels.matmul X_ROW_PAD): at
+ * n_cols = 4096 or 8192 unpadded rows are a multiple of 4 KB apart, so the 8 tokens of a group
+ * fall in the same L1 sets and evict each other while the weights stream through (Q4_K, one
+ * thread, 2048 rows, 8 tokens: 64-65 GMAC/s at 4096 or 8192 columns against 78-80 at 2048, 6144
+ * or 7936).
+ *
  * Arithmetic of one (row, token), the same whatever n_tok and wherever the token sits in the
  * batch (so batched decode equals one-by-one decode bit for bit): for each block b in order, for
  * each term j, acc += float(isum_bj) * (d_b * xd_bj); then acc += m_b * (xs_b0 [+ xs_b1]). (The
@@ -386,7 +392,8 @@ static ALWAYS_INLINE const uint8_t *values_of(int64_t w_type, const uint8_t *gro
 
 struct packed_args {
     int64_t w_type; const uint8_t *p; int64_t n_rows, n_cols, row_begin, row_end;
-    const int8_t *xq; const float *xd, *xs; int64_t n_tok, n_terms; float *out;
+    const int8_t *xq; int64_t xq_stride;               /* bytes from one xq row to the next */
+    const float *xd, *xs; int64_t n_tok, n_terms; float *out;
 };
 
 /* ---- scalar path ----------------------------------------------------------------------------- */
@@ -507,7 +514,7 @@ static void matmul_packed_scalar(const struct packed_args *a) {
                 float xs_sum = 0.0f;
                 for (int64_t j = 0; j < a->n_terms; j++) {
                     const int64_t x_row = j * a->n_tok + t;
-                    const int8_t *xq = a->xq + x_row * a->n_cols + b * QK;
+                    const int8_t *xq = a->xq + x_row * a->xq_stride + b * QK;
                     int32_t isum = 0;
                     for (int i = 0; i < QK; i++)
                         isum += u[i] * (int32_t)xq[i];
@@ -573,7 +580,7 @@ TARGET_AVX512 static ALWAYS_INLINE void group_tokens_avx512(const struct packed_
             float xs_sum = 0.0f;
             for (int j = 0; j < n_terms; j++) {
                 const int64_t x_row = j * a->n_tok + t0 + t;
-                const int8_t *xq = a->xq + x_row * a->n_cols + b * QK;
+                const int8_t *xq = a->xq + x_row * a->xq_stride + b * QK;
                 /* two chains of four, so one token's products overlap */
                 __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], broadcast4(xq));
                 __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], broadcast4(xq + 4));
@@ -816,7 +823,7 @@ TARGET_AVX2 static ALWAYS_INLINE void half_tokens_avx2(const struct packed_args 
             const int8_t *xr[X_BATCH];
             for (int i = 0; i < n_x; i++) {
                 const int t = (i0 + i) / n_terms, j = (i0 + i) % n_terms;
-                xr[i] = a->xq + (j * a->n_tok + t0 + t) * a->n_cols + b * QK;
+                xr[i] = a->xq + (j * a->n_tok + t0 + t) * a->xq_stride + b * QK;
             }
             isums_avx2(w_type, values, sub_scales, xr, n_x, isum + i0);
         }
@@ -905,14 +912,14 @@ TARGET_AVX2 static void matmul_packed_avx2(const struct packed_args *a) {
 
 int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
                       int64_t n_rows, int64_t n_cols, int64_t row_begin, int64_t row_end,
-                      const int8_t *xq, int64_t xq_len, const float *xd, int64_t xd_len,
+                      const int8_t *xq, int64_t xq_len, int64_t xq_stride, const float *xd, int64_t xd_len,
                       const float *xs, int64_t xs_len, int64_t n_tok, int64_t n_terms,
                       float *out, int64_t out_len) {
     const int64_t packed = lme_packed_bytes(w_type, n_rows, n_cols);
     if (packed < 0)
         return (int)packed;
-    if (n_tok < 0 || (n_terms != 1 && n_terms != 2) || n_tok > INT64_MAX / 2 / n_cols
-        || (n_rows > 0 && n_tok > INT64_MAX / n_rows))
+    if (n_tok < 0 || (n_terms != 1 && n_terms != 2) || xq_stride < n_cols
+        || (n_tok > 0 && xq_stride > INT64_MAX / 2 / n_tok) || (n_rows > 0 && n_tok > INT64_MAX / n_rows))
         return LME_ERR_SHAPE;
     if (row_begin < 0 || row_end < row_begin || row_end > n_rows || row_begin % GROUP_ROWS != 0)
         return LME_ERR_RANGE;
@@ -921,10 +928,11 @@ int lme_matmul_packed(int64_t w_type, const uint8_t *p, int64_t p_len,
     if (p == NULL || xq == NULL || xd == NULL || xs == NULL || out == NULL)
         return LME_ERR_NULL;
     const int64_t x_rows = n_terms * n_tok, n_blocks = n_cols / QK;
-    if (p_len < packed || xq_len < x_rows * n_cols || xd_len < x_rows * n_blocks
+    if (p_len < packed || xq_len < (x_rows - 1) * xq_stride + n_cols || xd_len < x_rows * n_blocks
         || xs_len < x_rows * n_blocks || out_len < n_tok * n_rows)
         return LME_ERR_LENGTH;
-    const struct packed_args a = {w_type, p, n_rows, n_cols, row_begin, row_end, xq, xd, xs, n_tok, n_terms, out};
+    const struct packed_args a = {w_type, p, n_rows, n_cols, row_begin, row_end, xq, xq_stride,
+                                  xd, xs, n_tok, n_terms, out};
     switch (lme_get_isa()) {
 #if LME_X86
     case LME_ISA_AVX512:                   /* the K types: the AVX2 kernel (no AVX-512 one yet) */

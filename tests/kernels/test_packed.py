@@ -322,14 +322,16 @@ def buf(ctype, a, writable=False):
 def c_matmul_packed(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms, out, row_begin=0, row_end=None,
                     n_tok=None, **lengths):
     """One call of lib.lme_matmul_packed (this thread, the forced ISA); returns its status.
-    `lengths` overrides p_len / xq_len / xd_len / xs_len / out_len (the true sizes by default)."""
+    `lengths` overrides p_len / xq_len / xq_stride / xd_len / xs_len / out_len (the true sizes by
+    default; xq's row stride is xq.shape[1])."""
     row_end = n_rows if row_end is None else row_end
     n_tok = xq.shape[0] // n_terms if n_tok is None else n_tok
-    sizes = dict(p_len=p.size, xq_len=xq.size, xd_len=xd.size, xs_len=xs.size, out_len=out.size)
+    sizes = dict(p_len=p.size, xq_len=xq.size, xq_stride=xq.shape[1], xd_len=xd.size, xs_len=xs.size,
+                 out_len=out.size)
     sizes.update(lengths)
     return native.lib.lme_matmul_packed(
         w_type, buf("uint8_t[]", p), sizes["p_len"], n_rows, n_cols, row_begin, row_end,
-        buf("int8_t[]", xq), sizes["xq_len"], buf("float[]", xd), sizes["xd_len"],
+        buf("int8_t[]", xq), sizes["xq_len"], sizes["xq_stride"], buf("float[]", xd), sizes["xd_len"],
         buf("float[]", xs), sizes["xs_len"], n_tok, n_terms, buf("float[]", out, True), sizes["out_len"])
 
 
@@ -555,6 +557,35 @@ def test_token_result_does_not_depend_on_its_batch(isa, w_type, n_terms):
     np.testing.assert_array_equal(run(repeated), batch[repeated])
 
 
+@pytest.mark.parametrize("w_type", PACKED_TYPES, ids=TYPE_IDS.get)
+def test_padded_activation_rows_give_the_same_bits(isa, w_type):
+    """xq rows X_ROW_PAD bytes longer than n_cols (matmul.padded_activations, what the models
+    use) give the same floats as unpadded rows, with random bytes in the pad (never read), and
+    padded_activations quantizes as quantize_activations / quantize_activations_x2 do."""
+    n_rows, n_cols, n_tok = 37, cols_for(w_type), 9
+    p = native.pack_q8(make_raw(w_type, n_rows, n_cols, seed=5 + w_type), w_type, n_rows, n_cols)
+    x = make_x(n_tok, n_cols, seed=6)
+    for n_terms in (1, 2):
+        xq, xd, xs = quantize_x(x, n_terms)
+        pq, pd, ps = mm.padded_activations(x, n_terms)
+        assert pq.shape == (n_terms * n_tok, n_cols + mm.X_ROW_PAD)
+        np.testing.assert_array_equal(pq[:, :n_cols], xq)
+        np.testing.assert_array_equal(pd, xd)
+        np.testing.assert_array_equal(ps, xs)
+        pq[:, n_cols:] = np.random.default_rng(n_terms).integers(-128, 128, pq[:, n_cols:].shape)
+        np.testing.assert_array_equal(packed_product(p, w_type, n_rows, n_cols, pq, pd, ps, n_terms),
+                                      packed_product(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms))
+        threaded = np.full((n_tok, n_rows), np.nan, dtype=np.float32)
+        mm.matmul_packed_q8(p, w_type, n_rows, n_cols, pq, pd, ps, n_terms, threaded)
+        np.testing.assert_array_equal(threaded, packed_product(p, w_type, n_rows, n_cols, xq, xd, xs, n_terms))
+    # the last row needs only n_cols bytes: a buffer that ends there is long enough, one byte less is not
+    pq, pd, ps = mm.padded_activations(x, 1)
+    out = np.full((n_tok, n_rows), np.nan, dtype=np.float32)
+    assert c_matmul_packed(p, w_type, n_rows, n_cols, pq, pd, ps, 1, out, xq_len=pq.size - mm.X_ROW_PAD) == 0
+    assert c_matmul_packed(p, w_type, n_rows, n_cols, pq, pd, ps, 1, out,
+                           xq_len=pq.size - mm.X_ROW_PAD - 1) == ERR_LENGTH
+
+
 # -- 4. row ranges ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("w_type", PACKED_TYPES, ids=TYPE_IDS.get)
@@ -600,11 +631,14 @@ def test_matmul_packed_argument_errors(valid_call):
         ERR_RANGE: [dict(row_begin=1), dict(row_begin=8), dict(row_begin=17, row_end=20),
                     dict(row_end=n_rows + 1), dict(row_begin=-16), dict(row_begin=32, row_end=16),
                     dict(row_begin=48, row_end=48)],
-        ERR_LENGTH: [dict(p_len=p.size - 1), dict(xq_len=xq.size - 1), dict(xd_len=xd.size - 1),
+        ERR_LENGTH: [dict(p_len=p.size - 1), dict(xq_len=xq.size - 1), dict(xq_stride=n_cols + 1),
+                     dict(xd_len=xd.size - 1),
                      dict(xs_len=xs.size - 1), dict(out_len=out.size - 1),
                      dict(n_tok=4), dict(p_len=0), dict(out_len=0)],
         ERR_SHAPE: [dict(n_terms=3, n_tok=2), dict(n_terms=0, n_tok=3), dict(n_terms=-1, n_tok=3), dict(n_cols=48),
-                    dict(n_cols=0), dict(n_cols=-32), dict(n_rows=-1), dict(n_tok=-1)],
+                    dict(n_cols=0), dict(n_cols=-32), dict(n_rows=-1), dict(n_tok=-1),
+                    dict(xq_stride=n_cols - 1), dict(xq_stride=0), dict(xq_stride=-n_cols),
+                    dict(xq_stride=2**62)],
         ERR_TYPE: [dict(w_type=F16), dict(w_type=F32), dict(w_type=Q3_K), dict(w_type=-1), dict(w_type=99)],
     }
     for code, changes in bad.items():
@@ -620,9 +654,9 @@ def test_matmul_packed_argument_errors(valid_call):
     # NULL pointers
     null = native.ffi.NULL
     good = [w_type, buf("uint8_t[]", p), p.size, n_rows, n_cols, 0, n_rows, buf("int8_t[]", xq), xq.size,
-            buf("float[]", xd), xd.size, buf("float[]", xs), xs.size, 3, n_terms, buf("float[]", out, True),
+            n_cols, buf("float[]", xd), xd.size, buf("float[]", xs), xs.size, 3, n_terms, buf("float[]", out, True),
             out.size]
-    for i in (1, 7, 9, 11, 15):
+    for i in (1, 7, 10, 12, 16):
         call = list(good)
         call[i] = null
         assert native.lib.lme_matmul_packed(*call) == ERR_NULL, i
