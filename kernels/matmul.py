@@ -635,6 +635,7 @@ def padded_activations(x, n_terms):
     _quantize_rows(x, xq, xd, xs, n_terms)
     return xq, xd, xs
 
+
 @njit(cache=True, nogil=True, parallel=True)
 def _packed_groups(p_u8, w_type, n_rows, n_cols, xq, xd, xs, n_tok, group_terms, out):
     """The C product over groups of 16 rows on threads; group g with group_terms[g] terms."""
