@@ -214,18 +214,25 @@ def quantize_activations_into(x, xq, xd, xs):
 
 
 @njit(cache=True, nogil=True)
+def _new_activations(x, n_terms, pad):
+    """(xq, xd, xs) of x float32 [n_tok, n_cols] in n_terms (1 or 2) int8 terms, xq's rows
+    n_cols + pad bytes long (only the first n_cols written)."""
+    n_tok, n_cols = x.shape
+    if n_cols % QK != 0:
+        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
+    xq = np.empty((n_terms * n_tok, n_cols + pad), dtype=np.int8)
+    xd = np.empty((n_terms * n_tok, n_cols // QK), dtype=np.float32)
+    xs = np.empty((n_terms * n_tok, n_cols // QK), dtype=np.float32)
+    _quantize_rows(x, xq, xd, xs, n_terms)
+    return xq, xd, xs
+
+
+@njit(cache=True, nogil=True)
 def quantize_activations(x):
     """(xq int8 [n_tok, n_cols], xd float32 [n_tok, n_cols//32], xs float32 [n_tok, n_cols//32])
     for x float32 [n_tok, n_cols]; see `quantize_activations_into`. Quantize once, reuse for
     every matrix that reads the same x (q, k, v projections)."""
-    n_tok, n_cols = x.shape
-    if n_cols % QK != 0:
-        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
-    xq = np.empty((n_tok, n_cols), dtype=np.int8)
-    xd = np.empty((n_tok, n_cols // QK), dtype=np.float32)
-    xs = np.empty((n_tok, n_cols // QK), dtype=np.float32)
-    quantize_activations_into(x, xq, xd, xs)
-    return xq, xd, xs
+    return _new_activations(x, 1, 0)
 
 
 @njit(cache=True, nogil=True)
@@ -496,15 +503,7 @@ def quantize_activations_x2(x):
     xd1 / 2 per value), so x = xd1 * xq1 + xd2 * xq2 up to xd1 / 254. A matrix product over the
     2 n_tok rows reads each weight block once; summing row t and row n_tok + t gives W x with
     about 15 bits of activation precision for little more than the int8 path's cost in decode."""
-    n_tok, n_cols = x.shape
-    if n_cols % QK != 0:
-        raise ValueError("quantize_activations_x2: n_cols must be a multiple of 32")
-    n_blocks = n_cols // QK
-    xq = np.empty((2 * n_tok, n_cols), dtype=np.int8)
-    xd = np.empty((2 * n_tok, n_blocks), dtype=np.float32)
-    xs = np.empty((2 * n_tok, n_blocks), dtype=np.float32)
-    _quantize_rows(x, xq, xd, xs, 2)
-    return xq, xd, xs
+    return _new_activations(x, 2, 0)
 
 
 # -- K-quant weights (Q2_K .. Q6_K, IQ4_XS) with Q8_K activations (kernels/kquant.py, kquants.c) ----
@@ -626,14 +625,7 @@ def padded_activations(x, n_terms):
     """(xq, xd, xs) for the packed product: x float32 [n_tok, n_cols] in n_terms (1 or 2) int8
     terms, as quantize_activations / quantize_activations_x2 give them, but with xq's rows
     n_cols + X_ROW_PAD bytes long (the pad is never read)."""
-    n_tok, n_cols = x.shape
-    if n_cols % QK != 0:
-        raise ValueError("quantize_activations: n_cols must be a multiple of 32")
-    xq = np.empty((n_terms * n_tok, n_cols + X_ROW_PAD), dtype=np.int8)
-    xd = np.empty((n_terms * n_tok, n_cols // QK), dtype=np.float32)
-    xs = np.empty((n_terms * n_tok, n_cols // QK), dtype=np.float32)
-    _quantize_rows(x, xq, xd, xs, n_terms)
-    return xq, xd, xs
+    return _new_activations(x, n_terms, X_ROW_PAD)
 
 
 @njit(cache=True, nogil=True, parallel=True)
